@@ -1,0 +1,207 @@
+// normkit — normalization layers over Eigen tensors
+// SPDX-License-Identifier: MIT
+#ifndef NORMKIT_DETAIL_ELEMENTWISE_HPP_
+#define NORMKIT_DETAIL_ELEMENTWISE_HPP_
+// IWYU pragma: private, include <normkit/normkit.hpp>
+
+#include <algorithm>    // std::min
+#include <type_traits>  // std::integral_constant
+
+#include <normkit/config.hpp>
+#include <normkit/detail/parallel.hpp>
+#include <normkit/detail/plan.hpp>
+#include <normkit/detail/reduction.hpp>
+
+namespace normkit {
+namespace detail {
+
+// The apply step: one pass over memory that maps every element with its slot's
+// coefficients (and, for LayerNorm, its position's gamma/beta). Forward normalize + affine
+// and backward dx are both this one loop with a different op.
+//
+// An op provides
+//   template <bool kColumn, int AuxMode> void run(offset, len, slot, aux, aux_step) const;
+// covering elements [offset, offset + len) whose slot is `slot` (row mode) or slot + j
+// (column mode) and whose aux index is aux + j * aux_step.
+
+template <class Op, class Device>
+void for_each_run(const Plan& p, const Op& op, const Device& dev) {
+  if (p.numel == 0) return;
+  Odometer outer;
+  for (int i = 0; i + 1 < p.rank; ++i) outer.add(p.axes[static_cast<std::size_t>(i)]);
+  const Index L = p.inner().extent;
+  const Index aux_step = p.inner().aux_stride;
+  const bool column = p.column_mode();
+  const Index chunks = (p.numel + kBlockElements - 1) / kBlockElements;
+  auto body = [&](auto column_tag, auto aux_tag) {
+    constexpr bool kColumn = decltype(column_tag)::value;
+    constexpr int kAux = decltype(aux_tag)::value;
+    parallel_for(dev, chunks, double(kBlockElements) * 8.0, p.numel >= kMinParallelElements,
+                 [&](Index first, Index last) {
+                   Odometer od = outer;
+                   Index start = first * kBlockElements;
+                   const Index end = std::min(p.numel, last * kBlockElements);
+                   od.seek(start / L);
+                   Index i0 = start % L;
+                   while (start < end) {
+                     const Index len = std::min(L - i0, end - start);
+                     op.template run<kColumn, kAux>(od.offset + i0, len,
+                                                    od.slot + (kColumn ? i0 : 0),
+                                                    od.aux + i0 * aux_step, aux_step);
+                     start += len;
+                     i0 = 0;
+                     od.next();
+                   }
+                 });
+  };
+  using T_ = std::true_type;
+  using F_ = std::false_type;
+  using A0 = std::integral_constant<int, 0>;
+  using A1 = std::integral_constant<int, 1>;
+  using A2 = std::integral_constant<int, 2>;
+  if (column) {
+    if (aux_step == 0) {
+      body(T_{}, A0{});
+    } else if (aux_step == 1) {
+      body(T_{}, A1{});
+    } else {
+      body(T_{}, A2{});
+    }
+  } else {
+    if (aux_step == 0) {
+      body(F_{}, A0{});
+    } else if (aux_step == 1) {
+      body(F_{}, A1{});
+    } else {
+      body(F_{}, A2{});
+    }
+  }
+}
+
+/// y = (x - mean[s]) * scale[s] + shift[s]: normalize and affine folded per slot.
+///
+/// NB: the centred form (x - mean) * scale + shift, in double, rather than ATen's
+/// x * scale + (shift - mean * scale): it costs one subtraction per element (free in a
+/// memory-bound loop) and returns exactly beta for constant slices and one-element
+/// LayerNorm rows, where the folded form leaves rounding residue (SEMANTICS.md §10, #108072).
+template <class T>
+struct AffineOp {
+  const T* x;
+  T* y;
+  const acc_t* mean;
+  const acc_t* scale;
+  const acc_t* shift;
+
+  template <bool kColumn, int AuxMode>
+  NORMKIT_ALWAYS_INLINE void run(Index off, Index len, Index slot, Index, Index) const {
+    const T* xp = x + off;
+    T* yp = y + off;
+    if constexpr (kColumn) {
+      const acc_t* m = mean + slot;
+      const acc_t* a = scale + slot;
+      const acc_t* b = shift + slot;
+      for (Index j = 0; j < len; ++j) {
+        yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - m[j]) * a[j] + b[j]);
+      }
+    } else {
+      const acc_t m = mean[slot], a = scale[slot], b = shift[slot];
+      for (Index j = 0; j < len; ++j) {
+        yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - m) * a + b);
+      }
+    }
+  }
+};
+
+/// y = (x - mean[s]) * rstd[s] * gamma[aux] + beta[aux]: LayerNorm's elementwise affine.
+template <class T>
+struct AuxAffineOp {
+  const T* x;
+  T* y;
+  const acc_t* mean;
+  const acc_t* rstd;
+  const acc_t* gamma;
+  const acc_t* beta;
+
+  template <bool kColumn, int AuxMode>
+  NORMKIT_ALWAYS_INLINE void run(Index off, Index len, Index slot, Index aux,
+                                 Index aux_step) const {
+    const T* xp = x + off;
+    T* yp = y + off;
+    if constexpr (kColumn && AuxMode == 0) {
+      (void)aux_step;
+      const acc_t* m = mean + slot;
+      const acc_t* r = rstd + slot;
+      const acc_t g = gamma[aux], b = beta[aux];
+      for (Index j = 0; j < len; ++j) {
+        yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - m[j]) * r[j] * g + b);
+      }
+    } else if constexpr (!kColumn && AuxMode == 1) {
+      (void)aux_step;
+      const acc_t m = mean[slot], r = rstd[slot];
+      const acc_t* g = gamma + aux;
+      const acc_t* b = beta + aux;
+      for (Index j = 0; j < len; ++j) {
+        yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - m) * r * g[j] + b[j]);
+      }
+    } else {
+      for (Index j = 0; j < len; ++j) {
+        const Index s = kColumn ? slot + j : slot;
+        const Index k = aux + j * aux_step;
+        yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - mean[s]) * rstd[s] * gamma[k] +
+                               beta[k]);
+      }
+    }
+  }
+};
+
+/// dx = a[s] * w[aux] * dy + b[s] * (x - mean[s]) + c[s], w = 1 when weight is null.
+/// Every norm's input gradient has this form (SEMANTICS.md §8, expanded per slot).
+template <class T, bool kWeighted>
+struct GradInputOp {
+  const T* x;
+  const T* dy;
+  T* dx;
+  const acc_t* mean;
+  const acc_t* a;
+  const acc_t* b;
+  const acc_t* c;
+  const acc_t* weight;  // per aux index (kWeighted only)
+
+  template <bool kColumn, int AuxMode>
+  NORMKIT_ALWAYS_INLINE void run(Index off, Index len, Index slot, Index aux,
+                                 Index aux_step) const {
+    const T* xp = x + off;
+    const T* gp = dy + off;
+    T* op = dx + off;
+    if constexpr (!kWeighted && !kColumn) {
+      (void)aux, (void)aux_step;
+      const acc_t m = mean[slot], aa = a[slot], bb = b[slot], cc = c[slot];
+      for (Index j = 0; j < len; ++j) {
+        op[j] = static_cast<T>(aa * static_cast<acc_t>(gp[j]) +
+                               bb * (static_cast<acc_t>(xp[j]) - m) + cc);
+      }
+    } else if constexpr (!kWeighted && kColumn) {
+      (void)aux, (void)aux_step;
+      const acc_t* m = mean + slot;
+      const acc_t* aa = a + slot;
+      const acc_t* bb = b + slot;
+      const acc_t* cc = c + slot;
+      for (Index j = 0; j < len; ++j) {
+        op[j] = static_cast<T>(aa[j] * static_cast<acc_t>(gp[j]) +
+                               bb[j] * (static_cast<acc_t>(xp[j]) - m[j]) + cc[j]);
+      }
+    } else {
+      for (Index j = 0; j < len; ++j) {
+        const Index s = kColumn ? slot + j : slot;
+        const Index k = AuxMode == 0 ? aux : aux + j * aux_step;
+        op[j] = static_cast<T>(a[s] * weight[k] * static_cast<acc_t>(gp[j]) +
+                               b[s] * (static_cast<acc_t>(xp[j]) - mean[s]) + c[s]);
+      }
+    }
+  }
+};
+
+}  // namespace detail
+}  // namespace normkit
+
+#endif  // NORMKIT_DETAIL_ELEMENTWISE_HPP_

@@ -1,0 +1,65 @@
+// normkit — normalization layers over Eigen tensors
+// SPDX-License-Identifier: MIT
+#ifndef NORMKIT_DETAIL_MOMENTS_HPP_
+#define NORMKIT_DETAIL_MOMENTS_HPP_
+// IWYU pragma: private, include <normkit/normkit.hpp>
+
+#include <cmath>   // std::sqrt, std::isinf
+#include <vector>  // std::vector
+
+#include <normkit/config.hpp>
+#include <normkit/detail/plan.hpp>
+#include <normkit/detail/reduction.hpp>
+
+namespace normkit {
+namespace detail {
+
+/// Per-slot mean and biased variance of x over a plan (plan slot order), through the one
+/// reduction core with MomentsOp. `work` is scratch of at least plan.slots elements.
+template <class T, class Device>
+void moments(const Plan& p, const T* x, acc_t* mean, acc_t* var, std::vector<acc_t>& work,
+             const Device& dev) {
+  const Index slots = p.slots;
+  if (p.numel == 0) {
+    for (Index s = 0; s < slots; ++s) mean[s] = var[s] = acc_t{0};
+    return;
+  }
+  work.resize(static_cast<std::size_t>(slots));
+  acc_t* center = work.data();
+  // The shift of each slot: its first element (see MomentsOp).
+  Odometer keys;
+  for (int i = 0; i < p.rank; ++i) {
+    if (p.axes[static_cast<std::size_t>(i)].role == Role::key) keys.add(p.axes[static_cast<std::size_t>(i)]);
+  }
+  const Index n_keys = keys.size();
+  keys.seek(0);
+  for (Index k = 0; k < n_keys; ++k, keys.next()) center[keys.slot] = static_cast<acc_t>(x[keys.offset]);
+  reduce(p, MomentsOp<T>{x, center}, mean, var, dev);
+  const acc_t n = static_cast<acc_t>(p.per_slot);
+  for (Index s = 0; s < slots; ++s) {
+    const acc_t s1 = mean[s], s2 = var[s];
+    const acc_t d = s1 / n;
+    acc_t v = (s2 - s1 * d) / n;
+    // NB: (s2 - s1^2/n) is a sum of squared deviations, >= 0 in exact arithmetic; a tiny
+    // negative value is rounding residue of the shift (never the E[x^2]-E[x]^2 cancellation
+    // this scheme avoids), so it is clamped. NaN stays NaN (the comparison is false). An
+    // infinite s2 (double input beyond 1e154) means an infinite variance.
+    if (v < 0) v = 0;
+    if (std::isinf(s2) && !std::isnan(s1)) v = s2;
+    mean[s] = center[s] + d;
+    var[s] = v;
+  }
+}
+
+/// 1/sqrt(var + eps). BatchNorm and InstanceNorm define it as 0 when var == 0 and eps == 0
+/// (ATen's InvStd special case: a constant channel then outputs exactly beta); LayerNorm and
+/// GroupNorm do not (PyTorch returns NaN there, and so do we).
+NORMKIT_ALWAYS_INLINE acc_t rstd_of(acc_t var, double eps, bool zero_for_constant) {
+  if (zero_for_constant && var == 0 && eps == 0) return 0;
+  return 1 / std::sqrt(var + eps);
+}
+
+}  // namespace detail
+}  // namespace normkit
+
+#endif  // NORMKIT_DETAIL_MOMENTS_HPP_

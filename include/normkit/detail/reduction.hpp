@@ -1,0 +1,418 @@
+// normkit — normalization layers over Eigen tensors
+// SPDX-License-Identifier: MIT
+#ifndef NORMKIT_DETAIL_REDUCTION_HPP_
+#define NORMKIT_DETAIL_REDUCTION_HPP_
+// IWYU pragma: private, include <normkit/normkit.hpp>
+
+#include <algorithm>  // std::min, std::fill
+#include <array>      // std::array
+#include <vector>     // std::vector
+
+#include <normkit/config.hpp>
+#include <normkit/detail/parallel.hpp>
+#include <normkit/detail/plan.hpp>
+
+namespace normkit {
+namespace detail {
+
+// THE reduction core. Every statistic normkit computes -- forward moments, the backward
+// sums (sum dy, sum dy*(x - mean)), LayerNorm's dgamma/dbeta -- is two sums per slot over a
+// Plan, produced by reduce() below with a small accumulator "op" that says what one element
+// contributes. The loops, the blocking, the threading and the merge order live here once.
+//
+// An op provides
+//   template <int AuxMode> void row(offset, len, slot, aux, aux_step, acc& s1, acc& s2) const;
+//   template <int AuxMode> void col(offset, len, slot, aux, aux_step, acc* s1, acc* s2) const;
+// row(): elements [offset, offset + len) all belong to `slot`; add to s1, s2.
+// col(): element offset + j belongs to slot + j; add to s1[j], s2[j].
+// `aux` is the aux index of the first element; it advances by aux_step per element
+// (AuxMode 0: aux_step == 0, 1: aux_step == 1, 2: any other step).
+
+using acc_t = double;
+
+// NB: blocking. The reduction space of every slot is cut into blocks of kBlockElements
+// elements (row mode) or of rows covering that many elements (column mode). A block's sums
+// start from zero and blocks are added in index order, whether one thread computes them all
+// or many compute them side by side: results do not depend on the thread count. 16 Ki
+// elements keep a block in L1/L2 and make the per-block merge cost negligible.
+inline constexpr Index kBlockElements = Index{1} << 14;
+// Column-mode runs are cut into tiles of at most this many slots (the partial sums of a
+// tile, 2 x 8 bytes per slot, stay in L1).
+inline constexpr Index kMaxColumnTile = 1024;
+
+namespace reduction_impl {
+
+struct Nest {
+  Odometer ko, ro;  // key-outer and reduce-outer axes
+  Index T = 1, R = 1, L = 1, aux_step = 0;
+};
+
+inline Nest split(const Plan& p) {
+  Nest n;
+  for (int i = 0; i + 1 < p.rank; ++i) {
+    const LoopAxis& a = p.axes[static_cast<std::size_t>(i)];
+    if (a.role == Role::key) {
+      n.ko.add(a);
+    } else {
+      n.ro.add(a);
+    }
+  }
+  n.T = n.ko.size();
+  n.R = n.ro.size();
+  n.L = p.inner().extent;
+  n.aux_step = p.inner().aux_stride;
+  return n;
+}
+
+// Row mode: the block-th block of slot group t, added into fresh s1, s2.
+template <int AuxMode, class Op>
+void row_block(const Nest& n, const Op& op, Index t, Index block, acc_t& s1, acc_t& s2) {
+  Odometer ko = n.ko, ro = n.ro;
+  ko.seek(t);
+  const Index total = n.R * n.L;
+  Index start = block * kBlockElements;
+  const Index end = std::min(total, start + kBlockElements);
+  ro.seek(start / n.L);
+  Index i0 = start % n.L;
+  s1 = 0;
+  s2 = 0;
+  while (start < end) {
+    const Index len = std::min(n.L - i0, end - start);
+    op.template row<AuxMode>(ko.offset + ro.offset + i0, len, ko.slot,
+                             ko.aux + ro.aux + i0 * n.aux_step, n.aux_step, s1, s2);
+    start += len;
+    i0 = 0;
+    ro.next();
+  }
+}
+
+// Column mode: rows of block `block` for column tile `tile` of slot group t.
+template <int AuxMode, class Op>
+void col_block(const Nest& n, const Op& op, Index t, Index tile, Index block, Index tile_w,
+               Index rows_per_block, acc_t* s1, acc_t* s2) {
+  Odometer ko = n.ko, ro = n.ro;
+  ko.seek(t);
+  const Index c0 = tile * tile_w;
+  const Index ct = std::min(tile_w, n.L - c0);
+  std::fill(s1, s1 + ct, acc_t{0});
+  std::fill(s2, s2 + ct, acc_t{0});
+  const Index r0 = block * rows_per_block;
+  const Index r1 = std::min(n.R, r0 + rows_per_block);
+  ro.seek(r0);
+  for (Index r = r0; r < r1; ++r) {
+    op.template col<AuxMode>(ko.offset + ro.offset + c0, ct, ko.slot + c0,
+                             ko.aux + ro.aux + c0 * n.aux_step, n.aux_step, s1, s2);
+    ro.next();
+  }
+}
+
+inline Index slot_of_group(const Nest& n, Index t) {
+  Odometer ko = n.ko;
+  ko.seek(t);
+  return ko.slot;
+}
+
+// Small-buffer scratch for column partials.
+struct Scratch {
+  std::array<acc_t, 256> small{};
+  std::vector<acc_t> big;
+  acc_t* get(Index n) {
+    if (n <= static_cast<Index>(small.size())) return small.data();
+    big.resize(static_cast<std::size_t>(n));
+    return big.data();
+  }
+};
+
+template <int AuxMode, class Op, class Device>
+void reduce(const Plan& p, const Op& op, acc_t* out1, acc_t* out2, const Device& dev) {
+  const Nest n = split(p);
+  const int threads = device_threads(dev);
+  const bool parallel = threads > 1 && p.numel >= kMinParallelElements;
+  if (!p.column_mode()) {
+    const Index B = (n.R * n.L + kBlockElements - 1) / kBlockElements;
+    auto groups = [&](Index first, Index last) {
+      for (Index t = first; t < last; ++t) {
+        acc_t a1 = 0, a2 = 0;
+        for (Index b = 0; b < B; ++b) {
+          acc_t p1, p2;
+          row_block<AuxMode>(n, op, t, b, p1, p2);
+          a1 += p1;
+          a2 += p2;
+        }
+        const Index s = slot_of_group(n, t);
+        out1[s] = a1;
+        out2[s] = a2;
+      }
+    };
+    if (!parallel || B == 1 || n.T >= 4 * threads) {
+      parallel_for(dev, n.T, double(B * kBlockElements) * 4.0, parallel, groups);
+      return;
+    }
+    std::vector<acc_t> part(static_cast<std::size_t>(2 * n.T * B));
+    parallel_for(dev, n.T * B, double(kBlockElements) * 4.0, true, [&](Index first, Index last) {
+      for (Index it = first; it < last; ++it) {
+        row_block<AuxMode>(n, op, it / B, it % B, part[static_cast<std::size_t>(2 * it)],
+                           part[static_cast<std::size_t>(2 * it + 1)]);
+      }
+    });
+    for (Index t = 0; t < n.T; ++t) {
+      acc_t a1 = 0, a2 = 0;
+      for (Index b = 0; b < B; ++b) {
+        a1 += part[static_cast<std::size_t>(2 * (t * B + b))];
+        a2 += part[static_cast<std::size_t>(2 * (t * B + b) + 1)];
+      }
+      const Index s = slot_of_group(n, t);
+      out1[s] = a1;
+      out2[s] = a2;
+    }
+    return;
+  }
+  // Column mode.
+  const Index tile_w = std::min(n.L, kMaxColumnTile);
+  const Index tiles = (n.L + tile_w - 1) / tile_w;
+  const Index rows_per_block = std::max(Index{1}, kBlockElements / tile_w);
+  const Index B = (n.R + rows_per_block - 1) / rows_per_block;
+  const Index G = n.T * tiles;
+  auto merge_into = [&](Index g, const acc_t* p1, const acc_t* p2, bool first) {
+    const Index t = g / tiles, c0 = (g % tiles) * tile_w;
+    const Index ct = std::min(tile_w, n.L - c0);
+    const Index s = slot_of_group(n, t) + c0;
+    for (Index j = 0; j < ct; ++j) {
+      out1[s + j] = first ? p1[j] : out1[s + j] + p1[j];
+      out2[s + j] = first ? p2[j] : out2[s + j] + p2[j];
+    }
+  };
+  auto groups = [&](Index first, Index last) {
+    Scratch scratch;
+    acc_t* buf = scratch.get(2 * tile_w);
+    for (Index g = first; g < last; ++g) {
+      for (Index b = 0; b < B; ++b) {
+        col_block<AuxMode>(n, op, g / tiles, g % tiles, b, tile_w, rows_per_block, buf,
+                           buf + tile_w);
+        merge_into(g, buf, buf + tile_w, b == 0);
+      }
+    }
+  };
+  if (!parallel || B == 1 || G >= 4 * threads) {
+    parallel_for(dev, G, double(B * rows_per_block * tile_w) * 4.0, parallel, groups);
+    return;
+  }
+  std::vector<acc_t> part(static_cast<std::size_t>(2 * G * B * tile_w));
+  parallel_for(dev, G * B, double(rows_per_block * tile_w) * 4.0, true,
+               [&](Index first, Index last) {
+                 for (Index it = first; it < last; ++it) {
+                   acc_t* buf = part.data() + 2 * it * tile_w;
+                   col_block<AuxMode>(n, op, (it / B) / tiles, (it / B) % tiles, it % B, tile_w,
+                                      rows_per_block, buf, buf + tile_w);
+                 }
+               });
+  for (Index g = 0; g < G; ++g) {
+    for (Index b = 0; b < B; ++b) {
+      const acc_t* buf = part.data() + 2 * (g * B + b) * tile_w;
+      merge_into(g, buf, buf + tile_w, b == 0);
+    }
+  }
+}
+
+}  // namespace reduction_impl
+
+/// Computes, for every slot s of the plan, out1[s] and out2[s] as the op's two sums over
+/// the slot's elements. out arrays are indexed by plan slot and are overwritten.
+template <class Op, class Device>
+void reduce(const Plan& p, const Op& op, acc_t* out1, acc_t* out2, const Device& dev) {
+  if (p.numel == 0) {
+    std::fill(out1, out1 + p.slots, acc_t{0});
+    std::fill(out2, out2 + p.slots, acc_t{0});
+    return;
+  }
+  switch (p.inner().aux_stride) {
+    case 0:
+      reduction_impl::reduce<0>(p, op, out1, out2, dev);
+      break;
+    case 1:
+      reduction_impl::reduce<1>(p, op, out1, out2, dev);
+      break;
+    default:
+      reduction_impl::reduce<2>(p, op, out1, out2, dev);
+      break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Accumulator ops.
+
+// NB: lanes. Plain sums use kLanes independent accumulators (a loop the compiler turns into
+// vector adds without reassociating anything), reduced in a fixed tree at the end of a run.
+inline constexpr int kLanes = 8;
+
+NORMKIT_ALWAYS_INLINE acc_t lane_sum(const acc_t* a) {
+  return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+/// Forward moments with a per-slot shift c: s1 = sum(x - c), s2 = sum((x - c)^2).
+///
+/// NB: "shifted data" one-pass moments (Chan, Golub & LeVeque 1983), accumulated in double.
+/// With c = the slot's first element, var = (s2 - s1^2/n)/n loses at most a factor
+/// ((mean - c)/sigma)^2 <= n of relative precision to cancellation -- since one element at
+/// distance D from the mean forces sigma^2 >= D^2/n -- i.e. < 1e-10 relative error for a
+/// million elements in double, far below float rounding; for ordinary data the factor is
+/// O(1). It reads memory once (the two-pass scheme reads it twice), needs no division per
+/// element (Welford does), merges by plain addition (so blocks and threads combine in a
+/// fixed order), and in double cannot overflow for any finite float input (|x| ~ 1e20
+/// squares to 1e40). E[x^2] - E[x]^2 without the shift is the classic failure (#40308).
+template <class T>
+struct MomentsOp {
+  const T* x;
+  const acc_t* center;  // per slot
+
+  template <int AuxMode>
+  NORMKIT_ALWAYS_INLINE void row(Index off, Index len, Index slot, Index, Index, acc_t& s1,
+                                 acc_t& s2) const {
+    const T* xp = x + off;
+    const acc_t c = center[slot];
+    acc_t a1[kLanes] = {}, a2[kLanes] = {};
+    Index i = 0;
+    for (; i + kLanes <= len; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const acc_t d = static_cast<acc_t>(xp[i + j]) - c;
+        a1[j] += d;
+        a2[j] += d * d;
+      }
+    }
+    for (int j = 0; i < len; ++i, ++j) {
+      const acc_t d = static_cast<acc_t>(xp[i]) - c;
+      a1[j] += d;
+      a2[j] += d * d;
+    }
+    s1 += lane_sum(a1);
+    s2 += lane_sum(a2);
+  }
+  template <int AuxMode>
+  NORMKIT_ALWAYS_INLINE void col(Index off, Index len, Index slot, Index, Index, acc_t* s1,
+                                 acc_t* s2) const {
+    const T* xp = x + off;
+    const acc_t* c = center + slot;
+    for (Index j = 0; j < len; ++j) {
+      const acc_t d = static_cast<acc_t>(xp[j]) - c[j];
+      s1[j] += d;
+      s2[j] += d * d;
+    }
+  }
+};
+
+/// Backward sums: s1 = sum(w * dy), s2 = sum(w * dy * (x - c)), c = the slot's saved mean,
+/// w = weight[aux] (LayerNorm's elementwise gamma) or 1 when weight is null.
+template <class T, bool kWeighted>
+struct GradSumsOp {
+  const T* x;
+  const T* dy;
+  const acc_t* center;  // per slot
+  const acc_t* weight;  // per aux index (kWeighted only)
+
+  template <int AuxMode>
+  NORMKIT_ALWAYS_INLINE acc_t w(Index aux, Index aux_step, Index i) const {
+    if constexpr (!kWeighted) {
+      (void)aux, (void)aux_step, (void)i;
+      return acc_t{1};
+    } else if constexpr (AuxMode == 0) {
+      (void)aux_step, (void)i;
+      return weight[aux];
+    } else if constexpr (AuxMode == 1) {
+      (void)aux_step;
+      return weight[aux + i];
+    } else {
+      return weight[aux + i * aux_step];
+    }
+  }
+
+  template <int AuxMode>
+  NORMKIT_ALWAYS_INLINE void row(Index off, Index len, Index slot, Index aux, Index aux_step,
+                                 acc_t& s1, acc_t& s2) const {
+    const T* xp = x + off;
+    const T* gp = dy + off;
+    const acc_t c = center[slot];
+    acc_t a1[kLanes] = {}, a2[kLanes] = {};
+    Index i = 0;
+    for (; i + kLanes <= len; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const acc_t g = static_cast<acc_t>(gp[i + j]) * w<AuxMode>(aux, aux_step, i + j);
+        a1[j] += g;
+        a2[j] += g * (static_cast<acc_t>(xp[i + j]) - c);
+      }
+    }
+    for (int j = 0; i < len; ++i, ++j) {
+      const acc_t g = static_cast<acc_t>(gp[i]) * w<AuxMode>(aux, aux_step, i);
+      a1[j] += g;
+      a2[j] += g * (static_cast<acc_t>(xp[i]) - c);
+    }
+    s1 += lane_sum(a1);
+    s2 += lane_sum(a2);
+  }
+  template <int AuxMode>
+  NORMKIT_ALWAYS_INLINE void col(Index off, Index len, Index slot, Index aux, Index aux_step,
+                                 acc_t* s1, acc_t* s2) const {
+    const T* xp = x + off;
+    const T* gp = dy + off;
+    const acc_t* c = center + slot;
+    for (Index j = 0; j < len; ++j) {
+      const acc_t g = static_cast<acc_t>(gp[j]) * w<AuxMode>(aux, aux_step, j);
+      s1[j] += g;
+      s2[j] += g * (static_cast<acc_t>(xp[j]) - c[j]);
+    }
+  }
+};
+
+/// Parameter gradients where the statistics vary along the *reduced* axes (LayerNorm's
+/// dgamma/dbeta: key = position, reduced over rows): s1 = sum(dy * (x - mean[aux]) *
+/// rstd[aux]), s2 = sum(dy).
+template <class T>
+struct RowStatGradOp {
+  const T* x;
+  const T* dy;
+  const acc_t* mean;  // per aux index (row)
+  const acc_t* rstd;  // per aux index (row)
+
+  template <int AuxMode>
+  NORMKIT_ALWAYS_INLINE void row(Index off, Index len, Index, Index aux, Index aux_step,
+                                 acc_t& s1, acc_t& s2) const {
+    const T* xp = x + off;
+    const T* gp = dy + off;
+    acc_t a1[kLanes] = {}, a2[kLanes] = {};
+    Index i = 0;
+    for (int j = 0; i < len; ++i, j = (j + 1) % kLanes) {
+      const Index k = AuxMode == 0 ? aux : aux + i * aux_step;
+      const acc_t g = static_cast<acc_t>(gp[i]);
+      a1[j] += g * (static_cast<acc_t>(xp[i]) - mean[k]) * rstd[k];
+      a2[j] += g;
+    }
+    s1 += lane_sum(a1);
+    s2 += lane_sum(a2);
+  }
+  template <int AuxMode>
+  NORMKIT_ALWAYS_INLINE void col(Index off, Index len, Index, Index aux, Index aux_step,
+                                 acc_t* s1, acc_t* s2) const {
+    const T* xp = x + off;
+    const T* gp = dy + off;
+    if constexpr (AuxMode == 0) {
+      (void)aux_step;
+      const acc_t m = mean[aux], r = rstd[aux];
+      for (Index j = 0; j < len; ++j) {
+        const acc_t g = static_cast<acc_t>(gp[j]);
+        s1[j] += g * (static_cast<acc_t>(xp[j]) - m) * r;
+        s2[j] += g;
+      }
+    } else {
+      for (Index j = 0; j < len; ++j) {
+        const Index k = aux + j * aux_step;
+        const acc_t g = static_cast<acc_t>(gp[j]);
+        s1[j] += g * (static_cast<acc_t>(xp[j]) - mean[k]) * rstd[k];
+        s2[j] += g;
+      }
+    }
+  }
+};
+
+}  // namespace detail
+}  // namespace normkit
+
+#endif  // NORMKIT_DETAIL_REDUCTION_HPP_

@@ -1,0 +1,188 @@
+// normkit — normalization layers over Eigen tensors
+// SPDX-License-Identifier: MIT
+#ifndef NORMKIT_DETAIL_TENSOR_HPP_
+#define NORMKIT_DETAIL_TENSOR_HPP_
+// IWYU pragma: private, include <normkit/normkit.hpp>
+
+#include <array>        // std::array
+#include <cstdint>      // std::int64_t
+#include <limits>       // std::numeric_limits
+#include <sstream>      // std::ostringstream
+#include <string>       // std::string
+#include <type_traits>  // std::remove_const_t
+#include <vector>       // std::vector
+
+#include <normkit/config.hpp>
+#include <normkit/error.hpp>
+#include <normkit/detail/plan.hpp>
+
+namespace normkit {
+namespace detail {
+
+/// Compile-time facts about an Eigen::Tensor or Eigen::TensorMap argument.
+template <class X>
+struct tensor_traits {
+  using Traits = Eigen::internal::traits<std::remove_const_t<X>>;
+  using Scalar = std::remove_const_t<typename Traits::Scalar>;
+  static constexpr int rank = Traits::NumDimensions;
+  static constexpr int layout = Traits::Layout;
+};
+
+template <class X>
+using scalar_of = typename tensor_traits<X>::Scalar;
+
+/// Logical shape in PyTorch order (N, C, spatial...) with each axis' memory stride.
+struct Shape {
+  int rank = 0;
+  std::array<Index, kMaxAxes> dim{};
+  std::array<Index, kMaxAxes> stride{};
+  Index numel() const {
+    Index n = 1;
+    for (int i = 0; i < rank; ++i) n *= dim[static_cast<std::size_t>(i)];
+    return n;
+  }
+};
+
+inline std::string shape_str(const Shape& s) {
+  std::ostringstream os;
+  os << '[';
+  for (int i = 0; i < s.rank; ++i) os << (i ? ", " : "") << s.dim[static_cast<std::size_t>(i)];
+  os << ']';
+  return os.str();
+}
+
+template <class Dims>
+std::string dims_str(const Dims& d, int rank) {
+  std::ostringstream os;
+  os << '[';
+  for (int i = 0; i < rank; ++i) os << (i ? ", " : "") << d[i];
+  os << ']';
+  return os.str();
+}
+
+[[noreturn]] inline void throw_shape(const char* who, const std::string& what) {
+  throw shape_error(std::string("[normkit.") + who + "] " + what);
+}
+[[noreturn]] inline void throw_value(const char* who, const std::string& what) {
+  throw value_error(std::string("[normkit.") + who + "] " + what);
+}
+
+/// Physical strides of a dense Eigen tensor, then the permutation to logical axes. With
+/// channels_last the tensor's dims are (N, spatial..., C) and the logical axes (N, C,
+/// spatial...): no data moves, only the strides are permuted.
+template <class X>
+Shape logical_shape(const X& x, bool channels_last, const char* who, bool batched = true) {
+  constexpr int R = tensor_traits<X>::rank;
+  static_assert(R <= kMaxAxes - 2, "normkit: tensors of rank above 10 are not supported");
+  std::array<Index, kMaxAxes> st{};
+  const auto& d = x.dimensions();
+  // Overflow guard: the product of extents must fit Eigen::Index.
+  Index numel = 1;
+  for (int i = 0; i < R; ++i) {
+    if (d[i] < 0) throw_shape(who, "negative extent in input of size " + dims_str(d, R));
+    if (d[i] != 0 && numel > std::numeric_limits<Index>::max() / d[i]) {
+      throw_shape(who, "input of size " + dims_str(d, R) + " has more elements than Eigen::Index holds");
+    }
+    numel *= d[i];
+  }
+  if constexpr (tensor_traits<X>::layout == Eigen::RowMajor) {
+    Index s = 1;
+    for (int i = R - 1; i >= 0; --i) {
+      st[static_cast<std::size_t>(i)] = s;
+      s *= d[i];
+    }
+  } else {
+    Index s = 1;
+    for (int i = 0; i < R; ++i) {
+      st[static_cast<std::size_t>(i)] = s;
+      s *= d[i];
+    }
+  }
+  Shape sh;
+  sh.rank = R;
+  for (int i = 0; i < R; ++i) {
+    int phys = i;
+    if (channels_last && batched && R >= 3) phys = i == 0 ? 0 : (i == 1 ? R - 1 : i - 1);
+    if (channels_last && !batched && R >= 2) phys = i == 0 ? R - 1 : i - 1;  // (spatial..., C)
+    sh.dim[static_cast<std::size_t>(i)] = d[phys];
+    sh.stride[static_cast<std::size_t>(i)] = st[static_cast<std::size_t>(phys)];
+  }
+  return sh;
+}
+
+/// Prepends a batch axis of extent 1 (unbatched InstanceNorm input).
+inline Shape unsqueeze0(const Shape& s) {
+  Shape r;
+  r.rank = s.rank + 1;
+  r.dim[0] = 1;
+  r.stride[0] = s.numel();
+  for (int i = 0; i < s.rank; ++i) {
+    r.dim[static_cast<std::size_t>(i + 1)] = s.dim[static_cast<std::size_t>(i)];
+    r.stride[static_cast<std::size_t>(i + 1)] = s.stride[static_cast<std::size_t>(i)];
+  }
+  return r;
+}
+
+/// Checks y against x (same dims) and returns its data pointer. A plain Tensor is
+/// resized; a TensorMap must already have x's dims.
+template <class X, class Y>
+auto* prepare_output(const X& x, Y& y, const char* who, const char* name = "output") {
+  static_assert(tensor_traits<X>::rank == tensor_traits<Y>::rank,
+                "normkit: the output must have the input's rank");
+  static_assert(tensor_traits<X>::layout == tensor_traits<Y>::layout,
+                "normkit: the output must have the input's storage order");
+  static_assert(std::is_same<scalar_of<X>, scalar_of<Y>>::value,
+                "normkit: the output must have the input's scalar type");
+  constexpr int R = tensor_traits<X>::rank;
+  bool same = true;
+  for (int i = 0; i < R; ++i) same = same && x.dimension(i) == y.dimension(i);
+  if (!same) {
+    if constexpr (std::is_same<std::remove_const_t<Y>,
+                               Eigen::Tensor<scalar_of<X>, R, tensor_traits<X>::layout>>::value) {
+      y.resize(x.dimensions());
+    } else {
+      throw_shape(who, std::string("expected ") + name + " of size " + dims_str(x.dimensions(), R) +
+                           " but got " + dims_str(y.dimensions(), R));
+    }
+  }
+  return y.data();
+}
+
+/// A possibly-absent 1-D array argument: an Eigen::Tensor<T, 1>, a TensorMap of one, a
+/// (pointer, size) pair, or nothing. Used by the free functions for weight, bias and the
+/// running statistics, so callers can keep their own storage.
+template <class T>
+class VectorRef {
+ public:
+  using value_type = std::remove_const_t<T>;
+  VectorRef() = default;
+  VectorRef(std::nullptr_t) {}  // NOLINT: absent
+  VectorRef(T* data, Index size) : data_(data), size_(size), present_(true) {}
+  template <int Options>
+  VectorRef(Eigen::Tensor<value_type, 1, Options>& t)  // NOLINT: implicit by design
+      : data_(t.data()), size_(t.size()), present_(true) {}
+  template <int Options, class U = T, class = std::enable_if_t<std::is_const<U>::value>>
+  VectorRef(const Eigen::Tensor<value_type, 1, Options>& t)  // NOLINT: implicit by design
+      : data_(t.data()), size_(t.size()), present_(true) {}
+  template <class P, int MapOptions>
+  VectorRef(const Eigen::TensorMap<P, MapOptions>& t)  // NOLINT: implicit by design
+      : data_(t.data()), size_(t.size()), present_(true) {}
+
+  T* data() const { return data_; }
+  Index size() const { return size_; }
+  bool present() const { return present_; }
+  explicit operator bool() const { return present_; }
+
+ private:
+  T* data_ = nullptr;
+  Index size_ = 0;
+  bool present_ = false;
+};
+
+}  // namespace detail
+
+using detail::VectorRef;
+
+}  // namespace normkit
+
+#endif  // NORMKIT_DETAIL_TENSOR_HPP_

@@ -1,0 +1,332 @@
+// normkit — normalization layers over Eigen tensors
+// SPDX-License-Identifier: MIT
+#ifndef NORMKIT_GROUP_NORM_HPP_
+#define NORMKIT_GROUP_NORM_HPP_
+
+#include <string>  // std::string
+#include <vector>  // std::vector
+
+#include <normkit/config.hpp>
+#include <normkit/error.hpp>
+#include <normkit/options.hpp>
+#include <normkit/detail/channel_norm.hpp>
+#include <normkit/detail/elementwise.hpp>
+#include <normkit/detail/module.hpp>
+#include <normkit/detail/moments.hpp>
+#include <normkit/detail/plan.hpp>
+#include <normkit/detail/reduction.hpp>
+#include <normkit/detail/tensor.hpp>
+
+namespace normkit {
+
+/// Options of the functional group_norm (torch.nn.functional.group_norm).
+template <class Scalar>
+class GroupNormFuncOptions {
+ public:
+  explicit GroupNormFuncOptions(Index num_groups) : num_groups_(num_groups) {}
+  NORMKIT_ARG(Index, num_groups);
+  NORMKIT_ARG(VectorRef<const Scalar>, weight);
+  NORMKIT_ARG(VectorRef<const Scalar>, bias);
+  NORMKIT_ARG(double, eps) = 1e-5;
+  NORMKIT_ARG(bool, channels_last) = false;
+};
+
+namespace detail {
+
+// GroupNorm: statistics per (n, g) over the group's C/G channels and all spatial positions
+// (stats plan: keys N, G; reduced Cg, spatial), then a per-(n, c) folded apply (apply plan:
+// keys N, C), since gamma/beta are per channel.
+struct GroupPlans {
+  Plan stats, apply;
+  Index N, C, G, Cg;
+};
+
+inline GroupPlans group_plans(const Shape& sh, Index G) {
+  GroupPlans gp;
+  gp.N = sh.dim[0];
+  gp.C = sh.dim[1];
+  gp.G = G;
+  gp.Cg = gp.C / G;
+  std::array<AxisSpec, kMaxAxes> ax{};
+  ax[0] = AxisSpec{gp.N, sh.stride[0], Role::key, 0};
+  ax[1] = AxisSpec{G, gp.Cg * sh.stride[1], Role::key, 0};
+  ax[2] = AxisSpec{gp.Cg, sh.stride[1], Role::reduce, 0};
+  for (int i = 2; i < sh.rank; ++i) {
+    ax[static_cast<std::size_t>(i + 1)] = AxisSpec{sh.dim[static_cast<std::size_t>(i)], sh.stride[static_cast<std::size_t>(i)], Role::reduce, 0};
+  }
+  gp.stats = make_plan(ax.data(), sh.rank + 1);
+  gp.apply = channel_plan(ChannelNormKind::instance, sh);
+  return gp;
+}
+
+template <class T>
+void group_norm_check(const char* who, const Shape& sh, Index G, const VectorRef<const T>& w,
+                      const VectorRef<const T>& b) {
+  if (G <= 0) throw_value(who, "Expected num groups to be greater than 0, got " + std::to_string(G));
+  const Index C = sh.dim[1];
+  if (C % G != 0) {
+    throw_shape(who, "Expected number of channels in input to be divisible by num_groups, but got input of shape " +
+                         shape_str(sh) + " and num_groups=" + std::to_string(G));
+  }
+  auto check = [&](const VectorRef<const T>& v, const char* name) {
+    if (v && v.size() != C) {
+      throw_shape(who, std::string("Expected ") + name +
+                           " to be a vector of size equal to the number of channels in input, but got " + name +
+                           " of shape [" + std::to_string(v.size()) + "] and input of shape " + shape_str(sh));
+    }
+  };
+  check(w, "weight");
+  check(b, "bias");
+}
+
+template <class T, class Device>
+void group_norm_forward(const Shape& sh, Index G, const T* x, T* y, const VectorRef<const T>& w,
+                        const VectorRef<const T>& b, double eps, SavedStats* saved, const Device& dev) {
+  const GroupPlans gp = group_plans(sh, G);
+  const Index NG = gp.N * G, NC = gp.N * gp.C;
+  std::vector<acc_t> mean(static_cast<std::size_t>(NG)), var(mean.size()), work;
+  moments(gp.stats, x, mean.data(), var.data(), work, dev);
+  // Logical (n, g) -> stats slot; (n, c) -> apply slot.
+  auto sslot = [&](Index n, Index g) { return n * gp.stats.logical_slot_stride[0] + g * gp.stats.logical_slot_stride[1]; };
+  auto aslot = [&](Index n, Index c) { return n * gp.apply.logical_slot_stride[0] + c * gp.apply.logical_slot_stride[1]; };
+  std::vector<acc_t> am(static_cast<std::size_t>(NC)), scale(am.size()), shift(am.size());
+  for (Index n = 0; n < gp.N; ++n) {
+    for (Index c = 0; c < gp.C; ++c) {
+      const auto s = static_cast<std::size_t>(sslot(n, c / gp.Cg));
+      const auto a = static_cast<std::size_t>(aslot(n, c));
+      const acc_t r = rstd_of(var[s], eps, false);
+      am[a] = mean[s];
+      scale[a] = r * (w ? static_cast<acc_t>(w.data()[c]) : acc_t{1});
+      shift[a] = b ? static_cast<acc_t>(b.data()[c]) : acc_t{0};
+    }
+  }
+  for_each_run(gp.apply, AffineOp<T>{x, y, am.data(), scale.data(), shift.data()}, dev);
+  if (saved) {
+    saved->mean = Eigen::Tensor<double, 1>(NG);
+    saved->rstd = Eigen::Tensor<double, 1>(NG);
+    for (Index n = 0; n < gp.N; ++n) {
+      for (Index g = 0; g < G; ++g) {
+        const auto s = static_cast<std::size_t>(sslot(n, g));
+        saved->mean(n * G + g) = mean[s];
+        saved->rstd(n * G + g) = rstd_of(var[s], eps, false);
+      }
+    }
+    saved->batch_stats = true;
+  }
+}
+
+template <class T, class Device>
+void group_norm_backward(const Shape& sh, Index G, const T* x, const T* dy, T* dx,
+                         const SavedStats& saved, const VectorRef<const T>& w,
+                         const VectorRef<T>& gw, const VectorRef<T>& gb, const Device& dev) {
+  const GroupPlans gp = group_plans(sh, G);
+  const Index NC = gp.N * gp.C;
+  auto aslot = [&](Index n, Index c) { return n * gp.apply.logical_slot_stride[0] + c * gp.apply.logical_slot_stride[1]; };
+  const auto nc = static_cast<std::size_t>(NC);
+  std::vector<acc_t> center(nc), s1(nc), s2(nc), A(nc), B(nc), Cc(nc);
+  for (Index n = 0; n < gp.N; ++n) {
+    for (Index c = 0; c < gp.C; ++c) center[static_cast<std::size_t>(aslot(n, c))] = saved.mean(n * G + c / gp.Cg);
+  }
+  // Per (n, c): sum dy and sum dy * (x - mean_ng) -- the same core as every other norm.
+  reduce(gp.apply, GradSumsOp<T, false>{x, dy, center.data(), nullptr}, s1.data(), s2.data(), dev);
+  const acc_t m = static_cast<acc_t>(gp.Cg * spatial_size(sh));
+  std::vector<acc_t> dw(static_cast<std::size_t>(gp.C), 0.0), db(dw.size(), 0.0);
+  auto gamma = [&](Index c) { return w ? static_cast<acc_t>(w.data()[c]) : acc_t{1}; };
+  for (Index n = 0; n < gp.N; ++n) {
+    for (Index g = 0; g < G; ++g) {
+      const acc_t r = saved.rstd(n * G + g);
+      acc_t sdy = 0, sdyx = 0;
+      for (Index c = g * gp.Cg; c < (g + 1) * gp.Cg; ++c) {
+        const auto a = static_cast<std::size_t>(aslot(n, c));
+        sdy += gamma(c) * s1[a];
+        sdyx += gamma(c) * s2[a];
+        dw[static_cast<std::size_t>(c)] += s2[a] * r;
+        db[static_cast<std::size_t>(c)] += s1[a];
+      }
+      for (Index c = g * gp.Cg; c < (g + 1) * gp.Cg; ++c) {
+        const auto a = static_cast<std::size_t>(aslot(n, c));
+        A[a] = gamma(c) * r;
+        B[a] = m > 0 ? -r * r * r * sdyx / m : 0;
+        Cc[a] = m > 0 ? -r * sdy / m : 0;
+      }
+    }
+  }
+  if (gw) {
+    for (Index c = 0; c < gp.C; ++c) gw.data()[c] = static_cast<T>(dw[static_cast<std::size_t>(c)]);
+  }
+  if (gb) {
+    for (Index c = 0; c < gp.C; ++c) gb.data()[c] = static_cast<T>(db[static_cast<std::size_t>(c)]);
+  }
+  if (dx) {
+    for_each_run(gp.apply, GradInputOp<T, false>{x, dy, dx, center.data(), A.data(), B.data(), Cc.data(), nullptr}, dev);
+  }
+}
+
+}  // namespace detail
+
+/// Group normalization (Wu & He 2018), as F.group_norm: channels split into num_groups
+/// contiguous groups; y = (x - mean_ng) / sqrt(var_ng + eps) * weight_c + bias_c with the
+/// mean and biased variance of each (n, g) over its C/G channels and all spatial positions.
+/// Same in training and evaluation. Unlike PyTorch there is no "more than 1 value" guard
+/// (SEMANTICS.md Policy 2): a one-element group returns bias.
+/// @throws value_error for num_groups <= 0; shape_error if C is not divisible by
+///         num_groups or weight/bias do not have C elements.
+template <class X, class Y, class Device = Eigen::DefaultDevice>
+void group_norm(const X& x, Y& y, const GroupNormFuncOptions<detail::scalar_of<X>>& options,
+                SavedStats* saved = nullptr, const Device& device = Device()) {
+  static_assert(detail::tensor_traits<X>::rank >= 2, "normkit::group_norm: expected input of rank >= 2 (N, C, *)");
+  const detail::Shape sh = detail::logical_shape(x, options.channels_last(), "group_norm");
+  detail::group_norm_check("group_norm", sh, options.num_groups(), options.weight(), options.bias());
+  auto* y_ptr = detail::prepare_output(x, y, "group_norm");
+  if (sh.numel() == 0) return;
+  detail::group_norm_forward(sh, options.num_groups(), x.data(), y_ptr, options.weight(), options.bias(),
+                             options.eps(), saved, device);
+}
+
+/// Allocating form of group_norm.
+template <class X>
+auto group_norm(const X& x, const GroupNormFuncOptions<detail::scalar_of<X>>& options) {
+  Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
+  group_norm(x, y, options);
+  return y;
+}
+
+/// Gradients of group_norm from its saved statistics (SEMANTICS.md §8).
+template <class X, class DY, class DX, class Device = Eigen::DefaultDevice>
+void group_norm_backward(const X& x, const DY& dy, DX& dx, const SavedStats& saved, Index num_groups,
+                         VectorRef<const detail::scalar_of<X>> weight,
+                         VectorRef<detail::scalar_of<X>> grad_weight,
+                         VectorRef<detail::scalar_of<X>> grad_bias, bool channels_last = false,
+                         const Device& device = Device()) {
+  const detail::Shape sh = detail::logical_shape(x, channels_last, "group_norm_backward");
+  detail::group_norm_check("group_norm_backward", sh, num_groups, weight, VectorRef<const detail::scalar_of<X>>());
+  constexpr int R = detail::tensor_traits<X>::rank;
+  for (int i = 0; i < R; ++i) {
+    if (x.dimension(i) != dy.dimension(i)) {
+      detail::throw_shape("group_norm_backward", "expected grad_output of size " + detail::dims_str(x.dimensions(), R) +
+                                                     " but got " + detail::dims_str(dy.dimensions(), R));
+    }
+  }
+  if (saved.mean.size() != sh.dim[0] * num_groups || saved.rstd.size() != saved.mean.size()) {
+    detail::throw_shape("group_norm_backward", "expected saved statistics of " + std::to_string(sh.dim[0] * num_groups) +
+                                                   " slots but got " + std::to_string(saved.mean.size()));
+  }
+  detail::check_size("group_norm_backward", "grad_weight", grad_weight, sh.dim[1]);
+  detail::check_size("group_norm_backward", "grad_bias", grad_bias, sh.dim[1]);
+  auto* dx_ptr = detail::prepare_output(x, dx, "group_norm_backward", "grad_input");
+  if (sh.numel() == 0) {
+    for (Index c = 0; grad_weight && c < grad_weight.size(); ++c) grad_weight.data()[c] = 0;
+    for (Index c = 0; grad_bias && c < grad_bias.size(); ++c) grad_bias.data()[c] = 0;
+    return;
+  }
+  detail::group_norm_backward(sh, num_groups, x.data(), dy.data(), dx_ptr, saved, weight, grad_weight,
+                              grad_bias, device);
+}
+
+/// GroupNorm over (N, C, *) input, as torch.nn.GroupNorm; weight (1) and bias (0) of
+/// num_channels elements when affine. No running statistics: training and evaluation agree.
+/// @code
+/// normkit::GroupNorm<float> gn(normkit::GroupNormOptions(/*num_groups=*/32, /*num_channels=*/256));
+/// auto y = gn.forward(x);  // x: (N, 256, H, W)
+/// @endcode
+template <class Scalar>
+class GroupNorm : public detail::ModuleBase<Scalar> {
+ public:
+  using Vector = Eigen::Tensor<Scalar, 1>;
+  static constexpr const char* kName = "GroupNorm";
+
+  /// @throws value_error for num_groups <= 0, num_channels not divisible, negative eps.
+  explicit GroupNorm(const GroupNormOptions& options) : options_(options) {
+    detail::validate(kName, options_);
+    reset_parameters();
+  }
+
+  const GroupNormOptions& options() const { return options_; }
+
+  template <class X, class Device = Eigen::DefaultDevice>
+  auto forward(const X& x, const Device& device = Device()) {
+    Eigen::Tensor<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
+    forward(x, y, device);
+    return y;
+  }
+
+  /// @throws shape_error for a wrong channel count. The module is unchanged when it throws.
+  template <class X, class Y, class Device = Eigen::DefaultDevice>
+  void forward(const X& x, Y&& y, const Device& device = Device()) {
+    const detail::Shape sh = shape(x);
+    detail::check_channels(kName, "num_channels", options_.num_channels(), sh);
+    auto* y_ptr = detail::prepare_output(x, y, kName);
+    SavedStats saved;
+    if (sh.numel() != 0) {
+      detail::group_norm_forward(sh, options_.num_groups(), x.data(), y_ptr, wref(), bref(),
+                                 options_.eps(), &saved, device);
+    }
+    this->saved_ = std::move(saved);
+    this->remember_input(x);
+  }
+
+  template <class DY, class Device = Eigen::DefaultDevice>
+  auto backward(const DY& dy, const Device& device = Device()) {
+    auto x = this->saved_input(dy, kName);
+    return backward(x, dy, device);
+  }
+
+  template <class X, class DY, class Device = Eigen::DefaultDevice>
+  auto backward(const X& x, const DY& dy, const Device& device = Device()) {
+    this->check_same(x, kName);
+    this->check_same(dy, kName);
+    Gradients<Scalar, detail::tensor_traits<DY>::rank, detail::tensor_traits<DY>::layout> g;
+    const bool affine = options_.affine();
+    if (affine) {
+      g.weight.resize(options_.num_channels());
+      g.bias.resize(options_.num_channels());
+      g.weight.setZero();
+      g.bias.setZero();
+    }
+    const detail::Shape sh = shape(x);
+    detail::prepare_output(x, g.input, kName);
+    if (sh.numel() != 0) {
+      detail::group_norm_backward(sh, options_.num_groups(), x.data(), dy.data(), g.input.data(),
+                                  this->saved_, wref(),
+                                  affine ? VectorRef<Scalar>(g.weight) : VectorRef<Scalar>(),
+                                  affine ? VectorRef<Scalar>(g.bias) : VectorRef<Scalar>(), device);
+    }
+    return g;
+  }
+
+  const Vector& weight() const { return weight_; }
+  const Vector& bias() const { return bias_; }
+  void set_weight(const Vector& v) { set_checked(weight_, v, "weight"); }
+  void set_bias(const Vector& v) { set_checked(bias_, v, "bias"); }
+  void reset_parameters() {
+    if (options_.affine()) {
+      weight_ = detail::filled<Scalar>(options_.num_channels(), Scalar(1));
+      bias_ = detail::filled<Scalar>(options_.num_channels(), Scalar(0));
+    }
+  }
+
+ private:
+  template <class X>
+  detail::Shape shape(const X& x) const {
+    static_assert(std::is_same<detail::scalar_of<X>, Scalar>::value, "GroupNorm: input scalar type differs from the module's");
+    static_assert(detail::tensor_traits<X>::rank >= 2, "GroupNorm: expected input of rank >= 2 (N, C, *)");
+    return detail::logical_shape(x, options_.channels_last(), kName);
+  }
+  VectorRef<const Scalar> wref() const { return options_.affine() ? VectorRef<const Scalar>(weight_) : VectorRef<const Scalar>(); }
+  VectorRef<const Scalar> bref() const { return options_.affine() ? VectorRef<const Scalar>(bias_) : VectorRef<const Scalar>(); }
+  void set_checked(Vector& dst, const Vector& v, const char* name) {
+    const Index want = options_.affine() ? options_.num_channels() : 0;
+    if (v.size() != want) {
+      detail::throw_shape(kName, std::string("expected ") + name + " of " + std::to_string(want) +
+                                     " elements but got " + std::to_string(v.size()));
+    }
+    dst = v;
+  }
+
+  GroupNormOptions options_;
+  Vector weight_, bias_;
+};
+
+}  // namespace normkit
+
+#endif  // NORMKIT_GROUP_NORM_HPP_

@@ -1,0 +1,17 @@
+// normkit — normalization layers over Eigen tensors
+// SPDX-License-Identifier: MIT
+#ifndef NORMKIT_NORMKIT_HPP_
+#define NORMKIT_NORMKIT_HPP_
+
+// The umbrella header: every module and free function. Pulls in
+// <unsupported/Eigen/CXX11/Tensor>.
+#include <normkit/version.hpp>
+#include <normkit/config.hpp>
+#include <normkit/error.hpp>
+#include <normkit/options.hpp>
+#include <normkit/batch_norm.hpp>
+#include <normkit/instance_norm.hpp>
+#include <normkit/layer_norm.hpp>
+#include <normkit/group_norm.hpp>
+
+#endif  // NORMKIT_NORMKIT_HPP_

@@ -1,0 +1,156 @@
+// normkit — normalization layers over Eigen tensors
+// SPDX-License-Identifier: MIT
+#ifndef NORMKIT_OPTIONS_HPP_
+#define NORMKIT_OPTIONS_HPP_
+
+#include <cmath>             // std::isfinite
+#include <cstdint>           // std::int64_t
+#include <initializer_list>  // std::initializer_list
+#include <optional>          // std::optional
+#include <sstream>           // std::ostringstream
+#include <string>            // std::string
+#include <utility>           // std::move
+#include <vector>            // std::vector
+
+#include <normkit/config.hpp>
+#include <normkit/error.hpp>
+
+/// Declares an option in the style of libtorch's TORCH_ARG: `opts.name(value)` sets and
+/// returns *this, `opts.name()` reads.
+#define NORMKIT_ARG(T, name)                     \
+ public:                                         \
+  auto& name(const T& new_##name) & {            \
+    name##_ = new_##name;                        \
+    return *this;                                \
+  }                                              \
+  auto&& name(const T& new_##name) && {          \
+    name##_ = new_##name;                        \
+    return std::move(*this);                     \
+  }                                              \
+  const T& name() const noexcept { return name##_; } \
+                                                 \
+ private:                                        \
+  T name##_
+
+namespace normkit {
+
+/// Options of BatchNorm1d/2d/3d (PyTorch defaults). `momentum(std::nullopt)` selects the
+/// cumulative moving average (factor 1/num_batches_tracked). `channels_last(true)` means the
+/// input's dims are (N, spatial..., C) instead of (N, C, spatial...): NHWC storage without a
+/// transpose.
+class BatchNormOptions {
+ public:
+  /* implicit */ BatchNormOptions(Index num_features) : num_features_(num_features) {}  // NOLINT
+  NORMKIT_ARG(Index, num_features);
+  NORMKIT_ARG(double, eps) = 1e-5;
+  NORMKIT_ARG(std::optional<double>, momentum) = 0.1;
+  NORMKIT_ARG(bool, affine) = true;
+  NORMKIT_ARG(bool, track_running_stats) = true;
+  NORMKIT_ARG(bool, channels_last) = false;
+};
+
+/// Options of InstanceNorm1d/2d/3d (PyTorch defaults: no affine, no running statistics).
+class InstanceNormOptions {
+ public:
+  /* implicit */ InstanceNormOptions(Index num_features) : num_features_(num_features) {}  // NOLINT
+  NORMKIT_ARG(Index, num_features);
+  NORMKIT_ARG(double, eps) = 1e-5;
+  NORMKIT_ARG(std::optional<double>, momentum) = 0.1;
+  NORMKIT_ARG(bool, affine) = false;
+  NORMKIT_ARG(bool, track_running_stats) = false;
+  NORMKIT_ARG(bool, channels_last) = false;
+};
+
+/// Options of LayerNorm: statistics over the trailing dims equal to normalized_shape.
+class LayerNormOptions {
+ public:
+  /* implicit */ LayerNormOptions(std::vector<Index> normalized_shape)  // NOLINT
+      : normalized_shape_(std::move(normalized_shape)) {}
+  /* implicit */ LayerNormOptions(std::initializer_list<Index> normalized_shape)  // NOLINT
+      : normalized_shape_(normalized_shape) {}
+  NORMKIT_ARG(std::vector<Index>, normalized_shape);
+  NORMKIT_ARG(double, eps) = 1e-5;
+  NORMKIT_ARG(bool, elementwise_affine) = true;
+  NORMKIT_ARG(bool, bias) = true;
+};
+
+/// Options of GroupNorm: num_channels split into num_groups contiguous groups.
+class GroupNormOptions {
+ public:
+  GroupNormOptions(Index num_groups, Index num_channels)
+      : num_groups_(num_groups), num_channels_(num_channels) {}
+  NORMKIT_ARG(Index, num_groups);
+  NORMKIT_ARG(Index, num_channels);
+  NORMKIT_ARG(double, eps) = 1e-5;
+  NORMKIT_ARG(bool, affine) = true;
+  NORMKIT_ARG(bool, channels_last) = false;
+};
+
+namespace detail {
+
+[[noreturn]] inline void throw_option(const char* who, const std::string& what) {
+  throw value_error(std::string("[normkit.") + who + "] " + what);
+}
+
+inline std::string num_str(double v) {
+  std::ostringstream os;
+  os << v;
+  return os.str();
+}
+
+// Policy 4 (SEMANTICS.md): options are validated at construction.
+inline void check_eps(const char* who, double eps) {
+  if (!(eps >= 0) || !std::isfinite(eps)) {
+    throw_option(who, "expected eps to be finite and >= 0, but got eps = " + num_str(eps));
+  }
+}
+inline void check_momentum(const char* who, const std::optional<double>& m) {
+  if (m && !(*m >= 0 && *m <= 1)) {
+    throw_option(who, "expected momentum in [0, 1] or none, but got momentum = " + num_str(*m));
+  }
+}
+inline void check_features(const char* who, const char* name, Index n) {
+  if (n < 0) throw_option(who, std::string("expected ") + name + " >= 0, but got " + std::to_string(n));
+}
+
+inline void validate(const char* who, const BatchNormOptions& o) {
+  check_features(who, "num_features", o.num_features());
+  check_eps(who, o.eps());
+  check_momentum(who, o.momentum());
+}
+inline void validate(const char* who, const InstanceNormOptions& o) {
+  check_features(who, "num_features", o.num_features());
+  check_eps(who, o.eps());
+  check_momentum(who, o.momentum());
+  if (!o.momentum()) {
+    throw_option(who, "momentum = none (cumulative average) is not supported by InstanceNorm; "
+                      "expected a number in [0, 1]");
+  }
+}
+inline void validate(const char* who, const LayerNormOptions& o) {
+  if (o.normalized_shape().empty()) {
+    throw_option(who, "Expected normalized_shape to be at least 1-dimensional, i.e., containing "
+                      "at least one element, but got normalized_shape = []");
+  }
+  for (Index d : o.normalized_shape()) {
+    if (d < 0) throw_option(who, "expected normalized_shape extents >= 0, but got " + std::to_string(d));
+  }
+  check_eps(who, o.eps());
+}
+inline void validate(const char* who, const GroupNormOptions& o) {
+  if (o.num_groups() <= 0) {
+    throw_option(who, "Expected num groups to be greater than 0, got " + std::to_string(o.num_groups()));
+  }
+  check_features(who, "num_channels", o.num_channels());
+  if (o.num_channels() % o.num_groups() != 0) {
+    throw_option(who, "num_channels must be divisible by num_groups, but got num_channels = " +
+                          std::to_string(o.num_channels()) + " and num_groups = " +
+                          std::to_string(o.num_groups()));
+  }
+  check_eps(who, o.eps());
+}
+
+}  // namespace detail
+}  // namespace normkit
+
+#endif  // NORMKIT_OPTIONS_HPP_
