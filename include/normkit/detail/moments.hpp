@@ -45,7 +45,7 @@ void moments(const Plan& p, const T* x, acc_t* mean, acc_t* var, std::vector<acc
     // this scheme avoids), so it is clamped. NaN stays NaN (the comparison is false). An
     // infinite s2 (double input beyond 1e154) means an infinite variance.
     if (v < 0) v = 0;
-    if (std::isinf(s2) && !std::isnan(s1)) v = s2;
+    if (std::isinf(s2) && std::isfinite(s1)) v = s2;
     mean[s] = center[s] + d;
     var[s] = v;
   }
