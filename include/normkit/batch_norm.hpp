@@ -115,7 +115,7 @@ class BatchNorm : public detail::ModuleBase<Scalar> {
   /// Normalizes x; in training mode also updates the running statistics.
   /// @throws shape_error for a wrong channel count; value_error for one value per channel
   ///         in training. The module is unchanged when it throws.
-  template <class X, class Device = Eigen::DefaultDevice>
+  template <class X, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>
   auto forward(const X& x, const Device& device = Device()) {
     Eigen::Tensor<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
     forward(x, y, device);
@@ -123,7 +123,7 @@ class BatchNorm : public detail::ModuleBase<Scalar> {
   }
 
   /// Non-allocating forward: writes into y (a Tensor is resized, a TensorMap must match).
-  template <class X, class Y, class Device = Eigen::DefaultDevice>
+  template <class X, class Y, class Device = Eigen::DefaultDevice, detail::if_tensor<Y> = 0>
   void forward(const X& x, Y&& y, const Device& device = Device()) {
     constexpr int R = detail::tensor_traits<X>::rank;
     static_assert(std::is_same<detail::scalar_of<X>, Scalar>::value, "BatchNorm: input scalar type differs from the module's");
@@ -160,14 +160,14 @@ class BatchNorm : public detail::ModuleBase<Scalar> {
   /// Gradients for the last forward, using its saved statistics and input copy.
   /// @throws value_error before any forward or when the input was not kept;
   ///         shape_error when dy's dims or storage order differ from the last input's.
-  template <class DY, class Device = Eigen::DefaultDevice>
+  template <class DY, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>
   auto backward(const DY& dy, const Device& device = Device()) {
     auto x = this->saved_input(dy, kName);
     return backward(x, dy, device);
   }
 
   /// Gradients for the last forward with its input x given again (no copy needed).
-  template <class X, class DY, class Device = Eigen::DefaultDevice>
+  template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0>
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
     this->check_same(x, kName);
     this->check_same(dy, kName);

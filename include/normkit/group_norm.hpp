@@ -243,7 +243,7 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
 
   const GroupNormOptions& options() const { return options_; }
 
-  template <class X, class Device = Eigen::DefaultDevice>
+  template <class X, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>
   auto forward(const X& x, const Device& device = Device()) {
     Eigen::Tensor<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
     forward(x, y, device);
@@ -251,7 +251,7 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
   }
 
   /// @throws shape_error for a wrong channel count. The module is unchanged when it throws.
-  template <class X, class Y, class Device = Eigen::DefaultDevice>
+  template <class X, class Y, class Device = Eigen::DefaultDevice, detail::if_tensor<Y> = 0>
   void forward(const X& x, Y&& y, const Device& device = Device()) {
     const detail::Shape sh = shape(x);
     detail::check_channels(kName, "num_channels", options_.num_channels(), sh);
@@ -265,13 +265,13 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
     this->remember_input(x);
   }
 
-  template <class DY, class Device = Eigen::DefaultDevice>
+  template <class DY, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>
   auto backward(const DY& dy, const Device& device = Device()) {
     auto x = this->saved_input(dy, kName);
     return backward(x, dy, device);
   }
 
-  template <class X, class DY, class Device = Eigen::DefaultDevice>
+  template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0>
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
     this->check_same(x, kName);
     this->check_same(dy, kName);

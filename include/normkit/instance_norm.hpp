@@ -112,7 +112,7 @@ class InstanceNorm : public detail::ModuleBase<Scalar> {
 
   const InstanceNormOptions& options() const { return options_; }
 
-  template <class X, class Device = Eigen::DefaultDevice>
+  template <class X, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>
   auto forward(const X& x, const Device& device = Device()) {
     Eigen::Tensor<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
     forward(x, y, device);
@@ -122,7 +122,7 @@ class InstanceNorm : public detail::ModuleBase<Scalar> {
   /// Non-allocating forward into y (a Tensor is resized, a TensorMap must match).
   /// @throws shape_error for a wrong channel count; value_error for one spatial element
   ///         with instance statistics. The module is unchanged when it throws.
-  template <class X, class Y, class Device = Eigen::DefaultDevice>
+  template <class X, class Y, class Device = Eigen::DefaultDevice, detail::if_tensor<Y> = 0>
   void forward(const X& x, Y&& y, const Device& device = Device()) {
     const detail::Shape sh = shape(x);
     detail::check_channels(kName, "num_features", options_.num_features(), sh);
@@ -148,13 +148,13 @@ class InstanceNorm : public detail::ModuleBase<Scalar> {
     this->remember_input(x);
   }
 
-  template <class DY, class Device = Eigen::DefaultDevice>
+  template <class DY, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>
   auto backward(const DY& dy, const Device& device = Device()) {
     auto x = this->saved_input(dy, kName);
     return backward(x, dy, device);
   }
 
-  template <class X, class DY, class Device = Eigen::DefaultDevice>
+  template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0>
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
     this->check_same(x, kName);
     this->check_same(dy, kName);

@@ -295,7 +295,7 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
 
   const LayerNormOptions& options() const { return options_; }
 
-  template <class X, class Device = Eigen::DefaultDevice>
+  template <class X, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>
   auto forward(const X& x, const Device& device = Device()) {
     Eigen::Tensor<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
     forward(x, y, device);
@@ -303,7 +303,7 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
   }
 
   /// @throws shape_error when the trailing dims differ from normalized_shape.
-  template <class X, class Y, class Device = Eigen::DefaultDevice>
+  template <class X, class Y, class Device = Eigen::DefaultDevice, detail::if_tensor<Y> = 0>
   void forward(const X& x, Y&& y, const Device& device = Device()) {
     static_assert(std::is_same<detail::scalar_of<X>, Scalar>::value, "LayerNorm: input scalar type differs from the module's");
     const detail::Shape sh = detail::logical_shape(x, false, kName);
@@ -318,13 +318,13 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
     this->remember_input(x);
   }
 
-  template <class DY, class Device = Eigen::DefaultDevice>
+  template <class DY, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>
   auto backward(const DY& dy, const Device& device = Device()) {
     auto x = this->saved_input(dy, kName);
     return backward(x, dy, device);
   }
 
-  template <class X, class DY, class Device = Eigen::DefaultDevice>
+  template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0>
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
     this->check_same(x, kName);
     this->check_same(dy, kName);

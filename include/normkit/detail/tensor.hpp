@@ -31,6 +31,21 @@ struct tensor_traits {
 template <class X>
 using scalar_of = typename tensor_traits<X>::Scalar;
 
+/// True for Eigen::Tensor and Eigen::TensorMap (the argument types normkit accepts); used to
+/// tell forward(x, y) from forward(x, device).
+template <class T>
+struct is_tensor : std::false_type {};
+template <class S, int R, int O, class I>
+struct is_tensor<Eigen::Tensor<S, R, O, I>> : std::true_type {};
+template <class P, int O, template <class> class MP>
+struct is_tensor<Eigen::TensorMap<P, O, MP>> : std::true_type {};
+template <class T>
+inline constexpr bool is_tensor_v = is_tensor<std::remove_cv_t<std::remove_reference_t<T>>>::value;
+template <class T>
+using if_tensor = std::enable_if_t<is_tensor_v<T>, int>;
+template <class T>
+using not_tensor = std::enable_if_t<!is_tensor_v<T>, int>;
+
 /// Logical shape in PyTorch order (N, C, spatial...) with each axis' memory stride.
 struct Shape {
   int rank = 0;
