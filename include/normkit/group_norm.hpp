@@ -202,7 +202,7 @@ void group_norm_backward(const X& x, const DY& dy, DX& dx, const SavedStats& sav
   detail::group_norm_check("group_norm_backward", sh, num_groups, weight, VectorRef<const detail::scalar_of<X>>());
   constexpr int R = detail::tensor_traits<X>::rank;
   for (int i = 0; i < R; ++i) {
-    if (x.dimension(i) != dy.dimension(i)) {
+    if (detail::dim(x, i) != detail::dim(dy, i)) {
       detail::throw_shape("group_norm_backward", "expected grad_output of size " + detail::dims_str(x.dimensions(), R) +
                                                      " but got " + detail::dims_str(dy.dimensions(), R));
     }

@@ -250,7 +250,7 @@ void layer_norm_backward(const X& x, const DY& dy, DX& dx, const SavedStats& sav
   detail::layer_norm_check(who, sh, normalized_shape, weight, VectorRef<const T>());
   constexpr int R = detail::tensor_traits<X>::rank;
   for (int i = 0; i < R; ++i) {
-    if (x.dimension(i) != dy.dimension(i)) {
+    if (detail::dim(x, i) != detail::dim(dy, i)) {
       detail::throw_shape(who, "expected grad_output of size " + detail::dims_str(x.dimensions(), R) +
                                    " but got " + detail::dims_str(dy.dimensions(), R));
     }

@@ -191,7 +191,7 @@ void check_grad_args(const char* who, ChannelNormKind kind, const Shape& sh, con
                 "normkit: grad_output must have the input's rank and storage order");
   constexpr int R = tensor_traits<X>::rank;
   for (int i = 0; i < R; ++i) {
-    if (x.dimension(i) != dy.dimension(i)) {
+    if (dim(x, i) != dim(dy, i)) {
       throw_shape(who, "expected grad_output of size " + dims_str(x.dimensions(), R) +
                            " but got " + dims_str(dy.dimensions(), R));
     }

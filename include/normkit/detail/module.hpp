@@ -75,7 +75,7 @@ class ModuleBase {
     constexpr int R = tensor_traits<X>::rank;
     saved_rank_ = R;
     saved_layout_ = tensor_traits<X>::layout;
-    for (int i = 0; i < R; ++i) saved_dims_[static_cast<std::size_t>(i)] = x.dimension(i);
+    for (int i = 0; i < R; ++i) saved_dims_[static_cast<std::size_t>(i)] = dim(x, i);
     has_forward_ = true;
     x_saved_ = requires_grad_;
     if (requires_grad_) {
@@ -111,7 +111,7 @@ class ModuleBase {
     std::string got = dims_str(dy.dimensions(), R);
     std::string want = dims_str(saved_dims_, saved_rank_);
     bool same = saved_rank_ == R;
-    for (int i = 0; same && i < R; ++i) same = saved_dims_[static_cast<std::size_t>(i)] == dy.dimension(i);
+    for (int i = 0; same && i < R; ++i) same = saved_dims_[static_cast<std::size_t>(i)] == dim(dy, i);
     if (!same) {
       throw_shape(who, "expected grad_output of size " + want + " (the last forward's input) but got " + got);
     }

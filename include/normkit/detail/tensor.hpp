@@ -31,6 +31,13 @@ struct tensor_traits {
 template <class X>
 using scalar_of = typename tensor_traits<X>::Scalar;
 
+/// Extent of dim i of a Tensor or TensorMap (their dimension() overloads take different
+/// index types; dimensions()[] is the same for both).
+template <class X>
+Index dim(const X& x, int i) {
+  return static_cast<Index>(x.dimensions()[static_cast<std::size_t>(i)]);
+}
+
 /// True for Eigen::Tensor and Eigen::TensorMap (the argument types normkit accepts); used to
 /// tell forward(x, y) from forward(x, device).
 template <class T>
@@ -70,7 +77,7 @@ template <class Dims>
 std::string dims_str(const Dims& d, int rank) {
   std::ostringstream os;
   os << '[';
-  for (int i = 0; i < rank; ++i) os << (i ? ", " : "") << d[i];
+  for (int i = 0; i < rank; ++i) os << (i ? ", " : "") << d[static_cast<std::size_t>(i)];
   os << ']';
   return os.str();
 }
@@ -90,27 +97,28 @@ Shape logical_shape(const X& x, bool channels_last, const char* who, bool batche
   constexpr int R = tensor_traits<X>::rank;
   static_assert(R <= kMaxAxes - 2, "normkit: tensors of rank above 10 are not supported");
   std::array<Index, kMaxAxes> st{};
-  const auto& d = x.dimensions();
+  std::array<Index, kMaxAxes> d{};
+  for (int i = 0; i < R; ++i) d[static_cast<std::size_t>(i)] = dim(x, i);
   // Overflow guard: the product of extents must fit Eigen::Index.
   Index numel = 1;
   for (int i = 0; i < R; ++i) {
-    if (d[i] < 0) throw_shape(who, "negative extent in input of size " + dims_str(d, R));
-    if (d[i] != 0 && numel > std::numeric_limits<Index>::max() / d[i]) {
+    if (d[static_cast<std::size_t>(i)] < 0) throw_shape(who, "negative extent in input of size " + dims_str(d, R));
+    if (d[static_cast<std::size_t>(i)] != 0 && numel > std::numeric_limits<Index>::max() / d[static_cast<std::size_t>(i)]) {
       throw_shape(who, "input of size " + dims_str(d, R) + " has more elements than Eigen::Index holds");
     }
-    numel *= d[i];
+    numel *= d[static_cast<std::size_t>(i)];
   }
   if constexpr (tensor_traits<X>::layout == Eigen::RowMajor) {
     Index s = 1;
     for (int i = R - 1; i >= 0; --i) {
       st[static_cast<std::size_t>(i)] = s;
-      s *= d[i];
+      s *= d[static_cast<std::size_t>(i)];
     }
   } else {
     Index s = 1;
     for (int i = 0; i < R; ++i) {
       st[static_cast<std::size_t>(i)] = s;
-      s *= d[i];
+      s *= d[static_cast<std::size_t>(i)];
     }
   }
   Shape sh;
@@ -119,7 +127,7 @@ Shape logical_shape(const X& x, bool channels_last, const char* who, bool batche
     int phys = i;
     if (channels_last && batched && R >= 3) phys = i == 0 ? 0 : (i == 1 ? R - 1 : i - 1);
     if (channels_last && !batched && R >= 2) phys = i == 0 ? R - 1 : i - 1;  // (spatial..., C)
-    sh.dim[static_cast<std::size_t>(i)] = d[phys];
+    sh.dim[static_cast<std::size_t>(i)] = d[static_cast<std::size_t>(phys)];
     sh.stride[static_cast<std::size_t>(i)] = st[static_cast<std::size_t>(phys)];
   }
   return sh;
@@ -150,7 +158,7 @@ auto* prepare_output(const X& x, Y& y, const char* who, const char* name = "outp
                 "normkit: the output must have the input's scalar type");
   constexpr int R = tensor_traits<X>::rank;
   bool same = true;
-  for (int i = 0; i < R; ++i) same = same && x.dimension(i) == y.dimension(i);
+  for (int i = 0; i < R; ++i) same = same && dim(x, i) == dim(y, i);
   if (!same) {
     if constexpr (std::is_same<std::remove_const_t<Y>,
                                Eigen::Tensor<scalar_of<X>, R, tensor_traits<X>::layout>>::value) {
