@@ -84,8 +84,8 @@ void group_norm_forward(const Shape& sh, Index G, const T* x, T* y, const Vector
                         const VectorRef<const T>& b, double eps, SavedStats* saved, const Device& dev) {
   const GroupPlans gp = group_plans(sh, G);
   const Index NG = gp.N * G, NC = gp.N * gp.C;
-  std::vector<acc_t> mean(static_cast<std::size_t>(NG)), var(mean.size()), work;
-  moments(gp.stats, x, mean.data(), var.data(), work, dev);
+  std::vector<acc_t> mean(static_cast<std::size_t>(NG)), var(mean.size()), work(mean.size());
+  moments(gp.stats, x, mean.data(), var.data(), work.data(), dev);
   // Logical (n, g) -> stats slot; (n, c) -> apply slot.
   auto sslot = [&](Index n, Index g) { return n * gp.stats.logical_slot_stride[0] + g * gp.stats.logical_slot_stride[1]; };
   auto aslot = [&](Index n, Index c) { return n * gp.apply.logical_slot_stride[0] + c * gp.apply.logical_slot_stride[1]; };

@@ -39,7 +39,7 @@ ChannelNormArgs<T> instance_norm_args(const O<T>& o) {
   a.running_mean = o.running_mean();
   a.running_var = o.running_var();
   a.batch_stats = o.use_input_stats();
-  a.update_running = o.use_input_stats() && o.running_mean() && o.running_var();
+  a.update_running = o.use_input_stats() && (o.running_mean() || o.running_var());
   a.momentum = o.momentum();
   a.eps = o.eps();
   return a;

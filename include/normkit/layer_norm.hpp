@@ -134,8 +134,8 @@ void layer_norm_forward(const Shape& sh, int D, const T* x, T* y, const VectorRe
                         const VectorRef<const T>& b, double eps, SavedStats* saved, const Device& dev) {
   const LayerPlans lp = layer_plans(sh, D, false);
   const auto rows = static_cast<std::size_t>(lp.rows);
-  std::vector<acc_t> mean(rows), rstd(rows), work;
-  moments(lp.stats, x, mean.data(), rstd.data(), work, dev);
+  std::vector<acc_t> mean(rows), rstd(rows), work(rows);
+  moments(lp.stats, x, mean.data(), rstd.data(), work.data(), dev);
   for (auto& v : rstd) v = rstd_of(v, eps, false);
   if (w || b) {
     std::vector<acc_t> gamma(static_cast<std::size_t>(lp.n), 1.0), beta(gamma.size(), 0.0);

@@ -4,7 +4,8 @@
 #define NORMKIT_DETAIL_CHANNEL_NORM_HPP_
 // IWYU pragma: private, include <normkit/normkit.hpp>
 
-#include <string>  // std::string, std::to_string
+#include <algorithm>  // std::fill
+#include <string>     // std::string, std::to_string
 #include <vector>  // std::vector
 
 #include <normkit/config.hpp>
@@ -44,7 +45,7 @@ ChannelNormArgs<T> batch_norm_args(const O<T>& o) {
   a.running_mean = o.running_mean();
   a.running_var = o.running_var();
   a.batch_stats = o.training();
-  a.update_running = o.training() && o.running_mean() && o.running_var();
+  a.update_running = o.training() && (o.running_mean() || o.running_var());
   a.momentum = o.momentum();
   a.eps = o.eps();
   return a;
@@ -84,9 +85,6 @@ void channel_norm_check(const char* who, ChannelNormKind kind, const Shape& sh,
     throw_value(who, std::string(!a.running_mean ? "running_mean" : "running_var") +
                          " must be defined in evaluation mode");
   }
-  if (a.update_running && (!a.running_mean || !a.running_var)) {
-    throw_value(who, "updating running statistics needs both running_mean and running_var");
-  }
   if (a.batch_stats) {
     if (kind == ChannelNormKind::batch && sh.dim[0] * spatial_size(sh) == 1) {
       throw_value(who, "Expected more than 1 value per channel when training, got input size " +
@@ -123,7 +121,16 @@ void channel_norm_forward(ChannelNormKind kind, const Shape& sh, const T* x, T* 
   const Index N = sh.dim[0], C = sh.dim[1];
   const Index slots = kind == ChannelNormKind::batch ? C : N * C;
   const Plan p = channel_plan(kind, sh);
-  std::vector<acc_t> mean(static_cast<std::size_t>(slots)), rstd(mean.size()), work;
+  // One scratch block: mean, rstd, var, scale, shift, centers (per slot), channel sums (2C).
+  SmallBuffer<acc_t> ws(6 * slots + 2 * C);
+  acc_t* mean = ws.data();
+  acc_t* rstd = mean + slots;
+  acc_t* var = rstd + slots;
+  acc_t* scale = var + slots;
+  acc_t* shift = scale + slots;
+  acc_t* center = shift + slots;
+  acc_t* cm = center + slots;
+  acc_t* cv = cm + C;
   if (p.numel == 0) {  // empty batch: empty output, statistics untouched (§2.4)
     if (saved) {
       saved->mean = Eigen::Tensor<double, 1>(slots);
@@ -134,12 +141,11 @@ void channel_norm_forward(ChannelNormKind kind, const Shape& sh, const T* x, T* 
     return;
   }
   if (a.batch_stats) {
-    std::vector<acc_t> var(mean.size());
-    moments(p, x, mean.data(), var.data(), work, dev);
-    for (Index s = 0; s < slots; ++s) rstd[static_cast<std::size_t>(s)] = rstd_of(var[static_cast<std::size_t>(s)], a.eps, true);
+    moments(p, x, mean, var, center, dev);
+    for (Index s = 0; s < slots; ++s) rstd[s] = rstd_of(var[s], a.eps, true);
     if (a.update_running) {
       // Per-channel batch statistics in logical order, averaged over n for InstanceNorm.
-      std::vector<acc_t> cm(static_cast<std::size_t>(C), 0.0), cv(static_cast<std::size_t>(C), 0.0);
+      std::fill(cm, cm + 2 * C, acc_t{0});
       const acc_t m = static_cast<acc_t>(p.per_slot);
       const Index reps = slots / C;
       for (Index l = 0; l < slots; ++l) {
@@ -151,8 +157,7 @@ void channel_norm_forward(ChannelNormKind kind, const Shape& sh, const T* x, T* 
         cm[static_cast<std::size_t>(c)] /= static_cast<acc_t>(reps);
         cv[static_cast<std::size_t>(c)] /= static_cast<acc_t>(reps);
       }
-      update_running_stats(a.running_mean.data(), a.running_var.data(), cm.data(), cv.data(), C,
-                           a.momentum);
+      update_running_stats(a.running_mean.data(), a.running_var.data(), cm, cv, C, a.momentum);
     }
   } else {
     for (Index l = 0; l < slots; ++l) {
@@ -162,14 +167,13 @@ void channel_norm_forward(ChannelNormKind kind, const Shape& sh, const T* x, T* 
       rstd[s] = rstd_of(static_cast<acc_t>(a.running_var.data()[c]), a.eps, false);
     }
   }
-  std::vector<acc_t> scale(mean.size()), shift(mean.size());
   for (Index l = 0; l < slots; ++l) {
     const auto s = static_cast<std::size_t>(plan_slot(kind, p, l, C));
     const Index c = l % C;
     scale[s] = rstd[s] * (a.weight ? static_cast<acc_t>(a.weight.data()[c]) : acc_t{1});
     shift[s] = a.bias ? static_cast<acc_t>(a.bias.data()[c]) : acc_t{0};
   }
-  for_each_run(p, AffineOp<T>{x, y, mean.data(), scale.data(), shift.data()}, dev);
+  for_each_run(p, AffineOp<T>{x, y, mean, scale, shift}, dev);
   if (saved) {
     saved->mean = Eigen::Tensor<double, 1>(slots);
     saved->rstd = Eigen::Tensor<double, 1>(slots);

@@ -94,7 +94,7 @@ class ModuleBase {
     check_same(dy, who);
     if (!x_saved_) {
       throw_value(who, "backward(dy) needs the input of the last forward, which was not kept "
-                       "(requires_grad() is false); call backward(x, dy)");
+                       "(requires_grad() was false during that forward); call backward(x, dy)");
     }
     std::array<Index, R> d{};
     for (int i = 0; i < R; ++i) d[static_cast<std::size_t>(i)] = saved_dims_[static_cast<std::size_t>(i)];

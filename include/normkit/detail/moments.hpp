@@ -14,18 +14,36 @@
 namespace normkit {
 namespace detail {
 
+/// Scratch of n elements: on the stack when small (per-call cost matters for tiny
+/// tensors: a heap allocation costs about as much as normalizing 100 floats), else on the heap.
+template <class T, std::size_t kLocal = 192>
+class SmallBuffer {
+ public:
+  explicit SmallBuffer(Index n) {
+    if (static_cast<std::size_t>(n) > kLocal) {
+      heap_.resize(static_cast<std::size_t>(n));
+      ptr_ = heap_.data();
+    }
+  }
+  SmallBuffer(const SmallBuffer&) = delete;
+  SmallBuffer& operator=(const SmallBuffer&) = delete;
+  T* data() { return ptr_; }
+
+ private:
+  T local_[kLocal];
+  std::vector<T> heap_;
+  T* ptr_ = local_;
+};
+
 /// Per-slot mean and biased variance of x over a plan (plan slot order), through the one
-/// reduction core with MomentsOp. `work` is scratch of at least plan.slots elements.
+/// reduction core with MomentsOp. `center` is scratch of plan.slots elements.
 template <class T, class Device>
-void moments(const Plan& p, const T* x, acc_t* mean, acc_t* var, std::vector<acc_t>& work,
-             const Device& dev) {
+void moments(const Plan& p, const T* x, acc_t* mean, acc_t* var, acc_t* center, const Device& dev) {
   const Index slots = p.slots;
   if (p.numel == 0) {
     for (Index s = 0; s < slots; ++s) mean[s] = var[s] = acc_t{0};
     return;
   }
-  work.resize(static_cast<std::size_t>(slots));
-  acc_t* center = work.data();
   // The shift of each slot: its first element (see MomentsOp).
   Odometer keys;
   for (int i = 0; i < p.rank; ++i) {

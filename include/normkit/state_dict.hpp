@@ -1,0 +1,339 @@
+// normkit — normalization layers over Eigen tensors
+// SPDX-License-Identifier: MIT
+#ifndef NORMKIT_STATE_DICT_HPP_
+#define NORMKIT_STATE_DICT_HPP_
+
+// PyTorch-style state dicts: a module's parameters and buffers under PyTorch's names, in
+// PyTorch's order (weight, bias, running_mean, running_var, num_batches_tracked), as raw
+// little-endian bytes with safetensors dtype names ("F32", "F64", "I64"). Not included by
+// <normkit/normkit.hpp>; <normkit/safetensors.hpp> reads and writes them to files.
+
+#include <cstddef>      // std::size_t
+#include <cstdint>      // std::int64_t
+#include <cstring>      // std::memcpy
+#include <string>       // std::string
+#include <type_traits>  // std::is_same
+#include <utility>      // std::pair
+#include <vector>       // std::vector
+
+#include <normkit/normkit.hpp>
+
+namespace normkit {
+
+/// One tensor of a state dict: safetensors dtype name, PyTorch shape (empty for a 0-dim
+/// tensor such as num_batches_tracked) and the elements as little-endian bytes, row-major.
+struct StateTensor {
+  std::string dtype;
+  std::vector<std::int64_t> shape;
+  std::vector<unsigned char> bytes;
+
+  /// Number of elements: the product of shape (1 for a 0-dim tensor).
+  std::int64_t numel() const {
+    std::int64_t n = 1;
+    for (std::int64_t d : shape) n *= d;
+    return n;
+  }
+};
+
+/// (name, tensor) pairs in order, as torch.nn.Module.state_dict().
+using StateDict = std::vector<std::pair<std::string, StateTensor>>;
+
+/// Bytes per element of a safetensors dtype name, or 0 when the name is unknown.
+inline std::size_t dtype_size(const std::string& dtype) {
+  if (dtype == "F64" || dtype == "I64" || dtype == "U64") return 8;
+  if (dtype == "F32" || dtype == "I32" || dtype == "U32") return 4;
+  if (dtype == "F16" || dtype == "BF16" || dtype == "I16" || dtype == "U16") return 2;
+  if (dtype == "I8" || dtype == "U8" || dtype == "BOOL" || dtype == "F8_E4M3" || dtype == "F8_E5M2") return 1;
+  return 0;
+}
+
+namespace detail {
+
+inline bool host_is_little_endian() {
+  const std::uint16_t one = 1;
+  unsigned char b = 0;
+  std::memcpy(&b, &one, 1);
+  return b == 1;
+}
+
+template <class T>
+void store_le(T v, unsigned char* out) {
+  std::memcpy(out, &v, sizeof(T));
+  if (!host_is_little_endian()) {
+    for (std::size_t i = 0; i < sizeof(T) / 2; ++i) std::swap(out[i], out[sizeof(T) - 1 - i]);
+  }
+}
+
+template <class T>
+T load_le(const unsigned char* in) {
+  unsigned char b[sizeof(T)];
+  std::memcpy(b, in, sizeof(T));
+  if (!host_is_little_endian()) {
+    for (std::size_t i = 0; i < sizeof(T) / 2; ++i) std::swap(b[i], b[sizeof(T) - 1 - i]);
+  }
+  T v;
+  std::memcpy(&v, b, sizeof(T));
+  return v;
+}
+
+template <class T>
+constexpr const char* dtype_name() {
+  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value ||
+                    std::is_same<T, std::int64_t>::value,
+                "state dicts hold float, double or int64 tensors");
+  return std::is_same<T, float>::value ? "F32" : std::is_same<T, double>::value ? "F64" : "I64";
+}
+
+template <class T>
+StateTensor make_state_tensor(const T* data, std::size_t n, std::vector<std::int64_t> shape) {
+  StateTensor t;
+  t.dtype = dtype_name<T>();
+  t.shape = std::move(shape);
+  t.bytes.resize(n * sizeof(T));
+  for (std::size_t i = 0; i < n; ++i) store_le(data[i], t.bytes.data() + i * sizeof(T));
+  return t;
+}
+
+inline std::string shape_str(const std::vector<std::int64_t>& s) {
+  std::string r = "[";
+  for (std::size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+/// What a module holds under one name: its PyTorch shape, another accepted shape (LayerNorm's
+/// flat weight/bias; [1] for a 0-dim tensor, as torch accepts for old checkpoints) and whether
+/// it is the int64 num_batches_tracked.
+struct StateSpec {
+  std::string name;
+  std::vector<std::int64_t> shape;
+  std::vector<std::int64_t> alt_shape;
+  bool integer = false;
+};
+
+template <class M>
+struct is_layer_norm : std::false_type {};
+template <class S>
+struct is_layer_norm<LayerNorm<S>> : std::true_type {};
+template <class M>
+struct is_group_norm : std::false_type {};
+template <class S>
+struct is_group_norm<GroupNorm<S>> : std::true_type {};
+
+/// The entries of M's state dict in PyTorch's order: parameters, then buffers.
+template <class M>
+std::vector<StateSpec> state_specs(const M& m) {
+  std::vector<StateSpec> out;
+  if constexpr (is_layer_norm<M>::value) {
+    const auto& o = m.options();
+    std::vector<std::int64_t> ns(o.normalized_shape().begin(), o.normalized_shape().end());
+    const std::vector<std::int64_t> flat{static_cast<std::int64_t>(product(o.normalized_shape()))};
+    if (o.elementwise_affine()) {
+      out.push_back({"weight", ns, flat, false});
+      if (o.bias()) out.push_back({"bias", ns, flat, false});
+    }
+  } else if constexpr (is_group_norm<M>::value) {
+    const auto& o = m.options();
+    const std::vector<std::int64_t> c{static_cast<std::int64_t>(o.num_channels())};
+    if (o.affine()) {
+      out.push_back({"weight", c, c, false});
+      out.push_back({"bias", c, c, false});
+    }
+  } else {  // BatchNorm, InstanceNorm (torch's _NormBase)
+    const auto& o = m.options();
+    const std::vector<std::int64_t> c{static_cast<std::int64_t>(o.num_features())};
+    if (o.affine()) {
+      out.push_back({"weight", c, c, false});
+      out.push_back({"bias", c, c, false});
+    }
+    if (o.track_running_stats()) {
+      out.push_back({"running_mean", c, c, false});
+      out.push_back({"running_var", c, c, false});
+      out.push_back({"num_batches_tracked", {}, {1}, true});
+    }
+  }
+  return out;
+}
+
+template <class M>
+const typename M::Vector& state_vector(const M& m, const std::string& name) {
+  if (name == "weight") return m.weight();
+  if constexpr (!is_layer_norm<M>::value && !is_group_norm<M>::value) {
+    if (name == "running_mean") return m.running_mean();
+    if (name == "running_var") return m.running_var();
+  }
+  return m.bias();
+}
+
+template <class M>
+void set_state_vector(M& m, const std::string& name, const typename M::Vector& v) {
+  if (name == "weight") {
+    m.set_weight(v);
+  } else if (name == "bias") {
+    m.set_bias(v);
+  } else {
+    if constexpr (!is_layer_norm<M>::value && !is_group_norm<M>::value) {
+      if (name == "running_mean") m.set_running_mean(v);
+      if (name == "running_var") m.set_running_var(v);
+    }
+  }
+}
+
+template <class Scalar>
+Eigen::Tensor<Scalar, 1> decode_floats(const StateTensor& t, Index n) {
+  Eigen::Tensor<Scalar, 1> v(n);
+  for (Index i = 0; i < n; ++i) {
+    const auto off = static_cast<std::size_t>(i);
+    // torch's load_state_dict copies with a cast (param.copy_(input_param)); so do we.
+    v(i) = t.dtype == "F32" ? static_cast<Scalar>(load_le<float>(t.bytes.data() + off * 4))
+                            : static_cast<Scalar>(load_le<double>(t.bytes.data() + off * 8));
+  }
+  return v;
+}
+
+}  // namespace detail
+
+/// The module's state dict, as torch.nn.Module.state_dict(prefix=prefix): keys
+/// prefix + {weight, bias, running_mean, running_var, num_batches_tracked}, only those the
+/// module has, in that order. LayerNorm's weight/bias get the shape normalized_shape.
+/// @code
+/// normkit::BatchNorm2d<float> bn(64);
+/// normkit::StateDict sd = normkit::state_dict(bn, "layer1.0.bn1.");
+/// @endcode
+template <class M>
+StateDict state_dict(const M& m, const std::string& prefix = "") {
+  StateDict out;
+  for (const detail::StateSpec& s : detail::state_specs(m)) {
+    if (s.integer) {
+      if constexpr (!detail::is_layer_norm<M>::value && !detail::is_group_norm<M>::value) {
+        const std::int64_t n = m.num_batches_tracked();
+        out.emplace_back(prefix + s.name, detail::make_state_tensor(&n, 1, s.shape));
+      }
+    } else {
+      const auto& v = detail::state_vector(m, s.name);
+      out.emplace_back(prefix + s.name,
+                       detail::make_state_tensor(v.data(), static_cast<std::size_t>(v.size()), s.shape));
+    }
+  }
+  return out;
+}
+
+/// Loads the entries of `dict` whose keys start with `prefix` into m, as
+/// torch.nn.Module.load_state_dict(strict=True) on the submodule at that prefix: entries under
+/// other prefixes are ignored. Float tensors may be F32 or F64 (cast, as torch's copy_);
+/// num_batches_tracked is I64 (or I32). LayerNorm accepts weight/bias of shape
+/// normalized_shape or flat. A missing num_batches_tracked keeps the module's value, as
+/// torch's _NormBase does for old checkpoints.
+/// Strong guarantee: m is unchanged when this throws.
+/// @throws shape_error for missing or unexpected keys (all named) or a shape mismatch;
+///         value_error for an unsupported dtype or a byte count that does not match the shape.
+template <class M>
+void load_state_dict(M& m, const StateDict& dict, const std::string& prefix = "") {
+  using Scalar = typename M::Vector::Scalar;
+  const std::string who = std::string("[normkit.load_state_dict] ") + M::kName + ": ";
+  const std::vector<detail::StateSpec> specs = detail::state_specs(m);
+
+  std::vector<const StateTensor*> found(specs.size(), nullptr);
+  std::vector<std::string> unexpected, missing;
+  for (const auto& kv : dict) {
+    if (kv.first.compare(0, prefix.size(), prefix) != 0) continue;
+    const std::string local = kv.first.substr(prefix.size());
+    bool known = false;
+    for (std::size_t i = 0; i < specs.size(); ++i) {
+      if (specs[i].name == local) {
+        found[i] = &kv.second;  // a duplicate key: the last one wins, as a Python dict
+        known = true;
+      }
+    }
+    if (!known) unexpected.push_back(kv.first);
+  }
+  for (std::size_t i = 0; i < specs.size(); ++i) {
+    if (!found[i] && !specs[i].integer) missing.push_back(prefix + specs[i].name);
+  }
+  if (!missing.empty() || !unexpected.empty()) {
+    std::string msg = who + "error(s) in loading state_dict:";
+    auto list = [](const std::vector<std::string>& keys) {
+      std::string r;
+      for (std::size_t i = 0; i < keys.size(); ++i) r += (i ? ", \"" : "\"") + keys[i] + "\"";
+      return r;
+    };
+    if (!missing.empty()) msg += " missing key(s): " + list(missing) + ".";
+    if (!unexpected.empty()) msg += " unexpected key(s): " + list(unexpected) + ".";
+    throw shape_error(msg);
+  }
+
+  // Decode and check everything first, then set: the module changes only if all is well.
+  std::vector<std::pair<std::string, typename M::Vector>> vectors;
+  bool set_nbt = false;
+  std::int64_t nbt = 0;
+  for (std::size_t i = 0; i < specs.size(); ++i) {
+    const StateTensor* t = found[i];
+    if (!t) continue;
+    const detail::StateSpec& s = specs[i];
+    const std::string key = prefix + s.name;
+    if (t->shape != s.shape && t->shape != s.alt_shape) {
+      throw shape_error(who + "size mismatch for " + key + ": copying a param with shape " +
+                        detail::shape_str(t->shape) + " from checkpoint, the shape in current module is " +
+                        detail::shape_str(s.shape));
+    }
+    const bool ok_dtype = s.integer ? (t->dtype == "I64" || t->dtype == "I32") : (t->dtype == "F32" || t->dtype == "F64");
+    if (!ok_dtype) {
+      throw value_error(who + "unsupported dtype " + t->dtype + " for " + key + " (expected " +
+                        (s.integer ? "I64" : "F32 or F64") + ")");
+    }
+    const std::int64_t n = t->numel();
+    if (t->bytes.size() != static_cast<std::size_t>(n) * dtype_size(t->dtype)) {
+      throw value_error(who + key + " holds " + std::to_string(t->bytes.size()) + " bytes, but " +
+                        t->dtype + " of shape " + detail::shape_str(t->shape) + " needs " +
+                        std::to_string(static_cast<std::size_t>(n) * dtype_size(t->dtype)));
+    }
+    if (s.integer) {
+      set_nbt = true;
+      nbt = t->dtype == "I64" ? detail::load_le<std::int64_t>(t->bytes.data())
+                              : static_cast<std::int64_t>(detail::load_le<std::int32_t>(t->bytes.data()));
+    } else {
+      vectors.emplace_back(s.name, detail::decode_floats<Scalar>(*t, static_cast<Index>(n)));
+    }
+  }
+  // The setters check sizes that were checked above, so none of these throws.
+  for (const auto& nv : vectors) detail::set_state_vector(m, nv.first, nv.second);
+  if constexpr (!detail::is_layer_norm<M>::value && !detail::is_group_norm<M>::value) {
+    if (set_nbt) m.set_num_batches_tracked(nbt);
+  }
+}
+
+/// A state dict entry as a std::vector<T> (T = float, double or std::int64_t; the dtype must
+/// match exactly).
+/// @throws value_error when the dtype is not T's or the byte count does not match the shape.
+template <class T>
+std::vector<T> to_vector(const StateTensor& t) {
+  if (t.dtype != detail::dtype_name<T>()) {
+    throw value_error(std::string("[normkit.to_vector] expected dtype ") + detail::dtype_name<T>() +
+                      " but got " + t.dtype);
+  }
+  const auto n = static_cast<std::size_t>(t.numel());
+  if (t.bytes.size() != n * sizeof(T)) {
+    throw value_error("[normkit.to_vector] " + std::to_string(t.bytes.size()) + " bytes for " +
+                      std::to_string(n) + " elements of " + t.dtype);
+  }
+  std::vector<T> v(n);
+  for (std::size_t i = 0; i < n; ++i) v[i] = detail::load_le<T>(t.bytes.data() + i * sizeof(T));
+  return v;
+}
+
+/// A StateTensor from T values (T = float, double or std::int64_t) with the given shape.
+template <class T>
+StateTensor make_state_tensor(const std::vector<T>& values, std::vector<std::int64_t> shape) {
+  return detail::make_state_tensor(values.data(), values.size(), std::move(shape));
+}
+
+/// The entry named key, or nullptr.
+inline const StateTensor* find_state(const StateDict& dict, const std::string& key) {
+  for (const auto& kv : dict) {
+    if (kv.first == key) return &kv.second;
+  }
+  return nullptr;
+}
+
+}  // namespace normkit
+
+#endif  // NORMKIT_STATE_DICT_HPP_
