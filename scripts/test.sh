@@ -4,7 +4,7 @@
 # Installs missing Debian packages first. Usage: scripts/test.sh [build-dir] [extra cmake args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/deps.sh cmake g++ make ninja-build libeigen3-dev libgtest-dev libbenchmark-dev
+bash scripts/deps.sh cmake g++ make ninja-build libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev
 # Peers for the benchmark comparison (compiled in when present); not needed by the tests.
 bash scripts/deps.sh libtorch-dev libdnnl-dev || echo "normkit: benchmarks build without libtorch/oneDNN"
 build=${1:-build/test}
