@@ -412,12 +412,16 @@ void expect_backward_errors(M m, const char* tag, const X& x, const BadDY& bad_d
   EXPECT_TRUE(RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "requires_grad"}));
   (void)m.forward(x);
   EXPECT_TRUE(RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "requires_grad"}));
-  const auto g2 = m.backward(x, dy);  // the explicit-input form needs no copy
+  // Inference mode keeps nothing for backward (so concurrent eval forwards only read the
+  // module): the explicit-input form is refused too.
+  EXPECT_TRUE(RejectsUnchanged<value_error>(m, [&] { (void)m.backward(x, dy); }, {tag, "requires_grad"}));
+  m.set_requires_grad(true);
+  EXPECT_TRUE(RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "requires_grad"}));
+  (void)m.forward(x);
+  const auto g2 = m.backward(x, dy);  // the explicit-input form
   EXPECT_TRUE(bitwise_equal(g0.input, g2.input));
   EXPECT_TRUE(bitwise_equal(g0.weight, g2.weight));
   EXPECT_TRUE(bitwise_equal(g0.bias, g2.bias));
-  m.set_requires_grad(true);
-  EXPECT_TRUE(RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "requires_grad"}));
 }
 
 TEST(BatchNormErrors, BackwardMisuse) {

@@ -152,9 +152,13 @@ class BatchNorm : public detail::ModuleBase<Scalar> {
     auto* y_ptr = detail::prepare_output(x, y, kName);
     SavedStats saved;
     detail::channel_norm_forward(detail::ChannelNormKind::batch, sh, x.data(), y_ptr, a, &saved, device);
-    num_batches_tracked_ = nbt;
-    this->saved_ = std::move(saved);
-    this->remember_input(x);
+    if (this->training_ && tracking) num_batches_tracked_ = nbt;
+    // Inference (requires_grad() false) writes nothing to the module: concurrent eval
+    // forwards are then pure reads (ThreadSanitizer-checked in threading_test).
+    if (this->requires_grad_) {
+      this->saved_ = std::move(saved);
+      this->remember_input(x);
+    }
   }
 
   /// Gradients for the last forward, using its saved statistics and input copy.

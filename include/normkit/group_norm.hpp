@@ -261,8 +261,12 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
       detail::group_norm_forward(sh, options_.num_groups(), x.data(), y_ptr, wref(), bref(),
                                  options_.eps(), &saved, device);
     }
-    this->saved_ = std::move(saved);
-    this->remember_input(x);
+    // Inference (requires_grad() false) writes nothing to the module: concurrent eval
+    // forwards are then pure reads (ThreadSanitizer-checked in threading_test).
+    if (this->requires_grad_) {
+      this->saved_ = std::move(saved);
+      this->remember_input(x);
+    }
   }
 
   template <class DY, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>

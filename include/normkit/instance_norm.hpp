@@ -144,8 +144,12 @@ class InstanceNorm : public detail::ModuleBase<Scalar> {
     auto* y_ptr = detail::prepare_output(x, y, kName);
     SavedStats saved;
     detail::channel_norm_forward(detail::ChannelNormKind::instance, sh, x.data(), y_ptr, a, &saved, device);
-    this->saved_ = std::move(saved);
-    this->remember_input(x);
+    // Inference (requires_grad() false) writes nothing to the module: concurrent eval
+    // forwards are then pure reads (ThreadSanitizer-checked in threading_test).
+    if (this->requires_grad_) {
+      this->saved_ = std::move(saved);
+      this->remember_input(x);
+    }
   }
 
   template <class DY, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>

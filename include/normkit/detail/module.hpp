@@ -52,15 +52,17 @@ class ModuleBase {
   void eval() { training_ = false; }
   bool is_training() const { return training_; }
 
-  /// When true (the default, as PyTorch parameters), forward keeps a copy of its input so
-  /// that backward(dy) can run; set it to false for inference to save the copy.
-  /// backward(x, dy) never needs the copy.
+  /// When true (the default, as PyTorch parameters), forward keeps its statistics and a copy
+  /// of its input so that backward(dy) can run. Set it to false for inference: forward then
+  /// writes nothing to the module except what training itself updates (running statistics),
+  /// so evaluation-mode forwards may run concurrently, and backward throws.
   void set_requires_grad(bool on) {
     requires_grad_ = on;
     if (!on) {
       saved_x_.clear();
       saved_x_.shrink_to_fit();
       x_saved_ = false;
+      has_forward_ = false;
     }
   }
   bool requires_grad() const { return requires_grad_; }
@@ -106,7 +108,8 @@ class ModuleBase {
   void check_same(const DY& dy, const char* who) const {
     constexpr int R = tensor_traits<DY>::rank;
     if (!has_forward_) {
-      throw_value(who, "backward called before any forward; call forward first");
+      throw_value(who, "backward needs a preceding forward with requires_grad() true "
+                       "(none since construction or set_requires_grad(false))");
     }
     std::string got = dims_str(dy.dimensions(), R);
     std::string want = dims_str(saved_dims_, saved_rank_);

@@ -1,0 +1,107 @@
+// normkit benchmarks — shared declarations (no Eigen, no libtorch, no oneDNN here, so that
+// every translation unit can include it cheaply).
+// SPDX-License-Identifier: MIT
+#ifndef NORMKIT_BENCH_COMMON_HPP_
+#define NORMKIT_BENCH_COMMON_HPP_
+
+#include <cstddef>  // std::size_t
+#include <cstdint>  // std::int64_t, std::uint32_t
+#include <string>   // std::string
+#include <utility>  // std::forward
+#include <vector>   // std::vector
+
+#include <benchmark/benchmark.h>
+
+namespace nkbench {
+
+// ---------------------------------------------------------------------------------------
+// The shape suite (shared/BENCHMARKS.md).
+
+enum class Kind { batch, layer, group, instance };
+enum class Mode { train, eval, backward };
+
+struct Case {
+  std::string id;      // BENCHMARKS.md id, e.g. "bn2d-resnet" (also the benchmark's label)
+  std::string family;  // "BatchNorm2d": the BM_<family> part of the name
+  std::string name;    // "resnet": the case part of the name
+  Kind kind = Kind::batch;
+  // Logical PyTorch dims: (N, C, spatial...) for batch/group/instance; the full input shape
+  // for LayerNorm, normalized over the last dim.
+  std::vector<std::int64_t> shape;
+  bool channels_last = false;  // storage (N, spatial..., C)
+  std::int64_t groups = 0;     // GroupNorm
+  bool naive = false;          // also run the naive Eigen-expression baseline
+
+  std::int64_t numel() const;
+  std::int64_t channels() const { return shape.at(1); }  // batch/group/instance
+  std::int64_t last() const { return shape.back(); }     // LayerNorm's normalized size
+  /// Storage dims (what Eigen and oneDNN see): the logical dims, C moved last if
+  /// channels_last.
+  std::vector<std::int64_t> storage_dims() const;
+  /// B: bytes of one float32 tensor of this shape.
+  double bytes() const { return 4.0 * static_cast<double>(numel()); }
+};
+
+/// The suite; `smoke` shrinks every case (same family, rank, layout and code paths) so
+/// that the ctest smoke run takes a few seconds.
+const std::vector<Case>& cases();
+void use_smoke_shapes();
+bool smoke_shapes();
+
+const char* mode_name(Mode m);
+
+/// Bytes the traffic model says a call moves (DESIGN.md "Numbers we design for"):
+/// eval forward 2B (read x, write y: statistics known), training forward 3B (statistics
+/// pass + normalize pass + write), backward 5B (read x, dy twice, write dx). Norms whose
+/// "eval" forward still computes statistics (LayerNorm, GroupNorm, InstanceNorm without
+/// running statistics) are modelled at 3B in eval too: they cannot do less.
+double model_bytes(const Case& c, Mode m);
+
+/// BM_<family>/<case>/<mode>/threads:<n>/<impl>
+std::string bench_name(const Case& c, const char* mode, int threads, const char* impl);
+
+// ---------------------------------------------------------------------------------------
+// Counters and errors.
+
+/// Sets bytes_per_second (model bytes), floor_ratio (time / floor time, where the floor
+/// time = model bytes / memcpy bandwidth measured for the same B and thread count in this
+/// process), and the plain counters model_bytes and B used by tools/bench_report.py.
+void set_counters(benchmark::State& state, const Case& c, Mode m, int threads);
+
+/// Time of one memcpy of `bytes` bytes split over `threads` threads (the floor probe, best
+/// of several batches, measured once per (bytes, threads) and cached).
+double memcpy_seconds(std::size_t bytes, int threads);
+
+/// SkipWithError that also makes main() return non-zero (so the ctest smoke run fails).
+void fail(benchmark::State& state, const std::string& what);
+
+/// Deterministic pseudo-random fill with values in [-2, 2) (+ offset).
+void fill_random(float* p, std::size_t n, std::uint32_t seed, float offset = 0.0f);
+
+/// Registers a benchmark with the suite's common settings (real time, microseconds).
+template <class F>
+benchmark::internal::Benchmark* add(const std::string& name, F&& f) {
+  return benchmark::RegisterBenchmark(name.c_str(), std::forward<F>(f))
+      ->UseRealTime()
+      ->Unit(benchmark::kMicrosecond);
+}
+
+// ---------------------------------------------------------------------------------------
+// Registration hooks, one per translation unit (called by main in case order, so that
+// every implementation of a case runs back to back).
+
+void register_floor(const Case& c, int threads);                 // bench_normkit.cpp
+void register_normkit(const Case& c, Mode m, int threads);       // bench_normkit.cpp
+void register_naive(const Case& c, Mode m, int threads);         // bench_normkit.cpp
+#ifdef NORMKIT_BENCH_TORCH
+void register_torch(const Case& c, Mode m, int threads);         // bench_torch.cpp
+std::string torch_context();
+#endif
+#ifdef NORMKIT_BENCH_DNNL
+void register_dnnl(const Case& c, Mode m, int threads);          // bench_dnnl.cpp
+std::string dnnl_context();
+#endif
+
+}  // namespace nkbench
+
+#endif  // NORMKIT_BENCH_COMMON_HPP_

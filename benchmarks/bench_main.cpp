@@ -1,0 +1,209 @@
+// normkit benchmarks — the shape suite, counters, and main().
+// SPDX-License-Identifier: MIT
+//
+// Usage: normkit_bench [--smoke] [google-benchmark flags]
+//   --smoke  shrink every case (same family, rank, layout, code paths): the ctest run.
+// Environment: NORMKIT_BENCH_KEEP_MMAP=1 keeps glibc's default large-allocation policy
+// (see the NB in main).
+#include <malloc.h>  // mallopt (glibc)
+
+#include <atomic>    // std::atomic
+#include <cstdint>   // std::uint32_t, std::int64_t
+#include <cstdlib>   // std::getenv
+#include <cstring>   // std::strcmp
+#include <fstream>   // std::ifstream
+#include <string>    // std::string
+#include <vector>    // std::vector
+
+#include "bench_common.hpp"
+
+namespace nkbench {
+namespace {
+
+std::atomic<int> g_failures{0};
+bool g_smoke = false;
+
+std::vector<Case> make_cases(bool smoke) {
+  // {id, family, name, kind, shape, channels_last, groups, naive}
+  // Smoke shapes keep each case's family, rank and layout; two of them (resnet, long) stay
+  // just above normkit's 64 Ki-element parallel threshold so the 2-thread paths run too.
+  auto S = [smoke](std::vector<std::int64_t> full, std::vector<std::int64_t> small) {
+    return smoke ? small : full;
+  };
+  return {
+      {"bn2d-resnet", "BatchNorm2d", "resnet", Kind::batch, S({32, 64, 56, 56}, {2, 16, 48, 48}), false, 0, true},
+      {"bn2d-mid", "BatchNorm2d", "mid", Kind::batch, S({8, 256, 28, 28}, {2, 16, 5, 5}), false, 0, true},
+      {"bn2d-late", "BatchNorm2d", "late", Kind::batch, S({64, 512, 7, 7}, {4, 32, 3, 3}), false, 0, true},
+      {"bn1d-fc", "BatchNorm1d", "fc", Kind::batch, S({256, 1024}, {16, 64}), false, 0, false},
+      {"bn2d-tiny", "BatchNorm2d", "tiny", Kind::batch, S({2, 3, 4, 4}, {2, 3, 4, 4}), false, 0, true},
+      {"bn3d", "BatchNorm3d", "bn3d", Kind::batch, S({4, 32, 16, 32, 32}, {2, 4, 3, 4, 4}), false, 0, false},
+      {"bn2d-nhwc", "BatchNorm2d", "nhwc", Kind::batch, S({32, 64, 56, 56}, {2, 8, 6, 6}), true, 0, false},
+      {"ln-bert", "LayerNorm", "bert", Kind::layer, S({4096, 768}, {16, 64}), false, 0, true},
+      {"ln-long", "LayerNorm", "long", Kind::layer, S({64, 128, 1024}, {4, 32, 512}), false, 0, true},
+      {"gn-32", "GroupNorm", "32", Kind::group, S({8, 256, 28, 28}, {2, 64, 3, 3}), false, 32, false},
+      {"gn-32-big", "GroupNorm", "32-big", Kind::group, S({16, 64, 56, 56}, {2, 64, 4, 4}), false, 32, false},
+      {"in2d", "InstanceNorm2d", "in2d", Kind::instance, S({8, 64, 56, 56}, {2, 4, 5, 5}), false, 0, false},
+  };
+}
+
+std::string cpu_model() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      const auto p = line.find(':');
+      return p == std::string::npos ? line : line.substr(p + 2);
+    }
+  }
+  return "unknown";
+}
+
+}  // namespace
+
+std::int64_t Case::numel() const {
+  std::int64_t n = 1;
+  for (auto d : shape) n *= d;
+  return n;
+}
+
+std::vector<std::int64_t> Case::storage_dims() const {
+  if (!channels_last) return shape;
+  std::vector<std::int64_t> d{shape[0]};
+  for (std::size_t i = 2; i < shape.size(); ++i) d.push_back(shape[i]);
+  d.push_back(shape[1]);
+  return d;
+}
+
+const std::vector<Case>& cases() {
+  static const std::vector<Case> full = make_cases(false);
+  static const std::vector<Case> small = make_cases(true);
+  return g_smoke ? small : full;
+}
+void use_smoke_shapes() { g_smoke = true; }
+bool smoke_shapes() { return g_smoke; }
+
+const char* mode_name(Mode m) {
+  switch (m) {
+    case Mode::train:
+      return "train";
+    case Mode::eval:
+      return "eval";
+    case Mode::backward:
+      return "backward";
+  }
+  return "?";
+}
+
+double model_bytes(const Case& c, Mode m) {
+  const double B = c.bytes();
+  switch (m) {
+    case Mode::train:
+      return 3 * B;
+    case Mode::eval:
+      // Only BatchNorm (with running statistics) skips the statistics pass in eval.
+      return c.kind == Kind::batch ? 2 * B : 3 * B;
+    case Mode::backward:
+      return 5 * B;
+  }
+  return B;
+}
+
+std::string bench_name(const Case& c, const char* mode, int threads, const char* impl) {
+  return "BM_" + c.family + "/" + c.name + "/" + mode + "/threads:" + std::to_string(threads) +
+         "/" + impl;
+}
+
+void set_counters(benchmark::State& state, const Case& c, Mode m, int threads) {
+  using benchmark::Counter;
+  const double mb = model_bytes(c, m);
+  state.SetBytesProcessed(static_cast<std::int64_t>(mb) * static_cast<std::int64_t>(state.iterations()));
+  const double w = 2.0 * c.bytes() / memcpy_seconds(static_cast<std::size_t>(c.bytes()), threads);
+  const double floor_s = mb / w;
+  // (floor_s * iterations / elapsed)^-1 = time per iteration / floor time.
+  state.counters["floor_ratio"] =
+      Counter(floor_s, static_cast<Counter::Flags>(Counter::kIsIterationInvariantRate | Counter::kInvert));
+  state.counters["model_bytes"] = Counter(mb);
+  state.counters["B"] = Counter(c.bytes());
+  state.SetLabel(c.id);
+}
+
+void fail(benchmark::State& state, const std::string& what) {
+  ++g_failures;
+  state.SkipWithError(what.c_str());
+}
+
+void fill_random(float* p, std::size_t n, std::uint32_t seed, float offset) {
+  std::uint32_t s = seed * 2654435761u + 12345u;
+  if (s == 0) s = 1;
+  for (std::size_t i = 0; i < n; ++i) {
+    s ^= s << 13;
+    s ^= s >> 17;
+    s ^= s << 5;
+    p[i] = offset + static_cast<float>(s >> 8) * (4.0f / 16777216.0f) - 2.0f;
+  }
+}
+
+}  // namespace nkbench
+
+int main(int argc, char** argv) {
+  using namespace nkbench;
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    if (i > 0 && std::strcmp(argv[i], "--smoke") == 0) {
+      use_smoke_shapes();
+    } else {
+      args.push_back(argv[i]);
+    }
+  }
+  // NB: every large allocation comes from the (never trimmed) heap instead of a fresh
+  // mmap. libtorch's functional forms allocate their outputs on every call; with glibc's
+  // default policy each such call would also pay a page fault per 4 KiB of output, which
+  // measures the kernel's page-zeroing, not the normalization. normkit writes into
+  // preallocated outputs, so this only makes the comparison fairer to its peers.
+  if (std::getenv("NORMKIT_BENCH_KEEP_MMAP") == nullptr) {
+    mallopt(M_MMAP_MAX, 0);
+    mallopt(M_TRIM_THRESHOLD, -1);
+  }
+  int n = static_cast<int>(args.size());
+  args.push_back(nullptr);
+  benchmark::Initialize(&n, args.data());
+  if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 1;
+
+  benchmark::AddCustomContext("cpu_model", cpu_model());
+  benchmark::AddCustomContext("shapes", smoke_shapes() ? "smoke" : "BENCHMARKS.md");
+  benchmark::AddCustomContext("floor_model",
+                              "eval 2B (BatchNorm) / 3B (norms computing stats), train 3B, "
+                              "backward 5B; floor = model bytes / memcpy bandwidth (same B, "
+                              "same threads)");
+#ifdef NORMKIT_BENCH_NATIVE
+  benchmark::AddCustomContext("normkit_flags", "-O3 -march=native");
+#else
+  benchmark::AddCustomContext("normkit_flags", "-O3");
+#endif
+#ifdef NORMKIT_BENCH_TORCH
+  benchmark::AddCustomContext("libtorch", torch_context());
+#endif
+#ifdef NORMKIT_BENCH_DNNL
+  benchmark::AddCustomContext("onednn", dnnl_context());
+#endif
+
+  const Mode modes[] = {Mode::train, Mode::eval, Mode::backward};
+  for (const Case& c : cases()) {
+    for (int threads : {1, 2}) register_floor(c, threads);
+    for (Mode m : modes) {
+      for (int threads : {1, 2}) {
+        register_normkit(c, m, threads);
+        if (c.naive) register_naive(c, m, threads);
+#ifdef NORMKIT_BENCH_TORCH
+        register_torch(c, m, threads);
+#endif
+#ifdef NORMKIT_BENCH_DNNL
+        register_dnnl(c, m, threads);
+#endif
+      }
+    }
+  }
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return g_failures.load() == 0 ? 0 : 1;
+}

@@ -1,0 +1,264 @@
+// normkit benchmarks — normkit's free functions and the floor probes (memcpy and a streaming
+// loop over the same bytes).
+// SPDX-License-Identifier: MIT
+#define EIGEN_USE_THREADS  // Eigen::ThreadPoolDevice for the 2-thread runs
+#include <normkit/normkit.hpp>
+
+#include <algorithm>  // std::min, std::max
+#include <array>      // std::array
+#include <chrono>     // std::chrono
+#include <cstdlib>    // std::aligned_alloc, std::free
+#include <cstring>    // std::memcpy, std::memset
+#include <exception>  // std::exception
+#include <functional> // std::function
+#include <map>        // std::map
+#include <memory>     // std::unique_ptr
+#include <string>     // std::string
+#include <utility>    // std::pair
+#include <vector>     // std::vector
+
+#include "bench_common.hpp"
+#include "bench_eigen.hpp"
+
+namespace nkbench {
+namespace {
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+using Buffer = std::unique_ptr<char, FreeDeleter>;
+
+Buffer aligned_buffer(std::size_t bytes) {
+  const std::size_t n = std::max<std::size_t>(64, (bytes + 63) / 64 * 64);
+  Buffer b(static_cast<char*>(std::aligned_alloc(64, n)));
+  std::memset(b.get(), 1, n);
+  return b;
+}
+
+// NB: below 256 KiB (normkit's 64 Ki-element parallel threshold) the floor probes stay on
+// one thread even in a 2-thread run: splitting a few-KiB copy only measures the hand-off.
+int probe_threads(std::size_t bytes, int threads) {
+  return bytes >= (std::size_t{1} << 18) ? threads : 1;
+}
+
+/// Runs part(begin, end) over [0, bytes) split into `threads` 64-byte aligned parts, one on
+/// the calling thread and the rest on the pool.
+template <class Part>
+void split_run(std::size_t bytes, int threads, const Part& part) {
+  if (threads <= 1) {
+    part(std::size_t{0}, bytes);
+    return;
+  }
+  const std::size_t chunk = (bytes / static_cast<std::size_t>(threads) + 63) / 64 * 64;
+  Eigen::Barrier barrier(static_cast<unsigned>(threads - 1));
+  for (int t = 1; t < threads; ++t) {
+    const std::size_t b = std::min(bytes, chunk * static_cast<std::size_t>(t));
+    const std::size_t e = t + 1 == threads ? bytes : std::min(bytes, b + chunk);
+    pool().Schedule([&part, &barrier, b, e] {
+      part(b, e);
+      barrier.Notify();
+    });
+  }
+  part(std::size_t{0}, std::min(bytes, chunk));
+  barrier.Wait();
+}
+
+void copy_memcpy(const char* src, char* dst, std::size_t bytes, int threads) {
+  split_run(bytes, threads, [src, dst](std::size_t b, std::size_t e) {
+    std::memcpy(dst + b, src + b, e - b);
+  });
+}
+
+void copy_stream(const char* src, char* dst, std::size_t bytes, int threads, float s) {
+  // STREAM "scale": y = s * x, the same traffic as a copy, as a loop the compiler vectorizes
+  // (a plain copy loop would be turned back into a memcpy call).
+  split_run(bytes, threads, [src, dst, s](std::size_t b, std::size_t e) {
+    const float* x = reinterpret_cast<const float*>(src + b);
+    float* y = reinterpret_cast<float*>(dst + b);
+    const std::size_t n = (e - b) / sizeof(float);
+    for (std::size_t i = 0; i < n; ++i) y[i] = s * x[i];
+  });
+}
+
+double now_s() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// ---------------------------------------------------------------------------------------
+// normkit
+
+template <int R>
+void run_normkit(benchmark::State& st, const Case& c, Mode m, int threads) {
+  using T = Eigen::Tensor<float, R, Eigen::RowMajor>;
+  const auto dims = dims_of<R>(c);
+  T x(dims), y(dims);
+  T dy, dx;
+  fill_random(x.data(), static_cast<std::size_t>(x.size()), 1, 0.5f);
+  if (m == Mode::backward) {
+    dy.resize(dims);
+    dx.resize(dims);
+    fill_random(dy.data(), static_cast<std::size_t>(dy.size()), 2);
+  }
+  const Index P = c.kind == Kind::layer ? static_cast<Index>(c.last()) : static_cast<Index>(c.channels());
+  Eigen::Tensor<float, 1> w = random_vector(P, 3, 1.0f), b = random_vector(P, 4, 0.0f), gw(P), gb(P);
+  Eigen::Tensor<float, 1> rm(P), rv(P);
+  rm.setZero();
+  rv.setConstant(1.0f);
+  normkit::SavedStats saved;
+  const bool train = m != Mode::eval;
+  with_device(threads, [&](const auto& dev) {
+    std::function<void()> call;  // built once; the std::function call is noise next to a norm
+    switch (c.kind) {
+      case Kind::batch: {
+        normkit::BatchNormFuncOptions<float> o;
+        o.weight(w).bias(b).running_mean(rm).running_var(rv).training(train).momentum(0.1).eps(1e-5)
+            .channels_last(c.channels_last);
+        if (m == Mode::backward) {
+          normkit::batch_norm(x, y, o, &saved, dev);
+          call = [&] { normkit::batch_norm_backward(x, dy, dx, saved, w, gw, gb, c.channels_last, dev); };
+        } else {
+          call = [&, o] { normkit::batch_norm(x, y, o, train ? &saved : nullptr, dev); };
+        }
+        break;
+      }
+      case Kind::instance: {
+        normkit::InstanceNormFuncOptions<float> o;
+        o.eps(1e-5);
+        if (m == Mode::backward) {
+          normkit::instance_norm(x, y, o, &saved, dev);
+          call = [&] {
+            normkit::instance_norm_backward(x, dy, dx, saved, normkit::VectorRef<const float>(),
+                                            normkit::VectorRef<float>(), normkit::VectorRef<float>(),
+                                            false, dev);
+          };
+        } else {
+          call = [&, o] { normkit::instance_norm(x, y, o, train ? &saved : nullptr, dev); };
+        }
+        break;
+      }
+      case Kind::layer: {
+        normkit::LayerNormFuncOptions<float> o({P});
+        o.weight(w).bias(b).eps(1e-5);
+        if (m == Mode::backward) {
+          normkit::layer_norm(x, y, o, &saved, dev);
+          call = [&] { normkit::layer_norm_backward(x, dy, dx, saved, {P}, w, gw, gb, dev); };
+        } else {
+          call = [&, o] { normkit::layer_norm(x, y, o, train ? &saved : nullptr, dev); };
+        }
+        break;
+      }
+      case Kind::group: {
+        const Index G = static_cast<Index>(c.groups);
+        normkit::GroupNormFuncOptions<float> o(G);
+        o.weight(w).bias(b).eps(1e-5);
+        if (m == Mode::backward) {
+          normkit::group_norm(x, y, o, &saved, dev);
+          call = [&, G] { normkit::group_norm_backward(x, dy, dx, saved, G, w, gw, gb, false, dev); };
+        } else {
+          call = [&, o] { normkit::group_norm(x, y, o, train ? &saved : nullptr, dev); };
+        }
+        break;
+      }
+    }
+    call();  // warm-up: first touch of y/dx, code and caches
+    for (auto _ : st) {
+      call();
+      benchmark::DoNotOptimize(m == Mode::backward ? dx.data() : y.data());
+      benchmark::ClobberMemory();
+    }
+  });
+  set_counters(st, c, m, threads);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+
+Eigen::ThreadPool& pool() {
+  static Eigen::ThreadPool p(2);
+  return p;
+}
+
+double memcpy_seconds(std::size_t bytes, int threads) {
+  static std::map<std::pair<std::size_t, int>, double> cache;
+  const int t = probe_threads(bytes, threads);
+  const auto key = std::make_pair(bytes, t);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  Buffer src = aligned_buffer(bytes), dst = aligned_buffer(bytes);
+  copy_memcpy(src.get(), dst.get(), bytes, t);
+  double t0 = now_s();
+  copy_memcpy(src.get(), dst.get(), bytes, t);
+  const double one = std::max(now_s() - t0, 1e-9);
+  const long reps = std::max(1L, static_cast<long>(0.005 / one));  // ~5 ms batches
+  double best = 1e30;
+  for (int batch = 0; batch < 7; ++batch) {
+    t0 = now_s();
+    for (long r = 0; r < reps; ++r) {
+      copy_memcpy(src.get(), dst.get(), bytes, t);
+      benchmark::ClobberMemory();
+    }
+    best = std::min(best, (now_s() - t0) / static_cast<double>(reps));
+  }
+  cache[key] = best;
+  return best;
+}
+
+void register_floor(const Case& c, int threads) {
+  for (const char* impl : {"memcpy", "stream"}) {
+    const std::string what = impl;
+    add("BM_Floor/" + c.name + "/copy/threads:" + std::to_string(threads) + "/" + what,
+        [c, threads, what](benchmark::State& st) {
+          const auto bytes = static_cast<std::size_t>(c.bytes());
+          const int t = probe_threads(bytes, threads);
+          Buffer src = aligned_buffer(bytes), dst = aligned_buffer(bytes);
+          volatile float one = 1.0f;
+          const float s = one;
+          auto call = [&] {
+            if (what == "memcpy") {
+              copy_memcpy(src.get(), dst.get(), bytes, t);
+            } else {
+              copy_stream(src.get(), dst.get(), bytes, t, s);
+            }
+          };
+          call();
+          for (auto _ : st) {
+            call();
+            benchmark::ClobberMemory();
+          }
+          using benchmark::Counter;
+          const double mb = 2.0 * c.bytes();  // read B + write B
+          st.SetBytesProcessed(static_cast<std::int64_t>(mb) * static_cast<std::int64_t>(st.iterations()));
+          st.counters["floor_ratio"] = Counter(memcpy_seconds(bytes, threads),
+                                               static_cast<Counter::Flags>(Counter::kIsIterationInvariantRate | Counter::kInvert));
+          st.counters["model_bytes"] = Counter(mb);
+          st.counters["B"] = Counter(c.bytes());
+          st.SetLabel(c.id);
+        });
+  }
+}
+
+void register_normkit(const Case& c, Mode m, int threads) {
+  add(bench_name(c, mode_name(m), threads, "normkit"), [c, m, threads](benchmark::State& st) {
+    guarded(st, [&] {
+      switch (c.shape.size()) {
+        case 2:
+          run_normkit<2>(st, c, m, threads);
+          break;
+        case 3:
+          run_normkit<3>(st, c, m, threads);
+          break;
+        case 4:
+          run_normkit<4>(st, c, m, threads);
+          break;
+        case 5:
+          run_normkit<5>(st, c, m, threads);
+          break;
+        default:
+          fail(st, "unsupported rank");
+      }
+    });
+  });
+}
+
+}  // namespace nkbench

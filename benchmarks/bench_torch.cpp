@@ -1,0 +1,162 @@
+// normkit benchmarks — libtorch (ATen) peers. Compiled only when find_package(Torch)
+// succeeds (NORMKIT_BENCH_TORCH). Forward: the functional ops (torch::batch_norm, ...; the
+// torch namespace re-exports at::) under NoGradGuard. Backward: ATen's native backward
+// kernels, fed with the statistics of a native forward, as autograd would call them.
+// Threads: at::set_num_threads(n), checked with at::get_num_threads().
+// SPDX-License-Identifier: MIT
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/version.h>
+
+#include <cstdint>     // std::int64_t
+#include <exception>   // std::exception
+#include <functional>  // std::function
+#include <sstream>     // std::istringstream
+#include <string>      // std::string
+#include <tuple>       // std::get
+
+#include "bench_common.hpp"
+
+namespace nkbench {
+namespace {
+
+at::Tensor make(const Case& c, std::uint32_t seed, float offset) {
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  if (c.channels_last) opts = opts.memory_format(at::MemoryFormat::ChannelsLast);
+  at::Tensor t = at::empty(c.shape, opts);
+  fill_random(t.data_ptr<float>(), static_cast<std::size_t>(t.numel()), seed, offset);
+  return t;
+}
+
+at::Tensor vec(std::int64_t n, std::uint32_t seed, float offset) {
+  at::Tensor t = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+  fill_random(t.data_ptr<float>(), static_cast<std::size_t>(n), seed, offset);
+  return t;
+}
+
+void run(benchmark::State& st, const Case& c, Mode m, int threads) {
+  at::set_num_threads(threads);
+  if (at::get_num_threads() != threads) {
+    fail(st, "at::get_num_threads() = " + std::to_string(at::get_num_threads()) + ", wanted " +
+                 std::to_string(threads));
+    return;
+  }
+  at::NoGradGuard no_grad;
+  const double eps = 1e-5, momentum = 0.1;
+  const bool train = m != Mode::eval;
+  const bool bwd = m == Mode::backward;
+  at::Tensor x = make(c, 1, 0.5f);
+  at::Tensor dy = bwd ? make(c, 2, 0.0f) : at::Tensor();
+  at::Tensor w, b, rm, rv, save1, save2, xv, dyv;
+  std::function<at::Tensor()> call;
+  switch (c.kind) {
+    case Kind::batch: {
+      const std::int64_t C = c.channels();
+      w = vec(C, 3, 1.0f);
+      b = vec(C, 4, 0.0f);
+      rm = at::zeros({C});
+      rv = at::ones({C});
+      if (bwd) {
+        auto r = at::native_batch_norm(x, w, b, rm, rv, true, momentum, eps);
+        save1 = std::get<1>(r);
+        save2 = std::get<2>(r);
+        call = [&] {
+          return std::get<0>(at::native_batch_norm_backward(dy, x, w, rm, rv, save1, save2, true, eps,
+                                                            {true, true, true}));
+        };
+      } else {
+        call = [&] { return at::batch_norm(x, w, b, rm, rv, train, momentum, eps, false); };
+      }
+      break;
+    }
+    case Kind::instance: {
+      if (bwd) {
+        // What autograd runs for instance_norm: batch norm on the (1, N*C, *) view.
+        std::vector<std::int64_t> v = c.shape;
+        v[1] *= v[0];
+        v[0] = 1;
+        xv = x.view(v);
+        dyv = dy.view(v);
+        auto r = at::native_batch_norm(xv, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, true,
+                                       momentum, eps);
+        save1 = std::get<1>(r);
+        save2 = std::get<2>(r);
+        call = [&] {
+          return std::get<0>(at::native_batch_norm_backward(dyv, xv, c10::nullopt, c10::nullopt, c10::nullopt,
+                                                            save1, save2, true, eps, {true, false, false}));
+        };
+      } else {
+        call = [&] {
+          return at::instance_norm(x, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, true, momentum,
+                                   eps, false);
+        };
+      }
+      break;
+    }
+    case Kind::layer: {
+      const std::int64_t D = c.last();
+      w = vec(D, 3, 1.0f);
+      b = vec(D, 4, 0.0f);
+      if (bwd) {
+        auto r = at::native_layer_norm(x, {D}, w, b, eps);
+        save1 = std::get<1>(r);
+        save2 = std::get<2>(r);
+        call = [&, D] {
+          return std::get<0>(at::native_layer_norm_backward(dy, x, {D}, save1, save2, w, b, {true, true, true}));
+        };
+      } else {
+        call = [&, D] { return at::layer_norm(x, {D}, w, b, eps, false); };
+      }
+      break;
+    }
+    case Kind::group: {
+      const std::int64_t N = c.shape[0], C = c.channels(), G = c.groups;
+      const std::int64_t HxW = c.numel() / (N * C);
+      w = vec(C, 3, 1.0f);
+      b = vec(C, 4, 0.0f);
+      if (bwd) {
+        auto r = at::native_group_norm(x, w, b, N, C, HxW, G, eps);
+        save1 = std::get<1>(r);
+        save2 = std::get<2>(r);
+        call = [&, N, C, HxW, G] {
+          return std::get<0>(
+              at::native_group_norm_backward(dy, x, save1, save2, w, N, C, HxW, G, {true, true, true}));
+        };
+      } else {
+        call = [&, G] { return at::group_norm(x, G, w, b, eps, false); };
+      }
+      break;
+    }
+  }
+  call();  // warm-up
+  for (auto _ : st) {
+    at::Tensor r = call();
+    benchmark::DoNotOptimize(r.data_ptr());
+  }
+  set_counters(st, c, m, threads);
+}
+
+}  // namespace
+
+std::string torch_context() {
+  std::string backend = "?";
+  std::istringstream in(at::get_parallel_info());
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.find("ATen parallel backend") != std::string::npos) backend = line.substr(line.find(':') + 2);
+  }
+  return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+         std::to_string(TORCH_VERSION_PATCH) + " (intra-op: " + backend + ")";
+}
+
+void register_torch(const Case& c, Mode m, int threads) {
+  add(bench_name(c, mode_name(m), threads, "libtorch"), [c, m, threads](benchmark::State& st) {
+    try {
+      run(st, c, m, threads);
+    } catch (const std::exception& e) {
+      fail(st, e.what());
+    }
+  });
+}
+
+}  // namespace nkbench

@@ -1,0 +1,357 @@
+#!/usr/bin/env python3
+"""Run normkit_bench and turn its results into a Markdown table and an SVG bar chart.
+
+    tools/bench_report.py --binary /tmp/nkbench-build/benchmarks/normkit_bench \\
+        --repetitions 3 --markdown bench.md --svg bench.svg --json-out bench.json
+    tools/bench_report.py --json-in bench.json --markdown - --svg bench.svg   # re-render
+
+The binary runs with --benchmark_format=json --benchmark_repetitions=N
+--benchmark_report_aggregates_only=true (and --benchmark_enable_random_interleaving=true
+unless --no-interleave); every number is the median over the N repetitions (each
+repetition is the mean wall time per call over Google Benchmark's run).
+
+Benchmark names are BM_<family>/<case>/<mode>/threads:<n>/<impl>[/real_time], with
+impl one of normkit, eigen_naive, libtorch, onednn (modes train, eval, backward) or
+memcpy, stream (family Floor, mode copy); the label is the BENCHMARKS.md case id.
+
+Floor: for a case of B bytes and a thread count, W = 2B / (median time of the memcpy
+probe BM_Floor/<case>/copy/threads:<n>/memcpy of the same run), and the floor time of a
+mode is model_bytes / W, where model_bytes (exported by the binary) is the traffic
+model: eval 2B (BatchNorm; 3B for norms that compute statistics in eval), training
+forward 3B, backward 5B. "x floor" = time / floor time. The binary's own floor_ratio
+counter uses a memcpy timed once at startup instead; the two agree within noise.
+
+Python 3 standard library only.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+from collections import OrderedDict
+
+IMPLS = ("normkit", "eigen_naive", "libtorch", "onednn")
+MODES = ("train", "eval", "backward")
+NAME_RE = re.compile(
+    r"^BM_(?P<family>[^/]+)/(?P<case>[^/]+)/(?P<mode>[^/]+)/threads:(?P<threads>\d+)/(?P<impl>[^/]+)")
+UNIT = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+SLOW_FLOOR = 1.3  # rows above this many x floor are flagged
+PREEMPTED = 0.85  # 1-thread runs with cpu/wall below this are marked as disturbed
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+        if names:
+            return "%s (%d logical CPUs)" % (names[0], len(names))
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run_binary(args):
+    cmd = [args.binary, "--benchmark_format=json",
+           "--benchmark_repetitions=%d" % args.repetitions,
+           "--benchmark_report_aggregates_only=true"]
+    if args.min_time is not None:
+        cmd.append("--benchmark_min_time=%g" % args.min_time)
+    if args.filter:
+        cmd.append("--benchmark_filter=%s" % args.filter)
+    if args.interleave:
+        # Repetitions of all benchmarks in random order: a burst of load from another
+        # process then spreads over implementations instead of hitting one.
+        cmd.append("--benchmark_enable_random_interleaving=true")
+    if args.smoke:
+        cmd.append("--smoke")
+    print("running: " + " ".join(cmd), file=sys.stderr)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, universal_newlines=True)
+    if proc.returncode != 0:
+        print("warning: %s exited with %d (some benchmarks reported errors)"
+              % (args.binary, proc.returncode), file=sys.stderr)
+    return json.loads(proc.stdout)
+
+
+def collect(data):
+    """{(case_label, family, case, mode, threads, impl): record} for the median aggregates."""
+    results = {}
+    errors = []
+    for b in data.get("benchmarks", []):
+        name = b.get("run_name") or b["name"]
+        name = name.replace("/real_time", "")
+        m = NAME_RE.match(name)
+        if not m:
+            continue
+        if b.get("error_occurred"):
+            errors.append("%s: %s" % (name, b.get("error_message", "")))
+            continue
+        if b.get("run_type") == "aggregate" and b.get("aggregate_name") != "median":
+            continue
+        key = (m.group("family"), m.group("case"), m.group("mode"), int(m.group("threads")), m.group("impl"))
+        unit = UNIT[b.get("time_unit", "ns")]
+        results[key] = {
+            "order": b.get("family_index", len(results)),
+            "time": b["real_time"] * unit,
+            "cpu": b.get("cpu_time", 0.0) * unit,
+            "label": b.get("label", ""),
+            "model_bytes": float(b.get("model_bytes", 0.0)),
+            "B": float(b.get("B", 0.0)),
+        }
+    # Registration order (the binary registers BENCHMARKS.md's order), whatever order the
+    # interleaved run reported them in.
+    results = OrderedDict(sorted(results.items(), key=lambda kv: kv[1]["order"]))
+    return results, errors
+
+
+def fmt_time(s):
+    if s is None:
+        return "—"
+    if s < 1e-6:
+        return "%.0f ns" % (s * 1e9)
+    if s < 1e-3:
+        return "%.3g µs" % (s * 1e6)
+    return "%.3g ms" % (s * 1e3)
+
+
+def build_rows(results):
+    """One row per (case, mode, threads) in the binary's order."""
+    cases = OrderedDict()  # (family, case) -> label
+    for (family, case, mode, threads, impl), r in results.items():
+        if family != "Floor":
+            cases.setdefault((family, case), r["label"] or "%s/%s" % (family, case))
+    floor = {}
+    for (family, case, mode, threads, impl), r in results.items():
+        if family == "Floor":
+            floor[(case, threads, impl)] = r
+    rows = []
+    for (family, case), label in cases.items():
+        for mode in MODES:
+            for threads in (1, 2):
+                row = {"label": label, "family": family, "case": case, "mode": mode, "threads": threads}
+                row["preempted"] = []
+                for impl in IMPLS:
+                    r = results.get((family, case, mode, threads, impl))
+                    row[impl] = r["time"] if r else None
+                    # On one thread, CPU time well below wall time means the process was
+                    # descheduled (another job on the machine): that time is suspect.
+                    if r and threads == 1 and r["cpu"] < PREEMPTED * r["time"]:
+                        row["preempted"].append(impl)
+                    if r:
+                        row["model_bytes"], row["B"] = r["model_bytes"], r["B"]
+                if row["normkit"] is None and not any(row[i] for i in IMPLS):
+                    continue
+                mc = floor.get((case, threads, "memcpy"))
+                row["W"] = 2.0 * mc["B"] / mc["time"] if mc and mc["time"] > 0 else None
+                mb = row.get("model_bytes")
+                row["floor_time"] = mb / row["W"] if mb and row["W"] else None
+                rows.append(row)
+    return rows, floor, cases
+
+
+def markdown(rows, floor, cases, data, reps):
+    ctx = data.get("context", {})
+    out = []
+    out.append("# normkit benchmark results\n")
+    out.append("- CPU: %s" % cpu_model())
+    out.append("- Threads: 1 and 2 (normkit/naive Eigen: Eigen::ThreadPoolDevice; libtorch: "
+               "at::set_num_threads; oneDNN: omp_set_num_threads)")
+    out.append("- libtorch: %s; oneDNN: %s; normkit flags: %s" % (
+        ctx.get("libtorch", "not built"), ctx.get("onednn", "not built"), ctx.get("normkit_flags", "?")))
+    out.append("- Date: %s; host: %s; load average at start: %s; repetitions: %d (medians)" % (
+        ctx.get("date", "?"), ctx.get("host_name", "?"), ", ".join("%.2f" % x for x in ctx.get("load_avg", [])),
+        reps))
+    out.append("- Traffic model: eval 2B (BatchNorm with running stats; 3B for LayerNorm/GroupNorm/"
+               "InstanceNorm, which compute statistics in eval too), training forward 3B, backward 5B; "
+               "floor = model bytes / memcpy bandwidth of the same B and thread count, same run.")
+    out.append("- Speed-up = peer time / normkit time (> 1: normkit faster). **Bold**: normkit slower "
+               "than a peer, or above %.1f× floor. †: 1-thread run whose CPU time is below %d%% of its "
+               "wall time (descheduled by other load: read with care).\n" % (SLOW_FLOOR, PREEMPTED * 100))
+    out.append("| case | mode | thr | normkit | GB/s | ×floor | naive Eigen | libtorch | speed-up | "
+               "oneDNN | speed-up |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        nk = r["normkit"]
+        gbs = r["model_bytes"] / nk / 1e9 if nk and r.get("model_bytes") else None
+        xf = nk / r["floor_time"] if nk and r.get("floor_time") else None
+
+        def sp(peer):
+            t = r[peer]
+            if t is None or not nk:
+                return "—"
+            s = t / nk
+            return ("**%.2f**" if s < 1.0 else "%.2f") % s
+
+        xf_s = "—" if xf is None else (("**%.2f**" if xf > SLOW_FLOOR else "%.2f") % xf)
+
+        def tm(impl):
+            return fmt_time(r[impl]) + (" †" if impl in r["preempted"] else "")
+
+        out.append("| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            r["label"], r["mode"], r["threads"], tm("normkit"), "—" if gbs is None else "%.1f" % gbs, xf_s,
+            tm("eigen_naive"), tm("libtorch"), sp("libtorch"), tm("onednn"), sp("onednn")))
+    out.append("\nFloor probes (copy of B bytes; bandwidth counts read + write):\n")
+    out.append("| case | B | memcpy 1 thr | stream 1 thr | memcpy 2 thr | stream 2 thr |")
+    out.append("|---|---|---|---|---|---|")
+    seen = set()
+    for (family, case), label in cases.items():
+        if case in seen:
+            continue
+        seen.add(case)
+        cells = []
+        B = None
+        for threads in (1, 2):
+            for impl in ("memcpy", "stream"):
+                f = floor.get((case, threads, impl))
+                if f:
+                    B = f["B"]
+                    cells.append("%s (%.1f GB/s)" % (fmt_time(f["time"]), 2 * f["B"] / f["time"] / 1e9))
+                else:
+                    cells.append("—")
+        out.append("| %s | %s | %s |" % (label, "—" if B is None else "%.3g MB" % (B / 1e6), " | ".join(cells)))
+    return "\n".join(out) + "\n"
+
+
+def esc(s):
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def svg_chart(rows, title):
+    """Grouped bars of effective bandwidth (model bytes / time, GB/s) per case and mode, one
+    panel per thread count; the floor bar is the memcpy bandwidth W (the bandwidth an
+    implementation moving exactly the model bytes at memcpy speed would show)."""
+    series = [("normkit", "#1f77b4"), ("libtorch", "#ff7f0e"), ("onednn", "#2ca02c"), ("floor", "#9e9e9e")]
+    names = {"normkit": "normkit", "libtorch": "libtorch", "onednn": "oneDNN", "floor": "floor (memcpy W)"}
+    bar_w, gap, left, right, top, panel_h, label_h = 9, 10, 60, 20, 70, 280, 150
+    panels = [t for t in (1, 2) if any(r["threads"] == t for r in rows)]
+    groups = OrderedDict()
+    for r in rows:
+        groups.setdefault((r["label"], r["mode"]), {})[r["threads"]] = r
+    n = len(groups)
+    group_w = len(series) * bar_w + gap
+    width = left + right + n * group_w
+    height = top + len(panels) * (panel_h + label_h) + 20
+    o = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" '
+         'font-size="11">' % (width, height),
+         '<rect width="100%" height="100%" fill="white"/>',
+         '<text x="%d" y="20" font-size="14" font-weight="bold">%s</text>' % (left, esc(title))]
+    lx = left
+    for key, color in series:
+        o.append('<rect x="%d" y="30" width="10" height="10" fill="%s"/>' % (lx, color))
+        o.append('<text x="%d" y="39">%s</text>' % (lx + 14, esc(names[key])))
+        lx += 30 + 7 * len(names[key])
+    for p, threads in enumerate(panels):
+        y0 = top + p * (panel_h + label_h) + 10
+        vals = []
+        for g in groups.values():
+            r = g.get(threads)
+            if not r:
+                continue
+            for key, _ in series:
+                v = bandwidth(r, key)
+                if v:
+                    vals.append(v)
+        # Log scale: the suite spans a 384-byte case and 30 MB ones.
+        lo = 10 ** math.floor(math.log10(min(vals))) if vals else 0.1
+        hi = 10 ** math.ceil(math.log10(max(vals))) if vals else 1.0
+        if hi <= lo:
+            hi = lo * 10
+        span = math.log10(hi) - math.log10(lo)
+
+        def ypos(v):
+            return base - panel_h * (math.log10(max(v, lo)) - math.log10(lo)) / span
+
+        base = y0 + panel_h
+        o.append('<text x="%d" y="%d" font-weight="bold">%d thread%s — effective GB/s '
+                 '(model bytes / time, log scale; higher is better)</text>' % (
+                     left, y0 - 8, threads, "" if threads == 1 else "s"))
+        d = lo
+        while d <= hi * 1.0001:
+            y = ypos(d) + 0.5
+            o.append('<line x1="%d" x2="%d" y1="%.1f" y2="%.1f" stroke="#ccc"/>' % (left, width - right, y, y))
+            o.append('<text x="%d" y="%.1f" text-anchor="end">%g</text>' % (left - 4, y + 4, d))
+            for k in (2, 5):
+                if d * k < hi:
+                    yk = ypos(d * k) + 0.5
+                    o.append('<line x1="%d" x2="%d" y1="%.1f" y2="%.1f" stroke="#eee"/>' % (
+                        left, width - right, yk, yk))
+            d *= 10
+        for gi, ((label, mode), g) in enumerate(groups.items()):
+            x = left + gi * group_w + gap // 2
+            r = g.get(threads)
+            if r:
+                for si, (key, color) in enumerate(series):
+                    v = bandwidth(r, key)
+                    if not v:
+                        continue
+                    h = base - ypos(v)
+                    t = r["floor_time"] if key == "floor" else r.get(key)
+                    o.append('<rect x="%d" y="%.1f" width="%d" height="%.1f" fill="%s"><title>%s %s %d thr, %s: '
+                             '%.1f GB/s (%s)</title></rect>' % (
+                                 x + si * bar_w, base - h, bar_w - 1, h, color, esc(label), mode, threads,
+                                 esc(names[key]), v, fmt_time(t)))
+            lxx = x + len(series) * bar_w / 2
+            o.append('<text transform="translate(%.1f,%d) rotate(-55)" text-anchor="end">%s %s</text>' % (
+                lxx, base + 12, esc(label), mode))
+        o.append('<line x1="%d" x2="%d" y1="%d" y2="%d" stroke="black"/>' % (left, width - right, base, base))
+    o.append("</svg>")
+    return "\n".join(o) + "\n"
+
+
+def bandwidth(r, key):
+    mb = r.get("model_bytes")
+    if not mb:
+        return None
+    if key == "floor":
+        return r["W"] / 1e9 if r.get("W") else None
+    t = r.get(key)
+    return mb / t / 1e9 if t else None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--binary", help="path to normkit_bench")
+    ap.add_argument("--json-in", help="render an earlier run's JSON instead of running the binary")
+    ap.add_argument("--json-out", help="also save the raw JSON here")
+    ap.add_argument("--repetitions", type=int, default=3)
+    ap.add_argument("--min-time", type=float, default=None, help="--benchmark_min_time (seconds)")
+    ap.add_argument("--filter", default=None, help="--benchmark_filter regex")
+    ap.add_argument("--no-interleave", dest="interleave", action="store_false",
+                    help="run each benchmark's repetitions back to back (default: random interleaving)")
+    ap.add_argument("--smoke", action="store_true", help="pass --smoke (shrunken shapes)")
+    ap.add_argument("--markdown", default="-", help="Markdown output file ('-': stdout)")
+    ap.add_argument("--svg", default="bench.svg", help="SVG output file ('' to skip)")
+    args = ap.parse_args()
+    if args.json_in:
+        with open(args.json_in) as f:
+            data = json.load(f)
+    elif args.binary:
+        data = run_binary(args)
+    else:
+        ap.error("give --binary or --json-in")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(data, f, indent=1)
+    results, errors = collect(data)
+    rows, floor, cases = build_rows(results)
+    reps = max([b.get("repetitions", 1) for b in data.get("benchmarks", [])] or [args.repetitions])
+    md = markdown(rows, floor, cases, data, reps)
+    if errors:
+        md += "\nErrors:\n\n" + "\n".join("- " + e for e in errors) + "\n"
+    if args.markdown == "-":
+        sys.stdout.write(md)
+    else:
+        with open(args.markdown, "w") as f:
+            f.write(md)
+    if args.svg:
+        title = "normkit vs libtorch vs oneDNN vs memcpy floor — %s" % cpu_model()
+        with open(args.svg, "w") as f:
+            f.write(svg_chart(rows, title))
+        print("wrote %s" % os.path.abspath(args.svg), file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
