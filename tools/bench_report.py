@@ -214,6 +214,36 @@ def markdown(rows, floor, cases, data, reps):
     return "\n".join(out) + "\n"
 
 
+def compact(rows):
+    """The same results, one line per (case, mode): both thread counts side by side, peers
+    as speed-ups only (peer time / normkit time)."""
+    by = OrderedDict()
+    for r in rows:
+        by.setdefault((r["label"], r["mode"]), {})[r["threads"]] = r
+    out = ["| case | mode | normkit 1T | ×floor | vs torch | vs oneDNN | normkit 2T | ×floor | vs torch | vs oneDNN |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for (label, mode), g in by.items():
+        cells = []
+        for t in (1, 2):
+            r = g.get(t)
+            if not r or not r["normkit"]:
+                cells += ["—"] * 4
+                continue
+            nk = r["normkit"]
+            xf = nk / r["floor_time"] if r.get("floor_time") else None
+            mark = " †" if "normkit" in r["preempted"] else ""
+            cells.append(fmt_time(nk) + mark)
+            cells.append("—" if xf is None else (("**%.2f**" if xf > SLOW_FLOOR else "%.2f") % xf))
+            for peer in ("libtorch", "onednn"):
+                if r[peer]:
+                    sp = r[peer] / nk
+                    cells.append(("**%.2f**" if sp < 1 else "%.2f") % sp + (" †" if peer in r["preempted"] else ""))
+                else:
+                    cells.append("—")
+        out.append("| %s | %s | %s |" % (label, mode, " | ".join(cells)))
+    return "\n".join(out) + "\n"
+
+
 def esc(s):
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
@@ -323,6 +353,8 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="pass --smoke (shrunken shapes)")
     ap.add_argument("--markdown", default="-", help="Markdown output file ('-': stdout)")
     ap.add_argument("--svg", default="bench.svg", help="SVG output file ('' to skip)")
+    ap.add_argument("--compact", default=None,
+                    help="also write a compact table (one line per case and mode) to this file ('-': stdout)")
     args = ap.parse_args()
     if args.json_in:
         with open(args.json_in) as f:
@@ -345,6 +377,13 @@ def main():
     else:
         with open(args.markdown, "w") as f:
             f.write(md)
+    if args.compact:
+        text = compact(rows)
+        if args.compact == "-":
+            sys.stdout.write(text)
+        else:
+            with open(args.compact, "w") as f:
+                f.write(text)
     if args.svg:
         title = "normkit vs libtorch vs oneDNN vs memcpy floor — %s" % cpu_model()
         with open(args.svg, "w") as f:
