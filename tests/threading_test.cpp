@@ -60,6 +60,14 @@ TEST(ThreadingTest, BitwiseIdenticalForAnyThreadCount) {
   fill(xb, 5);
   fill(dyb, 6);
   check_threads(normkit::BatchNorm1d<double>(64), xb, dyb, "BatchNorm1d ColMajor double");
+  // Slots that fit in cache but are too few for 8 threads: 1 and 2 threads take the fused
+  // (statistics + normalize per slot) path, 3 and 8 threads the two-pass path: same bits.
+  Eigen::Tensor<float, 2, Eigen::RowMajor> xf(4, 30000), dyf(4, 30000);
+  fill(xf, 9, 50.0f);
+  fill(dyf, 10);
+  check_threads(normkit::LayerNorm<float>(normkit::LayerNormOptions({30000})), xf, dyf, "LayerNorm fused vs two-pass");
+  check_threads(normkit::BatchNorm1d<float>(4), Eigen::Tensor<float, 3, Eigen::RowMajor>(xf.reshape(Eigen::array<Eigen::Index, 3>{1, 4, 30000})),
+                Eigen::Tensor<float, 3, Eigen::RowMajor>(dyf.reshape(Eigen::array<Eigen::Index, 3>{1, 4, 30000})), "BatchNorm1d fused vs two-pass");
   // Few slots, long reductions: the path that splits one slot across threads.
   Eigen::Tensor<float, 3, Eigen::RowMajor> xs(2, 2, 300000), dys(2, 2, 300000);
   fill(xs, 7, 100.0f);

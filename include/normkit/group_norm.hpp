@@ -11,6 +11,7 @@
 #include <normkit/options.hpp>
 #include <normkit/detail/channel_norm.hpp>
 #include <normkit/detail/elementwise.hpp>
+#include <normkit/detail/fused.hpp>
 #include <normkit/detail/module.hpp>
 #include <normkit/detail/moments.hpp>
 #include <normkit/detail/plan.hpp>
@@ -37,7 +38,7 @@ namespace detail {
 // (stats plan: keys N, G; reduced Cg, spatial), then a per-(n, c) folded apply (apply plan:
 // keys N, C), since gamma/beta are per channel.
 struct GroupPlans {
-  Plan stats, apply;
+  Plan stats, stats_aux, apply;  // stats_aux: the stats plan with aux = channel index
   Index N, C, G, Cg;
 };
 
@@ -55,6 +56,9 @@ inline GroupPlans group_plans(const Shape& sh, Index G) {
     ax[static_cast<std::size_t>(i + 1)] = AxisSpec{sh.dim[static_cast<std::size_t>(i)], sh.stride[static_cast<std::size_t>(i)], Role::reduce, 0};
   }
   gp.stats = make_plan(ax.data(), sh.rank + 1);
+  ax[1].aux_stride = gp.Cg;
+  ax[2].aux_stride = 1;
+  gp.stats_aux = make_plan(ax.data(), sh.rank + 1);
   gp.apply = channel_plan(ChannelNormKind::instance, sh);
   return gp;
 }
@@ -83,24 +87,25 @@ template <class T, class Device>
 void group_norm_forward(const Shape& sh, Index G, const T* x, T* y, const VectorRef<const T>& w,
                         const VectorRef<const T>& b, double eps, SavedStats* saved, const Device& dev) {
   const GroupPlans gp = group_plans(sh, G);
-  const Index NG = gp.N * G, NC = gp.N * gp.C;
-  std::vector<acc_t> mean(static_cast<std::size_t>(NG)), var(mean.size()), work(mean.size());
-  moments(gp.stats, x, mean.data(), var.data(), work.data(), dev);
-  // Logical (n, g) -> stats slot; (n, c) -> apply slot.
-  auto sslot = [&](Index n, Index g) { return n * gp.stats.logical_slot_stride[0] + g * gp.stats.logical_slot_stride[1]; };
-  auto aslot = [&](Index n, Index c) { return n * gp.apply.logical_slot_stride[0] + c * gp.apply.logical_slot_stride[1]; };
-  std::vector<acc_t> am(static_cast<std::size_t>(NC)), scale(am.size()), shift(am.size());
-  for (Index n = 0; n < gp.N; ++n) {
-    for (Index c = 0; c < gp.C; ++c) {
-      const auto s = static_cast<std::size_t>(sslot(n, c / gp.Cg));
-      const auto a = static_cast<std::size_t>(aslot(n, c));
-      const acc_t r = rstd_of(var[s], eps, false);
-      am[a] = mean[s];
-      scale[a] = r * (w ? static_cast<acc_t>(w.data()[c]) : acc_t{1});
-      shift[a] = b ? static_cast<acc_t>(b.data()[c]) : acc_t{0};
-    }
+  const Index NG = gp.N * G;
+  std::vector<acc_t> mean(static_cast<std::size_t>(NG)), rstd(mean.size()), center(mean.size());
+  std::vector<T> ones, zeros;
+  if (!w) ones.assign(static_cast<std::size_t>(gp.C), T(1));
+  if (!b) zeros.assign(static_cast<std::size_t>(gp.C), T(0));
+  const T* gamma = w ? w.data() : ones.data();
+  const T* beta = b ? b.data() : zeros.data();
+  auto finish = [&](Index s, acc_t m, acc_t v) {
+    mean[static_cast<std::size_t>(s)] = m;
+    rstd[static_cast<std::size_t>(s)] = rstd_of(v, eps, false);
+  };
+  // Per-channel gamma/beta through the aux index (the channel) of the stats plan.
+  const AuxAffineOp<T> op{x, y, mean.data(), rstd.data(), gamma, beta};
+  if (!fused_forward(gp.stats, gp.stats_aux, x, center.data(), finish, op, dev)) {
+    moments(gp.stats, x, mean.data(), rstd.data(), center.data(), dev);
+    for (std::size_t s = 0; s < mean.size(); ++s) finish(static_cast<Index>(s), mean[s], rstd[s]);
+    for_each_run(gp.stats_aux, op, dev);
   }
-  for_each_run(gp.apply, AffineOp<T>{x, y, am.data(), scale.data(), shift.data()}, dev);
+  auto sslot = [&](Index n, Index g) { return n * gp.stats.logical_slot_stride[0] + g * gp.stats.logical_slot_stride[1]; };
   if (saved) {
     saved->mean = Eigen::Tensor<double, 1>(NG);
     saved->rstd = Eigen::Tensor<double, 1>(NG);
@@ -108,7 +113,7 @@ void group_norm_forward(const Shape& sh, Index G, const T* x, T* y, const Vector
       for (Index g = 0; g < G; ++g) {
         const auto s = static_cast<std::size_t>(sslot(n, g));
         saved->mean(n * G + g) = mean[s];
-        saved->rstd(n * G + g) = rstd_of(var[s], eps, false);
+        saved->rstd(n * G + g) = rstd[s];
       }
     }
     saved->batch_stats = true;

@@ -10,6 +10,7 @@
 #include <normkit/error.hpp>
 #include <normkit/options.hpp>
 #include <normkit/detail/elementwise.hpp>
+#include <normkit/detail/fused.hpp>
 #include <normkit/detail/module.hpp>
 #include <normkit/detail/moments.hpp>
 #include <normkit/detail/plan.hpp>
@@ -134,19 +135,26 @@ void layer_norm_forward(const Shape& sh, int D, const T* x, T* y, const VectorRe
                         const VectorRef<const T>& b, double eps, SavedStats* saved, const Device& dev) {
   const LayerPlans lp = layer_plans(sh, D, false);
   const auto rows = static_cast<std::size_t>(lp.rows);
-  std::vector<acc_t> mean(rows), rstd(rows), work(rows);
-  moments(lp.stats, x, mean.data(), rstd.data(), work.data(), dev);
-  for (auto& v : rstd) v = rstd_of(v, eps, false);
-  if (w || b) {
-    std::vector<acc_t> gamma(static_cast<std::size_t>(lp.n), 1.0), beta(gamma.size(), 0.0);
-    for (Index i = 0; i < lp.n; ++i) {
-      if (w) gamma[static_cast<std::size_t>(i)] = static_cast<acc_t>(w.data()[i]);
-      if (b) beta[static_cast<std::size_t>(i)] = static_cast<acc_t>(b.data()[i]);
+  std::vector<acc_t> mean(rows), rstd(rows), center(rows);
+  auto finish = [&](Index s, acc_t m, acc_t v) {
+    mean[static_cast<std::size_t>(s)] = m;
+    rstd[static_cast<std::size_t>(s)] = rstd_of(v, eps, false);
+  };
+  auto go = [&](const auto& op) {
+    if (!fused_forward(lp.stats, lp.stats, x, center.data(), finish, op, dev)) {
+      moments(lp.stats, x, mean.data(), rstd.data(), center.data(), dev);
+      for (std::size_t s = 0; s < rows; ++s) finish(static_cast<Index>(s), mean[s], rstd[s]);
+      for_each_run(lp.stats, op, dev);
     }
-    for_each_run(lp.stats, AuxAffineOp<T>{x, y, mean.data(), rstd.data(), gamma.data(), beta.data()}, dev);
+  };
+  if (w || b) {
+    // The caller's weight/bias are read in place; a missing one is replaced by ones/zeros.
+    std::vector<T> fill;
+    if (!w || !b) fill.assign(static_cast<std::size_t>(lp.n), w ? T(0) : T(1));
+    go(AuxAffineOp<T>{x, y, mean.data(), rstd.data(), w ? w.data() : fill.data(), b ? b.data() : fill.data()});
   } else {
     std::vector<acc_t> zero(rows, 0.0);
-    for_each_run(lp.stats, AffineOp<T>{x, y, mean.data(), rstd.data(), zero.data()}, dev);
+    go(AffineOp<T>{x, y, mean.data(), rstd.data(), zero.data()});
   }
   if (saved) {
     const std::vector<Index> map = slot_map(sh, lp.stats, 0, lp.lead);

@@ -10,6 +10,7 @@
 
 #include <normkit/config.hpp>
 #include <normkit/detail/elementwise.hpp>
+#include <normkit/detail/fused.hpp>
 #include <normkit/detail/module.hpp>
 #include <normkit/detail/moments.hpp>
 #include <normkit/detail/plan.hpp>
@@ -140,9 +141,26 @@ void channel_norm_forward(ChannelNormKind kind, const Shape& sh, const T* x, T* 
     }
     return;
   }
+  // gamma/beta per slot first; scale becomes rstd * gamma once the slot's rstd is known.
+  for (Index l = 0; l < slots; ++l) {
+    const auto s = static_cast<std::size_t>(plan_slot(kind, p, l, C));
+    const Index c = l % C;
+    scale[s] = a.weight ? static_cast<acc_t>(a.weight.data()[c]) : acc_t{1};
+    shift[s] = a.bias ? static_cast<acc_t>(a.bias.data()[c]) : acc_t{0};
+  }
+  const AffineOp<T> op{x, y, mean, scale, shift};
   if (a.batch_stats) {
-    moments(p, x, mean, var, center, dev);
-    for (Index s = 0; s < slots; ++s) rstd[s] = rstd_of(var[s], a.eps, true);
+    auto finish = [&](Index s, acc_t m, acc_t v) {
+      mean[s] = m;
+      var[s] = v;
+      rstd[s] = rstd_of(v, a.eps, true);
+      scale[s] *= rstd[s];
+    };
+    if (!fused_forward(p, p, x, center, finish, op, dev)) {
+      moments(p, x, mean, var, center, dev);
+      for (Index s = 0; s < slots; ++s) finish(s, mean[s], var[s]);
+      for_each_run(p, op, dev);
+    }
     if (a.update_running) {
       // Per-channel batch statistics in logical order, averaged over n for InstanceNorm.
       std::fill(cm, cm + 2 * C, acc_t{0});
@@ -165,15 +183,10 @@ void channel_norm_forward(ChannelNormKind kind, const Shape& sh, const T* x, T* 
       const Index c = l % C;
       mean[s] = static_cast<acc_t>(a.running_mean.data()[c]);
       rstd[s] = rstd_of(static_cast<acc_t>(a.running_var.data()[c]), a.eps, false);
+      scale[s] *= rstd[s];
     }
+    for_each_run(p, op, dev);
   }
-  for (Index l = 0; l < slots; ++l) {
-    const auto s = static_cast<std::size_t>(plan_slot(kind, p, l, C));
-    const Index c = l % C;
-    scale[s] = rstd[s] * (a.weight ? static_cast<acc_t>(a.weight.data()[c]) : acc_t{1});
-    shift[s] = a.bias ? static_cast<acc_t>(a.bias.data()[c]) : acc_t{0};
-  }
-  for_each_run(p, AffineOp<T>{x, y, mean, scale, shift}, dev);
   if (saved) {
     saved->mean = Eigen::Tensor<double, 1>(slots);
     saved->rstd = Eigen::Tensor<double, 1>(slots);

@@ -78,6 +78,21 @@ void for_each_run(const Plan& p, const Op& op, const Device& dev) {
   }
 }
 
+/// A double mean as float hi + lo, for a float-speed, double-accurate x - mean.
+///
+/// NB: for float input the row-mode apply runs in float (8 or 16 lanes, no conversions: the
+/// conversions bound the double version). (x - hi) is exact whenever x is within a factor 2
+/// of the mean (Sterbenz) -- the large-offset case where float arithmetic usually loses
+/// everything -- and otherwise |x - mean| >= |mean|/2 keeps its rounding relative; then
+/// subtracting lo restores the double mean's digits. The result is within ~2 ulp of the
+/// double computation, and exact for constant slices (x == mean gives 0, y == beta).
+template <class T>
+struct SplitMean {
+  T hi, lo;
+  explicit SplitMean(acc_t m) : hi(static_cast<T>(m)), lo(static_cast<T>(m - static_cast<acc_t>(hi))) {}
+  NORMKIT_ALWAYS_INLINE T centred(T x) const { return (x - hi) - lo; }
+};
+
 /// y = (x - mean[s]) * scale[s] + shift[s]: normalize and affine folded per slot.
 ///
 /// NB: the centred form (x - mean) * scale + shift, in double, rather than ATen's
@@ -103,6 +118,10 @@ struct AffineOp {
       for (Index j = 0; j < len; ++j) {
         yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - m[j]) * a[j] + b[j]);
       }
+    } else if constexpr (std::is_same<T, float>::value) {
+      const SplitMean<T> m(mean[slot]);
+      const T a = static_cast<T>(scale[slot]), b = static_cast<T>(shift[slot]);
+      for (Index j = 0; j < len; ++j) yp[j] = m.centred(xp[j]) * a + b;
     } else {
       const acc_t m = mean[slot], a = scale[slot], b = shift[slot];
       for (Index j = 0; j < len; ++j) {
@@ -112,15 +131,18 @@ struct AffineOp {
   }
 };
 
-/// y = (x - mean[s]) * rstd[s] * gamma[aux] + beta[aux]: LayerNorm's elementwise affine.
+/// y = (x - mean[s]) * rstd[s] * gamma[aux] + beta[aux]: LayerNorm's elementwise affine
+/// (and GroupNorm's per-channel one, aux = channel). gamma/beta stay in the input's type
+/// (the caller's own arrays): converting in registers halves the loads per element, which
+/// bound this loop when it read double copies.
 template <class T>
 struct AuxAffineOp {
   const T* x;
   T* y;
   const acc_t* mean;
   const acc_t* rstd;
-  const acc_t* gamma;
-  const acc_t* beta;
+  const T* gamma;
+  const T* beta;
 
   template <bool kColumn, int AuxMode>
   NORMKIT_ALWAYS_INLINE void run(Index off, Index len, Index slot, Index aux,
@@ -131,24 +153,32 @@ struct AuxAffineOp {
       (void)aux_step;
       const acc_t* m = mean + slot;
       const acc_t* r = rstd + slot;
-      const acc_t g = gamma[aux], b = beta[aux];
+      const acc_t g = static_cast<acc_t>(gamma[aux]), b = static_cast<acc_t>(beta[aux]);
       for (Index j = 0; j < len; ++j) {
         yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - m[j]) * r[j] * g + b);
       }
+    } else if constexpr (!kColumn && AuxMode == 1 && std::is_same<T, float>::value) {
+      (void)aux_step;
+      const SplitMean<T> m(mean[slot]);
+      const T r = static_cast<T>(rstd[slot]);
+      const T* g = gamma + aux;
+      const T* b = beta + aux;
+      for (Index j = 0; j < len; ++j) yp[j] = m.centred(xp[j]) * r * g[j] + b[j];
     } else if constexpr (!kColumn && AuxMode == 1) {
       (void)aux_step;
       const acc_t m = mean[slot], r = rstd[slot];
-      const acc_t* g = gamma + aux;
-      const acc_t* b = beta + aux;
+      const T* g = gamma + aux;
+      const T* b = beta + aux;
       for (Index j = 0; j < len; ++j) {
-        yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - m) * r * g[j] + b[j]);
+        yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - m) * r * static_cast<acc_t>(g[j]) +
+                               static_cast<acc_t>(b[j]));
       }
     } else {
       for (Index j = 0; j < len; ++j) {
         const Index s = kColumn ? slot + j : slot;
         const Index k = aux + j * aux_step;
-        yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - mean[s]) * rstd[s] * gamma[k] +
-                               beta[k]);
+        yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - mean[s]) * rstd[s] *
+                                   static_cast<acc_t>(gamma[k]) + static_cast<acc_t>(beta[k]));
       }
     }
   }

@@ -11,6 +11,7 @@
 #include <normkit/config.hpp>
 #include <normkit/detail/parallel.hpp>
 #include <normkit/detail/plan.hpp>
+#include <normkit/detail/simd.hpp>
 
 namespace normkit {
 namespace detail {
@@ -241,7 +242,8 @@ void reduce(const Plan& p, const Op& op, acc_t* out1, acc_t* out2, const Device&
 // ---------------------------------------------------------------------------------------
 // Accumulator ops.
 
-// NB: lanes. Plain sums use kLanes independent accumulators (a loop the compiler turns into
+// NB: lanes. The hot row kernels below use simd::d8 accumulators (detail/simd.hpp); the
+// remaining scalar kernels use kLanes independent accumulators (a loop the compiler turns into
 // vector adds without reassociating anything), reduced in a fixed tree at the end of a run.
 inline constexpr int kLanes = 8;
 
@@ -270,22 +272,39 @@ struct MomentsOp {
                                  acc_t& s2) const {
     const T* xp = x + off;
     const acc_t c = center[slot];
-    acc_t a1[kLanes] = {}, a2[kLanes] = {};
+    // Two independent vector accumulator pairs hide the add latency.
+    simd::d8 cv, a1, a2, b1, b2;
+    simd::splat(cv, c);
+    simd::zero(a1), simd::zero(a2), simd::zero(b1), simd::zero(b2);
     Index i = 0;
-    for (; i + kLanes <= len; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const acc_t d = static_cast<acc_t>(xp[i + j]) - c;
-        a1[j] += d;
-        a2[j] += d * d;
-      }
+    for (; i + 16 <= len; i += 16) {
+      simd::d8 d, e;
+      simd::load(d, xp + i);
+      simd::load(e, xp + i + 8);
+      d -= cv;
+      e -= cv;
+      a1 += d;
+      a2 += d * d;
+      b1 += e;
+      b2 += e * e;
     }
-    for (int j = 0; i < len; ++i, ++j) {
+    for (; i + 8 <= len; i += 8) {
+      simd::d8 d;
+      simd::load(d, xp + i);
+      d -= cv;
+      a1 += d;
+      a2 += d * d;
+    }
+    a1 += b1;
+    a2 += b2;
+    acc_t t1 = 0, t2 = 0;
+    for (; i < len; ++i) {  // Scalar tail.
       const acc_t d = static_cast<acc_t>(xp[i]) - c;
-      a1[j] += d;
-      a2[j] += d * d;
+      t1 += d;
+      t2 += d * d;
     }
-    s1 += lane_sum(a1);
-    s2 += lane_sum(a2);
+    s1 += simd::hsum(a1) + t1;
+    s2 += simd::hsum(a2) + t2;
   }
   template <int AuxMode>
   NORMKIT_ALWAYS_INLINE void col(Index off, Index len, Index slot, Index, Index, acc_t* s1,
@@ -331,22 +350,33 @@ struct GradSumsOp {
     const T* xp = x + off;
     const T* gp = dy + off;
     const acc_t c = center[slot];
-    acc_t a1[kLanes] = {}, a2[kLanes] = {};
     Index i = 0;
-    for (; i + kLanes <= len; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const acc_t g = static_cast<acc_t>(gp[i + j]) * w<AuxMode>(aux, aux_step, i + j);
-        a1[j] += g;
-        a2[j] += g * (static_cast<acc_t>(xp[i + j]) - c);
+    if constexpr (AuxMode != 2) {
+      simd::d8 cv, wv, a1, a2;
+      simd::splat(cv, c);
+      simd::splat(wv, kWeighted && AuxMode == 0 ? weight[aux] : acc_t{1});
+      simd::zero(a1), simd::zero(a2);
+      for (; i + 8 <= len; i += 8) {
+        simd::d8 g, xv;
+        simd::load(g, gp + i);
+        if constexpr (kWeighted && AuxMode == 1) simd::load(wv, weight + aux + i);
+        if constexpr (kWeighted) g = g * wv;
+        simd::load(xv, xp + i);
+        xv -= cv;
+        a1 += g;
+        a2 += g * xv;
       }
+      s1 += simd::hsum(a1);
+      s2 += simd::hsum(a2);
     }
-    for (int j = 0; i < len; ++i, ++j) {
+    acc_t t1 = 0, t2 = 0;
+    for (; i < len; ++i) {  // Scalar tail (and strided-aux runs).
       const acc_t g = static_cast<acc_t>(gp[i]) * w<AuxMode>(aux, aux_step, i);
-      a1[j] += g;
-      a2[j] += g * (static_cast<acc_t>(xp[i]) - c);
+      t1 += g;
+      t2 += g * (static_cast<acc_t>(xp[i]) - c);
     }
-    s1 += lane_sum(a1);
-    s2 += lane_sum(a2);
+    s1 += t1;
+    s2 += t2;
   }
   template <int AuxMode>
   NORMKIT_ALWAYS_INLINE void col(Index off, Index len, Index slot, Index aux, Index aux_step,

@@ -1,0 +1,83 @@
+// normkit — normalization layers over Eigen tensors
+// SPDX-License-Identifier: MIT
+#ifndef NORMKIT_DETAIL_FUSED_HPP_
+#define NORMKIT_DETAIL_FUSED_HPP_
+// IWYU pragma: private, include <normkit/normkit.hpp>
+
+#include <type_traits>  // std::integral_constant
+
+#include <normkit/config.hpp>
+#include <normkit/detail/moments.hpp>
+#include <normkit/detail/parallel.hpp>
+#include <normkit/detail/plan.hpp>
+#include <normkit/detail/reduction.hpp>
+
+namespace normkit {
+namespace detail {
+
+// NB: cache-resident fusion. When one slot's elements fit comfortably in L2 (a LayerNorm
+// row, an InstanceNorm plane, a GroupNorm group, a BatchNorm channel of a small batch), the
+// forward pass computes the slot's statistics and normalizes it right away, while its data
+// is still in cache: memory traffic drops from 3B (stats pass + normalize pass) to 2B. The
+// statistics use the very same blocks and merge order as reduce() (row_block), so a fused
+// call returns bit-for-bit what the two-pass path returns, whatever the thread count. Slots
+// larger than kFuseElements, column-mode plans, and few-slot tensors on a thread pool (which
+// need a slot split across threads) take the two-pass path.
+inline constexpr Index kFuseElements = Index{1} << 15;  // 128 KiB of floats
+
+/// Statistics over `ps` and apply over `pa` (same key axes; pa may carry aux strides), slot
+/// group by slot group. `finish(slot, mean, var)` turns a slot's moments into the
+/// coefficients the apply op reads. Returns false (doing nothing) when fusion does not apply.
+template <class T, class Finish, class ApplyOp, class Device>
+bool fused_forward(const Plan& ps, const Plan& pa, const T* x, acc_t* center, Finish&& finish,
+                   const ApplyOp& apply, const Device& dev) {
+  if (ps.numel == 0 || ps.column_mode() || pa.column_mode() || ps.per_slot > kFuseElements) return false;
+  const reduction_impl::Nest ns = reduction_impl::split(ps);
+  const reduction_impl::Nest na = reduction_impl::split(pa);
+  const int threads = device_threads(dev);
+  const bool parallel = threads > 1 && ps.numel >= kMinParallelElements;
+  if (ns.T != na.T || (parallel && ns.T < 2 * threads)) return false;
+  slot_centers(ps, x, center);
+  const MomentsOp<T> mop{x, center};
+  const Index B = (ns.R * ns.L + kBlockElements - 1) / kBlockElements;
+  auto groups = [&](auto aux_tag, Index first, Index last) {
+    constexpr int kAux = decltype(aux_tag)::value;
+    for (Index t = first; t < last; ++t) {
+      acc_t a1 = 0, a2 = 0;
+      for (Index b = 0; b < B; ++b) {
+        acc_t p1, p2;
+        reduction_impl::row_block<0>(ns, mop, t, b, p1, p2);
+        a1 += p1;
+        a2 += p2;
+      }
+      const Index s = reduction_impl::slot_of_group(ns, t);
+      acc_t mean, var;
+      finish_moments(center[s], a1, a2, ps.per_slot, mean, var);
+      finish(s, mean, var);
+      Odometer ko = na.ko, ro = na.ro;
+      ko.seek(t);
+      NORMKIT_ASSERT(ko.slot == s);
+      ro.seek(0);
+      for (Index r = 0; r < na.R; ++r, ro.next()) {
+        apply.template run<false, kAux>(ko.offset + ro.offset, na.L, ko.slot, ko.aux + ro.aux, na.aux_step);
+      }
+    }
+  };
+  const double bytes = double(ps.per_slot) * 3.0 * sizeof(T);
+  auto run = [&](auto aux_tag) {
+    parallel_for(dev, ns.T, bytes, parallel, [&](Index first, Index last) { groups(aux_tag, first, last); });
+  };
+  if (na.aux_step == 0) {
+    run(std::integral_constant<int, 0>{});
+  } else if (na.aux_step == 1) {
+    run(std::integral_constant<int, 1>{});
+  } else {
+    run(std::integral_constant<int, 2>{});
+  }
+  return true;
+}
+
+}  // namespace detail
+}  // namespace normkit
+
+#endif  // NORMKIT_DETAIL_FUSED_HPP_
