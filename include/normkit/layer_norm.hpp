@@ -185,23 +185,32 @@ void layer_norm_backward(const Shape& sh, int D, const T* x, const T* dy, T* dx,
   }
   if (dx) {
     std::vector<acc_t> gamma;
+    const acc_t m = static_cast<acc_t>(lp.n);
+    auto finish = [&](Index si, acc_t sum_g, acc_t sum_gx) {
+      const auto s = static_cast<std::size_t>(si);
+      const acc_t r = rstd[s];
+      B[s] = -r * r * r * sum_gx / m;
+      C[s] = -r * sum_g / m;
+    };
+    // dx = rstd * w * dy + B * (x - mean) + C per row, fused with the row sums when the row
+    // fits in cache.
+    auto go = [&](const auto& rop, const auto& aop) {
+      if (can_fuse<T>(lp.stats, lp.stats, dev)) {
+        fused_slots<T>(lp.stats, lp.stats, rop, finish, aop, dev);
+      } else {
+        reduce(lp.stats, rop, s1.data(), s2.data(), dev);
+        for (std::size_t s = 0; s < rows; ++s) finish(static_cast<Index>(s), s1[s], s2[s]);
+        for_each_run(lp.stats, aop, dev);
+      }
+    };
     if (w) {
       gamma.resize(static_cast<std::size_t>(lp.n));
       for (Index i = 0; i < lp.n; ++i) gamma[static_cast<std::size_t>(i)] = static_cast<acc_t>(w.data()[i]);
-      reduce(lp.stats, GradSumsOp<T, true>{x, dy, mean.data(), gamma.data()}, s1.data(), s2.data(), dev);
+      go(GradSumsOp<T, true>{x, dy, mean.data(), gamma.data()},
+         GradInputOp<T, true>{x, dy, dx, mean.data(), rstd.data(), B.data(), C.data(), gamma.data()});
     } else {
-      reduce(lp.stats, GradSumsOp<T, false>{x, dy, mean.data(), nullptr}, s1.data(), s2.data(), dev);
-    }
-    const acc_t m = static_cast<acc_t>(lp.n);
-    for (std::size_t s = 0; s < rows; ++s) {
-      const acc_t r = rstd[s];
-      B[s] = -r * r * r * s2[s] / m;
-      C[s] = -r * s1[s] / m;
-    }
-    if (w) {
-      for_each_run(lp.stats, GradInputOp<T, true>{x, dy, dx, mean.data(), rstd.data(), B.data(), C.data(), gamma.data()}, dev);
-    } else {
-      for_each_run(lp.stats, GradInputOp<T, false>{x, dy, dx, mean.data(), rstd.data(), B.data(), C.data(), nullptr}, dev);
+      go(GradSumsOp<T, false>{x, dy, mean.data(), nullptr},
+         GradInputOp<T, false>{x, dy, dx, mean.data(), rstd.data(), B.data(), C.data(), nullptr});
     }
   }
   if (params) {

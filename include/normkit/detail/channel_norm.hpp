@@ -238,22 +238,39 @@ void channel_norm_backward(ChannelNormKind kind, const Shape& sh, const T* x, co
     mean[s] = saved.mean(l);
     rstd[s] = saved.rstd(l);
   }
-  reduce(p, GradSumsOp<T, false>{x, dy, mean.data(), nullptr}, s1.data(), s2.data(), dev);
   const acc_t m = static_cast<acc_t>(p.per_slot);
+  std::vector<acc_t> gs(n);  // gamma per slot
+  for (Index l = 0; l < slots; ++l) {
+    gs[static_cast<std::size_t>(plan_slot(kind, p, l, C))] = weight ? static_cast<acc_t>(weight.data()[l % C]) : acc_t{1};
+  }
+  // dx = a * dy + b * (x - mean) + c per slot, from the slot's sum(dy) and sum(dy * (x - mean)).
+  auto finish = [&](Index si, acc_t sum_dy, acc_t sum_dyx) {
+    const auto s = static_cast<std::size_t>(si);
+    const acc_t g = gs[s], r = rstd[s];
+    s1[s] = sum_dy;
+    s2[s] = sum_dyx;
+    A[s] = g * r;
+    if (saved.batch_stats && m > 0) {
+      B[s] = -g * r * r * r * sum_dyx / m;
+      Cc[s] = -g * r * sum_dy / m;
+    } else {
+      B[s] = Cc[s] = 0;
+    }
+  };
+  const GradSumsOp<T, false> rop{x, dy, mean.data(), nullptr};
+  const GradInputOp<T, false> aop{x, dy, dx, mean.data(), A.data(), B.data(), Cc.data(), nullptr};
+  if (dx && can_fuse<T>(p, p, dev)) {
+    fused_slots<T>(p, p, rop, finish, aop, dev);  // dx while the slot is in cache
+  } else {
+    reduce(p, rop, s1.data(), s2.data(), dev);
+    for (Index s = 0; s < slots; ++s) finish(s, s1[static_cast<std::size_t>(s)], s2[static_cast<std::size_t>(s)]);
+    if (dx) for_each_run(p, aop, dev);
+  }
   std::vector<acc_t> dw(static_cast<std::size_t>(C), 0.0), db(dw.size(), 0.0);
   for (Index l = 0; l < slots; ++l) {
     const auto s = static_cast<std::size_t>(plan_slot(kind, p, l, C));
     const auto c = static_cast<std::size_t>(l % C);
-    const acc_t g = weight ? static_cast<acc_t>(weight.data()[c]) : acc_t{1};
-    const acc_t r = rstd[s];
-    A[s] = g * r;
-    if (saved.batch_stats && m > 0) {
-      B[s] = -g * r * r * r * s2[s] / m;
-      Cc[s] = -g * r * s1[s] / m;
-    } else {
-      B[s] = Cc[s] = 0;
-    }
-    dw[c] += s2[s] * r;
+    dw[c] += s2[s] * rstd[s];
     db[c] += s1[s];
   }
   if (gw) {
@@ -261,9 +278,6 @@ void channel_norm_backward(ChannelNormKind kind, const Shape& sh, const T* x, co
   }
   if (gb) {
     for (Index c = 0; c < C; ++c) gb.data()[c] = static_cast<T>(db[static_cast<std::size_t>(c)]);
-  }
-  if (dx) {
-    for_each_run(p, GradInputOp<T, false>{x, dy, dx, mean.data(), A.data(), B.data(), Cc.data(), nullptr}, dev);
   }
 }
 

@@ -25,35 +25,44 @@ namespace detail {
 // need a slot split across threads) take the two-pass path.
 inline constexpr Index kFuseElements = Index{1} << 15;  // 128 KiB of floats
 
-/// Statistics over `ps` and apply over `pa` (same key axes; pa may carry aux strides), slot
-/// group by slot group. `finish(slot, mean, var)` turns a slot's moments into the
-/// coefficients the apply op reads. Returns false (doing nothing) when fusion does not apply.
-template <class T, class Finish, class ApplyOp, class Device>
-bool fused_forward(const Plan& ps, const Plan& pa, const T* x, acc_t* center, Finish&& finish,
-                   const ApplyOp& apply, const Device& dev) {
+/// Whether fused_slots() applies to this pair of plans on this device.
+template <class T, class Device>
+bool can_fuse(const Plan& ps, const Plan& pa, const Device& dev) {
   if (ps.numel == 0 || ps.column_mode() || pa.column_mode() || ps.per_slot > kFuseElements) return false;
-  const reduction_impl::Nest ns = reduction_impl::split(ps);
-  const reduction_impl::Nest na = reduction_impl::split(pa);
   const int threads = device_threads(dev);
   const bool parallel = threads > 1 && ps.numel >= kMinParallelElements;
-  if (ns.T != na.T || (parallel && ns.T < 2 * threads)) return false;
-  slot_centers(ps, x, center);
-  const MomentsOp<T> mop{x, center};
+  Index groups = 1;
+  for (int i = 0; i + 1 < ps.rank; ++i) {
+    if (ps.axes[static_cast<std::size_t>(i)].role == Role::key) groups *= ps.axes[static_cast<std::size_t>(i)].extent;
+  }
+  return !(parallel && groups < 2 * threads);
+}
+
+/// Reduction over `ps` and apply over `pa` (same key axes; pa may carry aux strides), slot
+/// group by slot group: `finish(slot, s1, s2)` turns a slot's two sums (op's, same blocks and
+/// order as reduce()) into the coefficients the apply op reads. Call only when can_fuse().
+template <class T, class ReduceOp, class Finish, class ApplyOp, class Device>
+void fused_slots(const Plan& ps, const Plan& pa, const ReduceOp& rop, Finish&& finish,
+                 const ApplyOp& apply, const Device& dev) {
+  const reduction_impl::Nest ns = reduction_impl::split(ps);
+  const reduction_impl::Nest na = reduction_impl::split(pa);
+  NORMKIT_ASSERT(ns.T == na.T);
+  const int threads = device_threads(dev);
+  const bool parallel = threads > 1 && ps.numel >= kMinParallelElements;
   const Index B = (ns.R * ns.L + kBlockElements - 1) / kBlockElements;
-  auto groups = [&](auto aux_tag, Index first, Index last) {
+  auto groups = [&](auto red_tag, auto aux_tag, Index first, Index last) {
+    constexpr int kRedAux = decltype(red_tag)::value;
     constexpr int kAux = decltype(aux_tag)::value;
     for (Index t = first; t < last; ++t) {
       acc_t a1 = 0, a2 = 0;
       for (Index b = 0; b < B; ++b) {
         acc_t p1, p2;
-        reduction_impl::row_block<0>(ns, mop, t, b, p1, p2);
+        reduction_impl::row_block<kRedAux>(ns, rop, t, b, p1, p2);
         a1 += p1;
         a2 += p2;
       }
       const Index s = reduction_impl::slot_of_group(ns, t);
-      acc_t mean, var;
-      finish_moments(center[s], a1, a2, ps.per_slot, mean, var);
-      finish(s, mean, var);
+      finish(s, a1, a2);
       Odometer ko = na.ko, ro = na.ro;
       ko.seek(t);
       NORMKIT_ASSERT(ko.slot == s);
@@ -64,16 +73,45 @@ bool fused_forward(const Plan& ps, const Plan& pa, const T* x, acc_t* center, Fi
     }
   };
   const double bytes = double(ps.per_slot) * 3.0 * sizeof(T);
-  auto run = [&](auto aux_tag) {
-    parallel_for(dev, ns.T, bytes, parallel, [&](Index first, Index last) { groups(aux_tag, first, last); });
+  // Aux modes of the reduction (ps's inner aux step) and of the apply (pa's), as reduce()
+  // and for_each_run() choose them.
+  auto run = [&](auto red_tag) {
+    auto go = [&](auto aux_tag) {
+      parallel_for(dev, ns.T, bytes, parallel,
+                   [&](Index first, Index last) { groups(red_tag, aux_tag, first, last); });
+    };
+    if (na.aux_step == 0) {
+      go(std::integral_constant<int, 0>{});
+    } else if (na.aux_step == 1) {
+      go(std::integral_constant<int, 1>{});
+    } else {
+      go(std::integral_constant<int, 2>{});
+    }
   };
-  if (na.aux_step == 0) {
+  if (ns.aux_step == 0) {
     run(std::integral_constant<int, 0>{});
-  } else if (na.aux_step == 1) {
+  } else if (ns.aux_step == 1) {
     run(std::integral_constant<int, 1>{});
   } else {
     run(std::integral_constant<int, 2>{});
   }
+}
+
+/// Forward: moments over `ps`, then apply over `pa`, per slot while it is in cache.
+/// `finish(slot, mean, var)`. Returns false (doing nothing) when fusion does not apply.
+template <class T, class Finish, class ApplyOp, class Device>
+bool fused_forward(const Plan& ps, const Plan& pa, const T* x, acc_t* center, Finish&& finish,
+                   const ApplyOp& apply, const Device& dev) {
+  if (!can_fuse<T>(ps, pa, dev)) return false;
+  slot_centers(ps, x, center);
+  const Index n = ps.per_slot;
+  fused_slots<T>(ps, pa, MomentsOp<T>{x, center},
+                 [&](Index s, acc_t s1, acc_t s2) {
+                   acc_t mean, var;
+                   finish_moments(center[s], s1, s2, n, mean, var);
+                   finish(s, mean, var);
+                 },
+                 apply, dev);
   return true;
 }
 

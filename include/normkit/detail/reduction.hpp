@@ -22,9 +22,12 @@ namespace detail {
 // contributes. The loops, the blocking, the threading and the merge order live here once.
 //
 // An op provides
-//   template <int AuxMode> void row(offset, len, slot, aux, aux_step, acc& s1, acc& s2) const;
+//   struct RowState;  (value-initialized = zero)
+//   template <int AuxMode> void row(offset, len, slot, aux, aux_step, RowState& st) const;
+//   void finish(const RowState& st, acc& s1, acc& s2) const;
 //   template <int AuxMode> void col(offset, len, slot, aux, aux_step, acc* s1, acc* s2) const;
-// row(): elements [offset, offset + len) all belong to `slot`; add to s1, s2.
+// row(): elements [offset, offset + len) all belong to `slot`; accumulate into st (one block
+// of runs of one slot); finish() reduces st to the block's two sums.
 // col(): element offset + j belongs to slot + j; add to s1[j], s2[j].
 // `aux` is the aux index of the first element; it advances by aux_step per element
 // (AuxMode 0: aux_step == 0, 1: aux_step == 1, 2: any other step).
@@ -75,16 +78,18 @@ void row_block(const Nest& n, const Op& op, Index t, Index block, acc_t& s1, acc
   const Index end = std::min(total, start + kBlockElements);
   ro.seek(start / n.L);
   Index i0 = start % n.L;
-  s1 = 0;
-  s2 = 0;
+  // The op's accumulators live across all runs of the block and are reduced once at its
+  // end: short runs (7x7 feature maps) pay no per-run horizontal sum.
+  typename Op::RowState st{};
   while (start < end) {
     const Index len = std::min(n.L - i0, end - start);
     op.template row<AuxMode>(ko.offset + ro.offset + i0, len, ko.slot,
-                             ko.aux + ro.aux + i0 * n.aux_step, n.aux_step, s1, s2);
+                             ko.aux + ro.aux + i0 * n.aux_step, n.aux_step, st);
     start += len;
     i0 = 0;
     ro.next();
   }
+  op.finish(st, s1, s2);
 }
 
 // Column mode: rows of block `block` for column tile `tile` of slot group t.
@@ -267,15 +272,17 @@ struct MomentsOp {
   const T* x;
   const acc_t* center;  // per slot
 
+  struct RowState {
+    simd::d8 a1{}, a2{}, b1{}, b2{};  // two independent pairs hide the add latency
+    acc_t t1 = 0, t2 = 0;             // scalar tails
+  };
+
   template <int AuxMode>
-  NORMKIT_ALWAYS_INLINE void row(Index off, Index len, Index slot, Index, Index, acc_t& s1,
-                                 acc_t& s2) const {
+  NORMKIT_ALWAYS_INLINE void row(Index off, Index len, Index slot, Index, Index, RowState& st) const {
     const T* xp = x + off;
     const acc_t c = center[slot];
-    // Two independent vector accumulator pairs hide the add latency.
-    simd::d8 cv, a1, a2, b1, b2;
+    simd::d8 cv;
     simd::splat(cv, c);
-    simd::zero(a1), simd::zero(a2), simd::zero(b1), simd::zero(b2);
     Index i = 0;
     for (; i + 16 <= len; i += 16) {
       simd::d8 d, e;
@@ -283,28 +290,30 @@ struct MomentsOp {
       simd::load(e, xp + i + 8);
       d -= cv;
       e -= cv;
-      a1 += d;
-      a2 += d * d;
-      b1 += e;
-      b2 += e * e;
+      st.a1 += d;
+      st.a2 += d * d;
+      st.b1 += e;
+      st.b2 += e * e;
     }
     for (; i + 8 <= len; i += 8) {
       simd::d8 d;
       simd::load(d, xp + i);
       d -= cv;
-      a1 += d;
-      a2 += d * d;
+      st.a1 += d;
+      st.a2 += d * d;
     }
-    a1 += b1;
-    a2 += b2;
-    acc_t t1 = 0, t2 = 0;
     for (; i < len; ++i) {  // Scalar tail.
       const acc_t d = static_cast<acc_t>(xp[i]) - c;
-      t1 += d;
-      t2 += d * d;
+      st.t1 += d;
+      st.t2 += d * d;
     }
-    s1 += simd::hsum(a1) + t1;
-    s2 += simd::hsum(a2) + t2;
+  }
+  void finish(const RowState& st, acc_t& s1, acc_t& s2) const {
+    simd::d8 a1 = st.a1, a2 = st.a2;
+    a1 += st.b1;
+    a2 += st.b2;
+    s1 = simd::hsum(a1) + st.t1;
+    s2 = simd::hsum(a2) + st.t2;
   }
   template <int AuxMode>
   NORMKIT_ALWAYS_INLINE void col(Index off, Index len, Index slot, Index, Index, acc_t* s1,
@@ -344,18 +353,22 @@ struct GradSumsOp {
     }
   }
 
+  struct RowState {
+    simd::d8 a1{}, a2{};
+    acc_t t1 = 0, t2 = 0;
+  };
+
   template <int AuxMode>
   NORMKIT_ALWAYS_INLINE void row(Index off, Index len, Index slot, Index aux, Index aux_step,
-                                 acc_t& s1, acc_t& s2) const {
+                                 RowState& st) const {
     const T* xp = x + off;
     const T* gp = dy + off;
     const acc_t c = center[slot];
     Index i = 0;
     if constexpr (AuxMode != 2) {
-      simd::d8 cv, wv, a1, a2;
+      simd::d8 cv, wv;
       simd::splat(cv, c);
       simd::splat(wv, kWeighted && AuxMode == 0 ? weight[aux] : acc_t{1});
-      simd::zero(a1), simd::zero(a2);
       for (; i + 8 <= len; i += 8) {
         simd::d8 g, xv;
         simd::load(g, gp + i);
@@ -363,20 +376,19 @@ struct GradSumsOp {
         if constexpr (kWeighted) g = g * wv;
         simd::load(xv, xp + i);
         xv -= cv;
-        a1 += g;
-        a2 += g * xv;
+        st.a1 += g;
+        st.a2 += g * xv;
       }
-      s1 += simd::hsum(a1);
-      s2 += simd::hsum(a2);
     }
-    acc_t t1 = 0, t2 = 0;
     for (; i < len; ++i) {  // Scalar tail (and strided-aux runs).
       const acc_t g = static_cast<acc_t>(gp[i]) * w<AuxMode>(aux, aux_step, i);
-      t1 += g;
-      t2 += g * (static_cast<acc_t>(xp[i]) - c);
+      st.t1 += g;
+      st.t2 += g * (static_cast<acc_t>(xp[i]) - c);
     }
-    s1 += t1;
-    s2 += t2;
+  }
+  void finish(const RowState& st, acc_t& s1, acc_t& s2) const {
+    s1 = simd::hsum(st.a1) + st.t1;
+    s2 = simd::hsum(st.a2) + st.t2;
   }
   template <int AuxMode>
   NORMKIT_ALWAYS_INLINE void col(Index off, Index len, Index slot, Index aux, Index aux_step,
@@ -402,21 +414,25 @@ struct RowStatGradOp {
   const acc_t* mean;  // per aux index (row)
   const acc_t* rstd;  // per aux index (row)
 
+  struct RowState {
+    acc_t a1[kLanes] = {}, a2[kLanes] = {};
+  };
+
   template <int AuxMode>
   NORMKIT_ALWAYS_INLINE void row(Index off, Index len, Index, Index aux, Index aux_step,
-                                 acc_t& s1, acc_t& s2) const {
+                                 RowState& st) const {
     const T* xp = x + off;
     const T* gp = dy + off;
-    acc_t a1[kLanes] = {}, a2[kLanes] = {};
-    Index i = 0;
-    for (int j = 0; i < len; ++i, j = (j + 1) % kLanes) {
+    for (Index i = 0; i < len; ++i) {
       const Index k = AuxMode == 0 ? aux : aux + i * aux_step;
       const acc_t g = static_cast<acc_t>(gp[i]);
-      a1[j] += g * (static_cast<acc_t>(xp[i]) - mean[k]) * rstd[k];
-      a2[j] += g;
+      st.a1[i % kLanes] += g * (static_cast<acc_t>(xp[i]) - mean[k]) * rstd[k];
+      st.a2[i % kLanes] += g;
     }
-    s1 += lane_sum(a1);
-    s2 += lane_sum(a2);
+  }
+  void finish(const RowState& st, acc_t& s1, acc_t& s2) const {
+    s1 = lane_sum(st.a1);
+    s2 = lane_sum(st.a2);
   }
   template <int AuxMode>
   NORMKIT_ALWAYS_INLINE void col(Index off, Index len, Index, Index aux, Index aux_step,
