@@ -157,6 +157,18 @@ struct AuxAffineOp {
       for (Index j = 0; j < len; ++j) {
         yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - m[j]) * r[j] * g + b);
       }
+    } else if constexpr (!kColumn && AuxMode == 0) {
+      // One gamma/beta for the whole run (GroupNorm: aux = the run's channel).
+      (void)aux_step;
+      if constexpr (std::is_same<T, float>::value) {
+        const SplitMean<T> m(mean[slot]);
+        const T a = static_cast<T>(rstd[slot] * static_cast<acc_t>(gamma[aux])), b = beta[aux];
+        for (Index j = 0; j < len; ++j) yp[j] = m.centred(xp[j]) * a + b;
+      } else {
+        const acc_t m = mean[slot], a = rstd[slot] * static_cast<acc_t>(gamma[aux]);
+        const acc_t b = static_cast<acc_t>(beta[aux]);
+        for (Index j = 0; j < len; ++j) yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - m) * a + b);
+      }
     } else if constexpr (!kColumn && AuxMode == 1 && std::is_same<T, float>::value) {
       (void)aux_step;
       const SplitMean<T> m(mean[slot]);
@@ -203,7 +215,13 @@ struct GradInputOp {
     const T* xp = x + off;
     const T* gp = dy + off;
     T* op = dx + off;
-    if constexpr (!kWeighted && !kColumn) {
+    if constexpr (!kWeighted && !kColumn && std::is_same<T, float>::value) {
+      // Float arithmetic with the split mean, as AffineOp (NB there).
+      (void)aux, (void)aux_step;
+      const SplitMean<T> m(mean[slot]);
+      const T aa = static_cast<T>(a[slot]), bb = static_cast<T>(b[slot]), cc = static_cast<T>(c[slot]);
+      for (Index j = 0; j < len; ++j) op[j] = aa * gp[j] + bb * m.centred(xp[j]) + cc;
+    } else if constexpr (!kWeighted && !kColumn) {
       (void)aux, (void)aux_step;
       const acc_t m = mean[slot], aa = a[slot], bb = b[slot], cc = c[slot];
       for (Index j = 0; j < len; ++j) {
