@@ -159,7 +159,7 @@ void channel_norm_forward(ChannelNormKind kind, const Shape& sh, const T* x, T* 
     if (!fused_forward(p, p, x, center, finish, op, dev)) {
       moments(p, x, mean, var, center, dev);
       for (Index s = 0; s < slots; ++s) finish(s, mean[s], var[s]);
-      for_each_run(p, op, dev);
+      apply_affine(p, op, dev);
     }
     if (a.update_running) {
       // Per-channel batch statistics in logical order, averaged over n for InstanceNorm.
@@ -185,7 +185,7 @@ void channel_norm_forward(ChannelNormKind kind, const Shape& sh, const T* x, T* 
       rstd[s] = rstd_of(static_cast<acc_t>(a.running_var.data()[c]), a.eps, false);
       scale[s] *= rstd[s];
     }
-    for_each_run(p, op, dev);
+    apply_affine(p, op, dev);
   }
   if (saved) {
     saved->mean = Eigen::Tensor<double, 1>(slots);

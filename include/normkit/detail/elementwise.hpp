@@ -6,6 +6,7 @@
 
 #include <algorithm>    // std::min
 #include <type_traits>  // std::integral_constant
+#include <vector>       // std::vector
 
 #include <normkit/config.hpp>
 #include <normkit/detail/parallel.hpp>
@@ -106,11 +107,25 @@ struct AffineOp {
   const acc_t* mean;
   const acc_t* scale;
   const acc_t* shift;
+  // Optional float tables for column mode ([hi | lo | scale | shift], `slots` each): see
+  // with_column_tables().
+  const T* tables = nullptr;
+  Index slots = 0;
 
   template <bool kColumn, int AuxMode>
   NORMKIT_ALWAYS_INLINE void run(Index off, Index len, Index slot, Index, Index) const {
     const T* xp = x + off;
     T* yp = y + off;
+    if constexpr (kColumn && std::is_same<T, float>::value) {
+      if (tables) {
+        const T* hi = tables + slot;
+        const T* lo = hi + slots;
+        const T* a = lo + slots;
+        const T* b = a + slots;
+        for (Index j = 0; j < len; ++j) yp[j] = ((xp[j] - hi[j]) - lo[j]) * a[j] + b[j];
+        return;
+      }
+    }
     if constexpr (kColumn) {
       const acc_t* m = mean + slot;
       const acc_t* a = scale + slot;
@@ -130,6 +145,29 @@ struct AffineOp {
     }
   }
 };
+
+/// Runs an AffineOp over a plan; for float column-mode plans it first converts the per-slot
+/// coefficients to float tables (split mean, as SplitMean), so the loop needs no conversions.
+template <class T, class Device>
+void apply_affine(const Plan& p, AffineOp<T> op, const Device& dev) {
+  std::vector<T> tables;
+  if constexpr (std::is_same<T, float>::value) {
+    if (p.column_mode() && p.numel >= 4 * p.slots) {
+      const Index n = p.slots;
+      tables.resize(static_cast<std::size_t>(4 * n));
+      for (Index s = 0; s < n; ++s) {
+        const SplitMean<T> m(op.mean[s]);
+        tables[static_cast<std::size_t>(s)] = m.hi;
+        tables[static_cast<std::size_t>(n + s)] = m.lo;
+        tables[static_cast<std::size_t>(2 * n + s)] = static_cast<T>(op.scale[s]);
+        tables[static_cast<std::size_t>(3 * n + s)] = static_cast<T>(op.shift[s]);
+      }
+      op.tables = tables.data();
+      op.slots = n;
+    }
+  }
+  for_each_run(p, op, dev);
+}
 
 /// y = (x - mean[s]) * rstd[s] * gamma[aux] + beta[aux]: LayerNorm's elementwise affine
 /// (and GroupNorm's per-channel one, aux = channel). gamma/beta stay in the input's type
