@@ -99,7 +99,9 @@ class BatchNorm : public detail::ModuleBase<Scalar> {
   using Base = detail::ModuleBase<Scalar>;
 
  public:
+  /// 1-D tensor type of the parameters and running statistics.
   using Vector = Eigen::Tensor<Scalar, 1>;
+  /// Class name as in PyTorch (e.g. "BatchNorm2d"), used in error messages.
   static constexpr const char* kName = Dim == 1 ? "BatchNorm1d" : Dim == 2 ? "BatchNorm2d" : "BatchNorm3d";
 
   /// @throws value_error for negative num_features or eps, or momentum outside [0, 1].
@@ -110,6 +112,7 @@ class BatchNorm : public detail::ModuleBase<Scalar> {
   /// A module with PyTorch's defaults for `num_features` channels.
   explicit BatchNorm(Index num_features) : BatchNorm(BatchNormOptions(num_features)) {}
 
+  /// The options the module was constructed with.
   const BatchNormOptions& options() const { return options_; }
 
   /// Normalizes x; in training mode also updates the running statistics.
@@ -191,17 +194,32 @@ class BatchNorm : public detail::ModuleBase<Scalar> {
     return g;
   }
 
+  /// Per-channel scale, num_features elements (init 1); empty when not affine.
   const Vector& weight() const { return weight_; }
+  /// Per-channel shift, num_features elements (init 0); empty when not affine.
   const Vector& bias() const { return bias_; }
+  /// Running mean, num_features elements (init 0); empty without track_running_stats.
   const Vector& running_mean() const { return running_mean_; }
+  /// Running variance (init 1), updated with the unbiased batch variance; empty without
+  /// track_running_stats.
   const Vector& running_var() const { return running_var_; }
+  /// Training forwards with track_running_stats so far, counting empty batches too (as PyTorch); a
+  /// failed forward does not count.
   std::int64_t num_batches_tracked() const { return num_batches_tracked_; }
 
   /// Setters check the size (num_features; empty when the module has no such tensor).
   void set_weight(const Vector& v) { set_checked(weight_, v, "weight", options_.affine()); }
+  /// Sets bias.
+  /// @throws shape_error unless v has num_features elements (0 when not affine).
   void set_bias(const Vector& v) { set_checked(bias_, v, "bias", options_.affine()); }
+  /// Sets running_mean.
+  /// @throws shape_error unless v has num_features elements (0 without track_running_stats).
   void set_running_mean(const Vector& v) { set_checked(running_mean_, v, "running_mean", options_.track_running_stats()); }
+  /// Sets running_var.
+  /// @throws shape_error unless v has num_features elements (0 without track_running_stats).
   void set_running_var(const Vector& v) { set_checked(running_var_, v, "running_var", options_.track_running_stats()); }
+  /// Sets the counter (e.g. from a checkpoint); with momentum none the next training update
+  /// uses f = 1/(n + 1).
   void set_num_batches_tracked(std::int64_t n) { num_batches_tracked_ = n; }
 
   /// running_mean = 0, running_var = 1, num_batches_tracked = 0.

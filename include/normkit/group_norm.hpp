@@ -24,11 +24,17 @@ namespace normkit {
 template <class Scalar>
 class GroupNormFuncOptions {
  public:
+  /// num_groups groups; no weight or bias, eps at PyTorch's default.
   explicit GroupNormFuncOptions(Index num_groups) : num_groups_(num_groups) {}
+  /// G, the number of contiguous channel groups (no default); must be > 0 and divide C.
   NORMKIT_ARG(Index, num_groups);
+  /// Per-channel scale of C elements; not set = no scaling.
   NORMKIT_ARG(VectorRef<const Scalar>, weight);
+  /// Per-channel shift of C elements; not set = no shift.
   NORMKIT_ARG(VectorRef<const Scalar>, bias);
+  /// Added to the variance inside the square root (default 1e-5).
   NORMKIT_ARG(double, eps) = 1e-5;
+  /// Input dims are (N, spatial..., C) instead of (N, C, spatial...) (default false).
   NORMKIT_ARG(bool, channels_last) = false;
 };
 
@@ -53,7 +59,8 @@ inline GroupPlans group_plans(const Shape& sh, Index G) {
   ax[1] = AxisSpec{G, gp.Cg * sh.stride[1], Role::key, 0};
   ax[2] = AxisSpec{gp.Cg, sh.stride[1], Role::reduce, 0};
   for (int i = 2; i < sh.rank; ++i) {
-    ax[static_cast<std::size_t>(i + 1)] = AxisSpec{sh.dim[static_cast<std::size_t>(i)], sh.stride[static_cast<std::size_t>(i)], Role::reduce, 0};
+    const auto u = static_cast<std::size_t>(i);
+    ax[u + 1] = AxisSpec{sh.dim[u], sh.stride[u], Role::reduce, 0};
   }
   gp.stats = make_plan(ax.data(), sh.rank + 1);
   ax[1].aux_stride = gp.Cg;
@@ -237,7 +244,9 @@ void group_norm_backward(const X& x, const DY& dy, DX& dx, const SavedStats& sav
 template <class Scalar>
 class GroupNorm : public detail::ModuleBase<Scalar> {
  public:
+  /// 1-D tensor type of the parameters.
   using Vector = Eigen::Tensor<Scalar, 1>;
+  /// Class name as in PyTorch (e.g. "GroupNorm"), used in error messages.
   static constexpr const char* kName = "GroupNorm";
 
   /// @throws value_error for num_groups <= 0, num_channels not divisible, negative eps.
@@ -246,9 +255,12 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
     reset_parameters();
   }
 
+  /// The options the module was constructed with.
   const GroupNormOptions& options() const { return options_; }
 
   template <class X, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>
+  /// Normalizes x with the statistics of each (sample, group); same in training and evaluation.
+  /// Returns y; throws as the non-allocating forward.
   auto forward(const X& x, const Device& device = Device()) {
     Eigen::Tensor<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
     forward(x, y, device);
@@ -275,12 +287,18 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
   }
 
   template <class DY, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>
+  /// Gradients for the last forward, using its saved statistics and input copy.
+  /// @throws value_error before any forward or when the input was not kept; shape_error when dy's
+  ///         dims or storage order differ from the last input's.
   auto backward(const DY& dy, const Device& device = Device()) {
     auto x = this->saved_input(dy, kName);
     return backward(x, dy, device);
   }
 
   template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0>
+  /// Gradients for the last forward with its input x given again (no copy needed).
+  /// @throws value_error without a preceding forward with requires_grad() true; shape_error when
+  ///         x's or dy's dims or storage order differ from the last input's.
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
     this->check_same(x, kName);
     this->check_same(dy, kName);
@@ -303,10 +321,17 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
     return g;
   }
 
+  /// Per-channel scale, num_channels elements (init 1); empty when not affine.
   const Vector& weight() const { return weight_; }
+  /// Per-channel shift, num_channels elements (init 0); empty when not affine.
   const Vector& bias() const { return bias_; }
+  /// Sets weight.
+  /// @throws shape_error unless v has num_channels elements (0 when not affine).
   void set_weight(const Vector& v) { set_checked(weight_, v, "weight"); }
+  /// Sets bias.
+  /// @throws shape_error unless v has num_channels elements (0 when not affine).
   void set_bias(const Vector& v) { set_checked(bias_, v, "bias"); }
+  /// weight = 1, bias = 0 (when affine).
   void reset_parameters() {
     if (options_.affine()) {
       weight_ = detail::filled<Scalar>(options_.num_channels(), Scalar(1));

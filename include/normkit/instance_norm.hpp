@@ -100,7 +100,9 @@ class InstanceNorm : public detail::ModuleBase<Scalar> {
   static_assert(Dim >= 1 && Dim <= 3, "InstanceNorm: Dim is 1, 2 or 3");
 
  public:
+  /// 1-D tensor type of the parameters and running statistics.
   using Vector = Eigen::Tensor<Scalar, 1>;
+  /// Class name as in PyTorch (e.g. "InstanceNorm2d"), used in error messages.
   static constexpr const char* kName = Dim == 1 ? "InstanceNorm1d" : Dim == 2 ? "InstanceNorm2d" : "InstanceNorm3d";
 
   /// @throws value_error for negative num_features or eps, momentum outside [0, 1] or none.
@@ -108,11 +110,16 @@ class InstanceNorm : public detail::ModuleBase<Scalar> {
     detail::validate(kName, options_);
     reset_parameters();
   }
+  /// A module with PyTorch's defaults (no affine, no running statistics) for num_features channels.
   explicit InstanceNorm(Index num_features) : InstanceNorm(InstanceNormOptions(num_features)) {}
 
+  /// The options the module was constructed with.
   const InstanceNormOptions& options() const { return options_; }
 
   template <class X, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>
+  /// Normalizes x with per-instance statistics, or with the running statistics in evaluation with
+  /// track_running_stats; training with track_running_stats also updates them. Returns y; throws as
+  /// the non-allocating forward.
   auto forward(const X& x, const Device& device = Device()) {
     Eigen::Tensor<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
     forward(x, y, device);
@@ -153,12 +160,18 @@ class InstanceNorm : public detail::ModuleBase<Scalar> {
   }
 
   template <class DY, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>
+  /// Gradients for the last forward, using its saved statistics and input copy.
+  /// @throws value_error before any forward or when the input was not kept; shape_error when dy's
+  ///         dims or storage order differ from the last input's.
   auto backward(const DY& dy, const Device& device = Device()) {
     auto x = this->saved_input(dy, kName);
     return backward(x, dy, device);
   }
 
   template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0>
+  /// Gradients for the last forward with its input x given again (no copy needed).
+  /// @throws value_error without a preceding forward with requires_grad() true; shape_error when
+  ///         x's or dy's dims or storage order differ from the last input's.
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
     this->check_same(x, kName);
     this->check_same(dy, kName);
@@ -179,18 +192,36 @@ class InstanceNorm : public detail::ModuleBase<Scalar> {
     return g;
   }
 
+  /// Per-channel scale, num_features elements (init 1); empty when not affine.
   const Vector& weight() const { return weight_; }
+  /// Per-channel shift, num_features elements (init 0); empty when not affine.
   const Vector& bias() const { return bias_; }
+  /// Running mean, num_features elements (init 0), updated with the batch average of the
+  /// per-instance means; empty without track_running_stats.
   const Vector& running_mean() const { return running_mean_; }
+  /// Running variance (init 1), updated with the batch average of the per-instance unbiased
+  /// variances; empty without track_running_stats.
   const Vector& running_var() const { return running_var_; }
+  /// In the state dict with track_running_stats, but forward never changes it, as in PyTorch (0
+  /// unless set).
   std::int64_t num_batches_tracked() const { return num_batches_tracked_; }
 
+  /// Sets weight.
+  /// @throws shape_error unless v has num_features elements (0 when not affine).
   void set_weight(const Vector& v) { set_checked(weight_, v, "weight", options_.affine()); }
+  /// Sets bias.
+  /// @throws shape_error unless v has num_features elements (0 when not affine).
   void set_bias(const Vector& v) { set_checked(bias_, v, "bias", options_.affine()); }
+  /// Sets running_mean.
+  /// @throws shape_error unless v has num_features elements (0 without track_running_stats).
   void set_running_mean(const Vector& v) { set_checked(running_mean_, v, "running_mean", options_.track_running_stats()); }
+  /// Sets running_var.
+  /// @throws shape_error unless v has num_features elements (0 without track_running_stats).
   void set_running_var(const Vector& v) { set_checked(running_var_, v, "running_var", options_.track_running_stats()); }
+  /// Sets the counter (e.g. from a checkpoint); forward ignores it.
   void set_num_batches_tracked(std::int64_t n) { num_batches_tracked_ = n; }
 
+  /// running_mean = 0, running_var = 1, num_batches_tracked = 0.
   void reset_running_stats() {
     if (options_.track_running_stats()) {
       running_mean_ = detail::filled<Scalar>(options_.num_features(), Scalar(0));
@@ -198,6 +229,7 @@ class InstanceNorm : public detail::ModuleBase<Scalar> {
     }
     num_batches_tracked_ = 0;
   }
+  /// reset_running_stats(), and weight = 1, bias = 0.
   void reset_parameters() {
     reset_running_stats();
     if (options_.affine()) {

@@ -24,13 +24,21 @@ namespace normkit {
 template <class Scalar>
 class LayerNormFuncOptions {
  public:
+  /// Normalizes over the trailing dims equal to normalized_shape; no weight or bias.
   /* implicit */ LayerNormFuncOptions(std::vector<Index> normalized_shape)  // NOLINT
       : normalized_shape_(std::move(normalized_shape)) {}
+  /// Normalizes over the trailing dims equal to normalized_shape, e.g. {768}.
   /* implicit */ LayerNormFuncOptions(std::initializer_list<Index> normalized_shape)  // NOLINT
       : normalized_shape_(normalized_shape) {}
+  /// Trailing input dims normalized over (no default); must be non-empty.
   NORMKIT_ARG(std::vector<Index>, normalized_shape);
+  /// Elementwise scale of prod(normalized_shape) values, row-major over normalized_shape;
+  /// not set = no scaling.
   NORMKIT_ARG(VectorRef<const Scalar>, weight);
+  /// Elementwise shift of prod(normalized_shape) values, row-major over normalized_shape;
+  /// not set = no shift.
   NORMKIT_ARG(VectorRef<const Scalar>, bias);
+  /// Added to the variance inside the square root (default 1e-5).
   NORMKIT_ARG(double, eps) = 1e-5;
 };
 
@@ -57,7 +65,10 @@ void layer_norm_check(const char* who, const Shape& sh, const std::vector<Index>
   }
   const int D = static_cast<int>(ns.size());
   bool ok = sh.rank >= D;
-  for (int j = 0; ok && j < D; ++j) ok = sh.dim[static_cast<std::size_t>(sh.rank - D + j)] == ns[static_cast<std::size_t>(j)];
+  for (int j = 0; ok && j < D; ++j) {
+    const auto lead = static_cast<std::size_t>(sh.rank - D);
+    ok = sh.dim[lead + static_cast<std::size_t>(j)] == ns[static_cast<std::size_t>(j)];
+  }
   if (!ok) {
     std::string want = list_str(ns);
     throw_shape(who, "Given normalized_shape=" + want + ", expected input with shape [*, " +
@@ -301,7 +312,9 @@ void layer_norm_backward(const X& x, const DY& dy, DX& dx, const SavedStats& sav
 template <class Scalar>
 class LayerNorm : public detail::ModuleBase<Scalar> {
  public:
+  /// 1-D tensor type of the parameters.
   using Vector = Eigen::Tensor<Scalar, 1>;
+  /// Class name as in PyTorch (e.g. "LayerNorm"), used in error messages.
   static constexpr const char* kName = "LayerNorm";
 
   /// @throws value_error for an empty normalized_shape, negative extents or eps.
@@ -310,9 +323,12 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
     reset_parameters();
   }
 
+  /// The options the module was constructed with.
   const LayerNormOptions& options() const { return options_; }
 
   template <class X, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>
+  /// Normalizes each row of x over the trailing normalized_shape dims; same in training and
+  /// evaluation. Returns y; throws as the non-allocating forward.
   auto forward(const X& x, const Device& device = Device()) {
     Eigen::Tensor<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
     forward(x, y, device);
@@ -340,12 +356,18 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
   }
 
   template <class DY, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>
+  /// Gradients for the last forward, using its saved statistics and input copy.
+  /// @throws value_error before any forward or when the input was not kept; shape_error when dy's
+  ///         dims or storage order differ from the last input's.
   auto backward(const DY& dy, const Device& device = Device()) {
     auto x = this->saved_input(dy, kName);
     return backward(x, dy, device);
   }
 
   template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0>
+  /// Gradients for the last forward with its input x given again (no copy needed).
+  /// @throws value_error without a preceding forward with requires_grad() true; shape_error when
+  ///         x's or dy's dims or storage order differ from the last input's.
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
     this->check_same(x, kName);
     this->check_same(dy, kName);
@@ -370,10 +392,20 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
     return g;
   }
 
+  /// Elementwise scale (init 1), flat prod(normalized_shape) values, row-major over
+  /// normalized_shape; empty without elementwise_affine.
   const Vector& weight() const { return weight_; }
+  /// Elementwise shift (init 0), flat like weight(); empty without elementwise_affine or with
+  /// bias(false).
   const Vector& bias() const { return bias_; }
+  /// Sets weight.
+  /// @throws shape_error unless v has prod(normalized_shape) elements (0 without
+  ///         elementwise_affine).
   void set_weight(const Vector& v) { set_checked(weight_, v, "weight", options_.elementwise_affine()); }
+  /// Sets bias.
+  /// @throws shape_error unless v has prod(normalized_shape) elements (0 without the bias).
   void set_bias(const Vector& v) { set_checked(bias_, v, "bias", options_.elementwise_affine() && options_.bias()); }
+  /// weight = 1, bias = 0 (when present).
   void reset_parameters() {
     const Index n = detail::product(options_.normalized_shape());
     if (options_.elementwise_affine()) {

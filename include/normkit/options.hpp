@@ -40,49 +40,86 @@ namespace normkit {
 /// transpose.
 class BatchNormOptions {
  public:
+  /// num_features channels; every other option at PyTorch's default.
   /* implicit */ BatchNormOptions(Index num_features) : num_features_(num_features) {}  // NOLINT
+  /// C, the number of input channels (no default); must be >= 0.
   NORMKIT_ARG(Index, num_features);
+  /// Added to the variance inside the square root (default 1e-5); must be finite and >= 0.
   NORMKIT_ARG(double, eps) = 1e-5;
+  /// Running-statistics update factor f in [0, 1]: running = (1 - f) * running + f * batch (default
+  /// 0.1); std::nullopt selects the cumulative moving average, f = 1/num_batches_tracked.
   NORMKIT_ARG(std::optional<double>, momentum) = 0.1;
+  /// Learnable per-channel weight (init 1) and bias (init 0) (default true).
   NORMKIT_ARG(bool, affine) = true;
+  /// Keep running_mean, running_var and num_batches_tracked, updated in training and used in
+  /// evaluation (default true); when false, batch statistics are used in both modes.
   NORMKIT_ARG(bool, track_running_stats) = true;
+  /// Input dims are (N, spatial..., C) instead of (N, C, spatial...) (default false; a normkit
+  /// addition, NHWC storage without a transpose).
   NORMKIT_ARG(bool, channels_last) = false;
 };
 
 /// Options of InstanceNorm1d/2d/3d (PyTorch defaults: no affine, no running statistics).
 class InstanceNormOptions {
  public:
+  /// num_features channels; every other option at PyTorch's default.
   /* implicit */ InstanceNormOptions(Index num_features) : num_features_(num_features) {}  // NOLINT
+  /// C, the number of input channels (no default); must be >= 0.
   NORMKIT_ARG(Index, num_features);
+  /// Added to the variance inside the square root (default 1e-5); must be finite and >= 0.
   NORMKIT_ARG(double, eps) = 1e-5;
+  /// Running-statistics update factor f in [0, 1] (default 0.1); std::nullopt (cumulative average)
+  /// is rejected with value_error, as PyTorch's instance_norm does not support it.
   NORMKIT_ARG(std::optional<double>, momentum) = 0.1;
+  /// Learnable per-channel weight (init 1) and bias (init 0) (default false).
   NORMKIT_ARG(bool, affine) = false;
+  /// Keep running_mean and running_var (default false): training updates them with the batch
+  /// average of the per-instance mean and unbiased variance, evaluation normalizes with them.
   NORMKIT_ARG(bool, track_running_stats) = false;
+  /// Input dims are (N, spatial..., C) instead of (N, C, spatial...) (default false; a normkit
+  /// addition, NHWC storage without a transpose).
   NORMKIT_ARG(bool, channels_last) = false;
 };
 
 /// Options of LayerNorm: statistics over the trailing dims equal to normalized_shape.
 class LayerNormOptions {
  public:
+  /// Normalizes over the trailing dims equal to normalized_shape; other options at PyTorch's
+  /// defaults.
   /* implicit */ LayerNormOptions(std::vector<Index> normalized_shape)  // NOLINT
       : normalized_shape_(std::move(normalized_shape)) {}
+  /// Normalizes over the trailing dims equal to normalized_shape, e.g. LayerNormOptions({768}).
   /* implicit */ LayerNormOptions(std::initializer_list<Index> normalized_shape)  // NOLINT
       : normalized_shape_(normalized_shape) {}
+  /// Trailing input dims normalized over (no default); non-empty, extents >= 0.
   NORMKIT_ARG(std::vector<Index>, normalized_shape);
+  /// Added to the variance inside the square root (default 1e-5); must be finite and >= 0.
   NORMKIT_ARG(double, eps) = 1e-5;
+  /// Learnable elementwise weight (init 1) and bias (init 0), flat prod(normalized_shape) values,
+  /// row-major over normalized_shape (default true).
   NORMKIT_ARG(bool, elementwise_affine) = true;
+  /// With elementwise_affine, also learn the bias (default true); false keeps only weight, as
+  /// PyTorch 2.1's bias=False.
   NORMKIT_ARG(bool, bias) = true;
 };
 
 /// Options of GroupNorm: num_channels split into num_groups contiguous groups.
 class GroupNormOptions {
  public:
+  /// num_channels channels in num_groups groups; eps and affine at PyTorch's defaults.
   GroupNormOptions(Index num_groups, Index num_channels)
       : num_groups_(num_groups), num_channels_(num_channels) {}
+  /// G, the number of contiguous channel groups (no default); > 0 and dividing num_channels.
   NORMKIT_ARG(Index, num_groups);
+  /// C, the number of input channels (no default); must be >= 0.
   NORMKIT_ARG(Index, num_channels);
+  /// Added to the variance inside the square root (default 1e-5); must be finite and >= 0.
   NORMKIT_ARG(double, eps) = 1e-5;
+  /// Learnable per-channel weight (init 1) and bias (init 0) of num_channels elements (default
+  /// true).
   NORMKIT_ARG(bool, affine) = true;
+  /// Input dims are (N, spatial..., C) instead of (N, C, spatial...) (default false; a normkit
+  /// addition, NHWC storage without a transpose).
   NORMKIT_ARG(bool, channels_last) = false;
 };
 

@@ -23,8 +23,11 @@ namespace normkit {
 /// One tensor of a state dict: safetensors dtype name, PyTorch shape (empty for a 0-dim
 /// tensor such as num_batches_tracked) and the elements as little-endian bytes, row-major.
 struct StateTensor {
+  /// safetensors dtype name: "F32" or "F64" for parameters, "I64" for num_batches_tracked.
   std::string dtype;
+  /// PyTorch shape; empty for a 0-dim tensor.
   std::vector<std::int64_t> shape;
+  /// numel() elements as little-endian bytes, row-major.
   std::vector<unsigned char> bytes;
 
   /// Number of elements: the product of shape (1 for a 0-dim tensor).

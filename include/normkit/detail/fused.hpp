@@ -39,7 +39,7 @@ bool can_fuse(const Plan& ps, const Plan& pa, const Device& dev) {
   for (int i = 0; i + 1 < ps.rank; ++i) {
     if (ps.axes[static_cast<std::size_t>(i)].role == Role::key) groups *= ps.axes[static_cast<std::size_t>(i)].extent;
   }
-  return !(parallel && groups < 2 * threads);
+  return !(parallel && groups < Index{2} * threads);
 }
 
 /// Reduction over `ps` and apply over `pa` (same key axes; pa may carry aux strides), slot

@@ -150,7 +150,7 @@ void reduce(const Plan& p, const Op& op, acc_t* out1, acc_t* out2, const Device&
         out2[s] = a2;
       }
     };
-    if (!parallel || B == 1 || n.T >= 4 * threads) {
+    if (!parallel || B == 1 || n.T >= Index{4} * threads) {
       parallel_for(dev, n.T, double(B * kBlockElements) * 4.0, parallel, groups);
       return;
     }
@@ -199,7 +199,7 @@ void reduce(const Plan& p, const Op& op, acc_t* out1, acc_t* out2, const Device&
       }
     }
   };
-  if (!parallel || B == 1 || G >= 4 * threads) {
+  if (!parallel || B == 1 || G >= Index{4} * threads) {
     parallel_for(dev, G, double(B * rows_per_block * tile_w) * 4.0, parallel, groups);
     return;
   }

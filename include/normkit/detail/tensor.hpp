@@ -140,8 +140,9 @@ inline Shape unsqueeze0(const Shape& s) {
   r.dim[0] = 1;
   r.stride[0] = s.numel();
   for (int i = 0; i < s.rank; ++i) {
-    r.dim[static_cast<std::size_t>(i + 1)] = s.dim[static_cast<std::size_t>(i)];
-    r.stride[static_cast<std::size_t>(i + 1)] = s.stride[static_cast<std::size_t>(i)];
+    const auto u = static_cast<std::size_t>(i);
+    r.dim[u + 1] = s.dim[u];
+    r.stride[u + 1] = s.stride[u];
   }
   return r;
 }
