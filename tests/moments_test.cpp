@@ -115,6 +115,32 @@ TEST(MomentsAccuracy, ConstantSliceReturnsBetaExactly) {
   for (int i = 0; i < 4; ++i) EXPECT_EQ(y1(i, 0), 0.0f);
 }
 
+// Found by the fuzzer: a slice of denormals with eps = 0 has rstd ~ 5e44, beyond float; the
+// float fast path must not be taken there (the right answer is still -1, +1).
+TEST(MomentsAccuracy, DenormalSliceWithZeroEps) {
+  const float tiny = -4.20389539e-45f;  // -3 * 2^-149
+  Eigen::Tensor<float, 3, Eigen::RowMajor> x(1, 1, 2);
+  x.setValues({{{tiny, 0.0f}}});
+  normkit::InstanceNorm2d<float> in(normkit::InstanceNormOptions(1).eps(0.0));
+  const auto y = in.forward(x);
+  EXPECT_FLOAT_EQ(y(0, 0, 0), -1.0f);
+  EXPECT_FLOAT_EQ(y(0, 0, 1), 1.0f);
+  normkit::LayerNorm<float> ln(normkit::LayerNormOptions({2}).eps(0.0));
+  Eigen::Tensor<float, 2, Eigen::RowMajor> r(1, 2);
+  r.setValues({{tiny, 0.0f}});
+  const auto yl = ln.forward(r);
+  EXPECT_FLOAT_EQ(yl(0, 0), -1.0f);
+  EXPECT_FLOAT_EQ(yl(0, 1), 1.0f);
+  normkit::BatchNorm1d<float> bn(normkit::BatchNormOptions(1).eps(0.0));
+  Eigen::Tensor<float, 2, Eigen::RowMajor> c(2, 1);
+  c.setValues({{tiny}, {0.0f}});
+  const auto yb = bn.forward(c);
+  EXPECT_FLOAT_EQ(yb(0, 0), -1.0f);
+  EXPECT_FLOAT_EQ(yb(1, 0), 1.0f);
+  const auto g = bn.backward(yb);  // dx stays finite
+  EXPECT_TRUE(std::isfinite(g.input(0, 0)) && std::isfinite(g.input(1, 0)));
+}
+
 // Per-slice mean 0 and variance var/(var+eps) after normalizing, for every module, and
 // invariance to a shift and a positive scale of the input.
 template <class Module, class Tensor, class SlotFn>

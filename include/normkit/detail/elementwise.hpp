@@ -5,6 +5,7 @@
 // IWYU pragma: private, include <normkit/normkit.hpp>
 
 #include <algorithm>    // std::min
+#include <cmath>        // std::abs
 #include <type_traits>  // std::integral_constant
 #include <vector>       // std::vector
 
@@ -87,6 +88,11 @@ void for_each_run(const Plan& p, const Op& op, const Device& dev) {
 /// everything -- and otherwise |x - mean| >= |mean|/2 keeps its rounding relative; then
 /// subtracting lo restores the double mean's digits. The result is within ~2 ulp of the
 /// double computation, and exact for constant slices (x == mean gives 0, y == beta).
+/// Whether a coefficient can take the float path: finite with ample headroom, so that no
+/// product overflows and a denormal (x - mean) contributes below 2^-49 (found by the fuzzer:
+/// denormal inputs with eps = 0 give rstd ~ 5e44, beyond float). NaN fails (double path).
+NORMKIT_ALWAYS_INLINE bool fits_float(acc_t v) { return std::abs(v) <= 0x1p100; }
+
 template <class T>
 struct SplitMean {
   T hi, lo;
@@ -133,11 +139,15 @@ struct AffineOp {
       for (Index j = 0; j < len; ++j) {
         yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - m[j]) * a[j] + b[j]);
       }
-    } else if constexpr (std::is_same<T, float>::value) {
-      const SplitMean<T> m(mean[slot]);
-      const T a = static_cast<T>(scale[slot]), b = static_cast<T>(shift[slot]);
-      for (Index j = 0; j < len; ++j) yp[j] = m.centred(xp[j]) * a + b;
     } else {
+      if constexpr (std::is_same<T, float>::value) {
+        if (fits_float(mean[slot]) && fits_float(scale[slot]) && fits_float(shift[slot])) {
+          const SplitMean<T> m(mean[slot]);
+          const T a = static_cast<T>(scale[slot]), b = static_cast<T>(shift[slot]);
+          for (Index j = 0; j < len; ++j) yp[j] = m.centred(xp[j]) * a + b;
+          return;
+        }
+      }
       const acc_t m = mean[slot], a = scale[slot], b = shift[slot];
       for (Index j = 0; j < len; ++j) {
         yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - m) * a + b);
@@ -152,7 +162,11 @@ template <class T, class Device>
 void apply_affine(const Plan& p, AffineOp<T> op, const Device& dev) {
   std::vector<T> tables;
   if constexpr (std::is_same<T, float>::value) {
-    if (p.column_mode() && p.numel >= 4 * p.slots) {
+    bool fit = p.column_mode() && p.numel >= 4 * p.slots;
+    for (Index s = 0; fit && s < p.slots; ++s) {
+      fit = fits_float(op.mean[s]) && fits_float(op.scale[s]) && fits_float(op.shift[s]);
+    }
+    if (fit) {
       const Index n = p.slots;
       tables.resize(static_cast<std::size_t>(4 * n));
       for (Index s = 0; s < n; ++s) {
@@ -198,24 +212,29 @@ struct AuxAffineOp {
     } else if constexpr (!kColumn && AuxMode == 0) {
       // One gamma/beta for the whole run (GroupNorm: aux = the run's channel).
       (void)aux_step;
+      const acc_t m = mean[slot], a = rstd[slot] * static_cast<acc_t>(gamma[aux]);
+      const acc_t b = static_cast<acc_t>(beta[aux]);
       if constexpr (std::is_same<T, float>::value) {
-        const SplitMean<T> m(mean[slot]);
-        const T a = static_cast<T>(rstd[slot] * static_cast<acc_t>(gamma[aux])), b = beta[aux];
-        for (Index j = 0; j < len; ++j) yp[j] = m.centred(xp[j]) * a + b;
-      } else {
-        const acc_t m = mean[slot], a = rstd[slot] * static_cast<acc_t>(gamma[aux]);
-        const acc_t b = static_cast<acc_t>(beta[aux]);
-        for (Index j = 0; j < len; ++j) yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - m) * a + b);
+        if (fits_float(m) && fits_float(a) && fits_float(b)) {
+          const SplitMean<T> mf(m);
+          const T af = static_cast<T>(a), bf = static_cast<T>(b);
+          for (Index j = 0; j < len; ++j) yp[j] = mf.centred(xp[j]) * af + bf;
+          return;
+        }
       }
-    } else if constexpr (!kColumn && AuxMode == 1 && std::is_same<T, float>::value) {
-      (void)aux_step;
-      const SplitMean<T> m(mean[slot]);
-      const T r = static_cast<T>(rstd[slot]);
-      const T* g = gamma + aux;
-      const T* b = beta + aux;
-      for (Index j = 0; j < len; ++j) yp[j] = m.centred(xp[j]) * r * g[j] + b[j];
+      for (Index j = 0; j < len; ++j) yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - m) * a + b);
     } else if constexpr (!kColumn && AuxMode == 1) {
       (void)aux_step;
+      if constexpr (std::is_same<T, float>::value) {
+        if (fits_float(mean[slot]) && fits_float(rstd[slot])) {
+          const SplitMean<T> m(mean[slot]);
+          const T r = static_cast<T>(rstd[slot]);
+          const T* g = gamma + aux;
+          const T* b = beta + aux;
+          for (Index j = 0; j < len; ++j) yp[j] = m.centred(xp[j]) * r * g[j] + b[j];
+          return;
+        }
+      }
       const acc_t m = mean[slot], r = rstd[slot];
       const T* g = gamma + aux;
       const T* b = beta + aux;
@@ -253,14 +272,17 @@ struct GradInputOp {
     const T* xp = x + off;
     const T* gp = dy + off;
     T* op = dx + off;
-    if constexpr (!kWeighted && !kColumn && std::is_same<T, float>::value) {
-      // Float arithmetic with the split mean, as AffineOp (NB there).
+    if constexpr (!kWeighted && !kColumn) {
       (void)aux, (void)aux_step;
-      const SplitMean<T> m(mean[slot]);
-      const T aa = static_cast<T>(a[slot]), bb = static_cast<T>(b[slot]), cc = static_cast<T>(c[slot]);
-      for (Index j = 0; j < len; ++j) op[j] = aa * gp[j] + bb * m.centred(xp[j]) + cc;
-    } else if constexpr (!kWeighted && !kColumn) {
-      (void)aux, (void)aux_step;
+      if constexpr (std::is_same<T, float>::value) {
+        // Float arithmetic with the split mean, as AffineOp (NB at SplitMean).
+        if (fits_float(mean[slot]) && fits_float(a[slot]) && fits_float(b[slot]) && fits_float(c[slot])) {
+          const SplitMean<T> m(mean[slot]);
+          const T aa = static_cast<T>(a[slot]), bb = static_cast<T>(b[slot]), cc = static_cast<T>(c[slot]);
+          for (Index j = 0; j < len; ++j) op[j] = aa * gp[j] + bb * m.centred(xp[j]) + cc;
+          return;
+        }
+      }
       const acc_t m = mean[slot], aa = a[slot], bb = b[slot], cc = c[slot];
       for (Index j = 0; j < len; ++j) {
         op[j] = static_cast<T>(aa * static_cast<acc_t>(gp[j]) +
