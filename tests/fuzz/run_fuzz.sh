@@ -19,7 +19,7 @@ mkdir -p "$WORK/corpus" "$WORK/artifacts"
 cp "$ROOT/tests/fuzz/corpus/"* "$WORK/corpus/" 2>/dev/null || true
 
 set +e
-"$FUZZER" "$WORK/corpus" -max_total_time="$SECONDS_TO_RUN" -print_final_stats=1 -max_len=512 \
+"$FUZZER" "$WORK/corpus" -seed=1 -max_total_time="$SECONDS_TO_RUN" -print_final_stats=1 -max_len=512 \
   -timeout=20 -rss_limit_mb=2048 -artifact_prefix="$WORK/artifacts/" 2>&1 | tee "$WORK/fuzz.log"
 rc=${PIPESTATUS[0]}
 set -e
