@@ -90,15 +90,15 @@ benchmark::internal::Benchmark* add(const std::string& name, F&& f) {
 // Registration hooks, one per translation unit (called by main in case order, so that
 // every implementation of a case runs back to back).
 
-void register_floor(const Case& c, int threads);                 // bench_normkit.cpp
-void register_normkit(const Case& c, Mode m, int threads);       // bench_normkit.cpp
-void register_naive(const Case& c, Mode m, int threads);         // bench_normkit.cpp
+void register_floor(const Case& c, int threads);            // bench_normkit.cpp
+void register_normkit(const Case& c, Mode m, int threads);  // bench_normkit.cpp
+void register_naive(const Case& c, Mode m, int threads);    // bench_normkit.cpp
 #ifdef NORMKIT_BENCH_TORCH
-void register_torch(const Case& c, Mode m, int threads);         // bench_torch.cpp
+void register_torch(const Case& c, Mode m, int threads);  // bench_torch.cpp
 std::string torch_context();
 #endif
 #ifdef NORMKIT_BENCH_DNNL
-void register_dnnl(const Case& c, Mode m, int threads);          // bench_dnnl.cpp
+void register_dnnl(const Case& c, Mode m, int threads);  // bench_dnnl.cpp
 std::string dnnl_context();
 #endif
 

@@ -58,7 +58,8 @@ tag data_tag(std::size_t rank, bool channels_last) {
 
 memory filled(const memory::desc& md, const dnnl::engine& eng, std::uint32_t seed, float offset) {
   memory mem(md, eng);
-  fill_random(static_cast<float*>(mem.get_data_handle()), md.get_size() / sizeof(float), seed, offset);
+  fill_random(static_cast<float*>(mem.get_data_handle()), md.get_size() / sizeof(float), seed,
+              offset);
   return mem;
 }
 
@@ -92,7 +93,8 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
     const memory::desc pmd({c.shape[1]}, dt::f32, tag::a);
     const nf flags = affine ? (nf::use_scale | nf::use_shift) : nf::none;
     using fwd = dnnl::batch_normalization_forward;
-    const fwd::primitive_desc train_pd(fwd::desc(dnnl::prop_kind::forward_training, md, eps, flags), eng);
+    const fwd::primitive_desc train_pd(fwd::desc(dnnl::prop_kind::forward_training, md, eps, flags),
+                                       eng);
     memory src = filled(md, eng, 1, 0.5f);
     args[DNNL_ARG_SRC] = src;
     if (affine) {
@@ -106,13 +108,15 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
       prim = fwd(train_pd);
     } else if (affine) {  // eval with running (global) statistics
       const fwd::primitive_desc pd(
-          fwd::desc(dnnl::prop_kind::forward_inference, md, eps, flags | nf::use_global_stats), eng);
+          fwd::desc(dnnl::prop_kind::forward_inference, md, eps, flags | nf::use_global_stats),
+          eng);
       args[DNNL_ARG_DST] = memory(md, eng);
       args[DNNL_ARG_MEAN] = constant(pd.mean_desc(), eng, 0.0f);
       args[DNNL_ARG_VARIANCE] = constant(pd.variance_desc(), eng, 1.0f);
       prim = fwd(pd);
     } else {  // InstanceNorm eval still computes its statistics
-      const fwd::primitive_desc pd(fwd::desc(dnnl::prop_kind::forward_inference, md, eps, flags), eng);
+      const fwd::primitive_desc pd(fwd::desc(dnnl::prop_kind::forward_inference, md, eps, flags),
+                                   eng);
       args[DNNL_ARG_DST] = memory(md, eng);
       prim = fwd(pd);
     }
@@ -121,8 +125,9 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
       s.wait();
       using bwd = dnnl::batch_normalization_backward;
       const bwd::primitive_desc pd(
-          bwd::desc(affine ? dnnl::prop_kind::backward : dnnl::prop_kind::backward_data, md, md, eps, flags), eng,
-          train_pd);
+          bwd::desc(affine ? dnnl::prop_kind::backward : dnnl::prop_kind::backward_data, md, md,
+                    eps, flags),
+          eng, train_pd);
       args.erase(DNNL_ARG_DST);  // SHIFT stays: 2.6 lists it among the backward's exec args
       args[DNNL_ARG_DIFF_DST] = filled(md, eng, 2, 0.0f);
       args[DNNL_ARG_DIFF_SRC] = memory(md, eng);
@@ -140,7 +145,8 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
     const memory::desc pmd({c.last()}, dt::f32, tag::a);
     const nf flags = nf::use_scale | nf::use_shift;
     using fwd = dnnl::layer_normalization_forward;
-    const fwd::primitive_desc train_pd(fwd::desc(dnnl::prop_kind::forward_training, md, smd, eps, flags), eng);
+    const fwd::primitive_desc train_pd(
+        fwd::desc(dnnl::prop_kind::forward_training, md, smd, eps, flags), eng);
     args[DNNL_ARG_SRC] = filled(md, eng, 1, 0.5f);
     args[DNNL_ARG_SCALE] = filled(pmd, eng, 3, 1.0f);
     args[DNNL_ARG_SHIFT] = filled(pmd, eng, 4, 0.0f);
@@ -148,7 +154,8 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
     args[DNNL_ARG_MEAN] = memory(smd, eng);
     args[DNNL_ARG_VARIANCE] = memory(smd, eng);
     if (m == Mode::eval) {
-      prim = fwd(fwd::primitive_desc(fwd::desc(dnnl::prop_kind::forward_inference, md, smd, eps, flags), eng));
+      prim = fwd(fwd::primitive_desc(
+          fwd::desc(dnnl::prop_kind::forward_inference, md, smd, eps, flags), eng));
     } else {
       prim = fwd(train_pd);
     }
@@ -156,7 +163,8 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
       prim.execute(s, args);
       s.wait();
       using bwd = dnnl::layer_normalization_backward;
-      const bwd::primitive_desc pd(bwd::desc(dnnl::prop_kind::backward, md, md, smd, eps, flags), eng, train_pd);
+      const bwd::primitive_desc pd(bwd::desc(dnnl::prop_kind::backward, md, md, smd, eps, flags),
+                                   eng, train_pd);
       args.erase(DNNL_ARG_DST);  // SHIFT stays: 2.6 lists it among the backward's exec args
       args[DNNL_ARG_DIFF_DST] = filled(md, eng, 2, 0.0f);
       args[DNNL_ARG_DIFF_SRC] = memory(md, eng);
@@ -218,12 +226,13 @@ std::string dnnl_context() {
     default:
       isa = "other";
   }
-  return std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch) +
-         " (CPU runtime: " + rt + ", ISA: " + isa + ")";
+  return std::to_string(v->major) + "." + std::to_string(v->minor) + "." +
+         std::to_string(v->patch) + " (CPU runtime: " + rt + ", ISA: " + isa + ")";
 }
 
 void register_dnnl(const Case& c, Mode m, int threads) {
-  if (c.kind == Kind::group) return;  // not expressible in oneDNN 2.6
+  if (c.kind == Kind::group)
+    return;  // not expressible in oneDNN 2.6
   add(bench_name(c, mode_name(m), threads, "onednn"), [c, m, threads](benchmark::State& st) {
     try {
       run(st, c, m, threads);

@@ -7,10 +7,10 @@
 #ifndef EIGEN_USE_THREADS
 #error "define EIGEN_USE_THREADS before including bench_eigen.hpp"
 #endif
-#include <unsupported/Eigen/CXX11/Tensor>
-
 #include <array>      // std::array
 #include <exception>  // std::exception
+
+#include <unsupported/Eigen/CXX11/Tensor>
 
 #include "bench_common.hpp"
 
@@ -40,7 +40,8 @@ template <int R>
 std::array<Index, R> dims_of(const Case& c) {
   const auto d = c.storage_dims();
   std::array<Index, R> a{};
-  for (int i = 0; i < R; ++i) a[static_cast<std::size_t>(i)] = static_cast<Index>(d[static_cast<std::size_t>(i)]);
+  for (int i = 0; i < R; ++i)
+    a[static_cast<std::size_t>(i)] = static_cast<Index>(d[static_cast<std::size_t>(i)]);
   return a;
 }
 

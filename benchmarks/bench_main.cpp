@@ -5,15 +5,15 @@
 //   --smoke  shrink every case (same family, rank, layout, code paths): the ctest run.
 // Environment: NORMKIT_BENCH_KEEP_MMAP=1 keeps glibc's default large-allocation policy
 // (see the NB in main).
-#include <malloc.h>  // mallopt (glibc)
+#include <atomic>   // std::atomic
+#include <cstdint>  // std::uint32_t, std::int64_t
+#include <cstdlib>  // std::getenv
+#include <cstring>  // std::strcmp
+#include <fstream>  // std::ifstream
+#include <string>   // std::string
+#include <vector>   // std::vector
 
-#include <atomic>    // std::atomic
-#include <cstdint>   // std::uint32_t, std::int64_t
-#include <cstdlib>   // std::getenv
-#include <cstring>   // std::strcmp
-#include <fstream>   // std::ifstream
-#include <string>    // std::string
-#include <vector>    // std::vector
+#include <malloc.h>  // mallopt (glibc)
 
 #include "bench_common.hpp"
 
@@ -31,18 +31,28 @@ std::vector<Case> make_cases(bool smoke) {
     return smoke ? small : full;
   };
   return {
-      {"bn2d-resnet", "BatchNorm2d", "resnet", Kind::batch, S({32, 64, 56, 56}, {2, 16, 48, 48}), false, 0, true},
-      {"bn2d-mid", "BatchNorm2d", "mid", Kind::batch, S({8, 256, 28, 28}, {2, 16, 5, 5}), false, 0, true},
-      {"bn2d-late", "BatchNorm2d", "late", Kind::batch, S({64, 512, 7, 7}, {4, 32, 3, 3}), false, 0, true},
+      {"bn2d-resnet", "BatchNorm2d", "resnet", Kind::batch, S({32, 64, 56, 56}, {2, 16, 48, 48}),
+       false, 0, true},
+      {"bn2d-mid", "BatchNorm2d", "mid", Kind::batch, S({8, 256, 28, 28}, {2, 16, 5, 5}), false, 0,
+       true},
+      {"bn2d-late", "BatchNorm2d", "late", Kind::batch, S({64, 512, 7, 7}, {4, 32, 3, 3}), false, 0,
+       true},
       {"bn1d-fc", "BatchNorm1d", "fc", Kind::batch, S({256, 1024}, {16, 64}), false, 0, false},
-      {"bn2d-tiny", "BatchNorm2d", "tiny", Kind::batch, S({2, 3, 4, 4}, {2, 3, 4, 4}), false, 0, true},
-      {"bn3d", "BatchNorm3d", "bn3d", Kind::batch, S({4, 32, 16, 32, 32}, {2, 4, 3, 4, 4}), false, 0, false},
-      {"bn2d-nhwc", "BatchNorm2d", "nhwc", Kind::batch, S({32, 64, 56, 56}, {2, 8, 6, 6}), true, 0, false},
+      {"bn2d-tiny", "BatchNorm2d", "tiny", Kind::batch, S({2, 3, 4, 4}, {2, 3, 4, 4}), false, 0,
+       true},
+      {"bn3d", "BatchNorm3d", "bn3d", Kind::batch, S({4, 32, 16, 32, 32}, {2, 4, 3, 4, 4}), false,
+       0, false},
+      {"bn2d-nhwc", "BatchNorm2d", "nhwc", Kind::batch, S({32, 64, 56, 56}, {2, 8, 6, 6}), true, 0,
+       false},
       {"ln-bert", "LayerNorm", "bert", Kind::layer, S({4096, 768}, {16, 64}), false, 0, true},
-      {"ln-long", "LayerNorm", "long", Kind::layer, S({64, 128, 1024}, {4, 32, 512}), false, 0, true},
-      {"gn-32", "GroupNorm", "32", Kind::group, S({8, 256, 28, 28}, {2, 64, 3, 3}), false, 32, false},
-      {"gn-32-big", "GroupNorm", "32-big", Kind::group, S({16, 64, 56, 56}, {2, 64, 4, 4}), false, 32, false},
-      {"in2d", "InstanceNorm2d", "in2d", Kind::instance, S({8, 64, 56, 56}, {2, 4, 5, 5}), false, 0, false},
+      {"ln-long", "LayerNorm", "long", Kind::layer, S({64, 128, 1024}, {4, 32, 512}), false, 0,
+       true},
+      {"gn-32", "GroupNorm", "32", Kind::group, S({8, 256, 28, 28}, {2, 64, 3, 3}), false, 32,
+       false},
+      {"gn-32-big", "GroupNorm", "32-big", Kind::group, S({16, 64, 56, 56}, {2, 64, 4, 4}), false,
+       32, false},
+      {"in2d", "InstanceNorm2d", "in2d", Kind::instance, S({8, 64, 56, 56}, {2, 4, 5, 5}), false, 0,
+       false},
   };
 }
 
@@ -67,7 +77,8 @@ std::int64_t Case::numel() const {
 }
 
 std::vector<std::int64_t> Case::storage_dims() const {
-  if (!channels_last) return shape;
+  if (!channels_last)
+    return shape;
   std::vector<std::int64_t> d{shape[0]};
   for (std::size_t i = 2; i < shape.size(); ++i) d.push_back(shape[i]);
   d.push_back(shape[1]);
@@ -79,8 +90,12 @@ const std::vector<Case>& cases() {
   static const std::vector<Case> small = make_cases(true);
   return g_smoke ? small : full;
 }
-void use_smoke_shapes() { g_smoke = true; }
-bool smoke_shapes() { return g_smoke; }
+void use_smoke_shapes() {
+  g_smoke = true;
+}
+bool smoke_shapes() {
+  return g_smoke;
+}
 
 const char* mode_name(Mode m) {
   switch (m) {
@@ -116,12 +131,13 @@ std::string bench_name(const Case& c, const char* mode, int threads, const char*
 void set_counters(benchmark::State& state, const Case& c, Mode m, int threads) {
   using benchmark::Counter;
   const double mb = model_bytes(c, m);
-  state.SetBytesProcessed(static_cast<std::int64_t>(mb) * static_cast<std::int64_t>(state.iterations()));
+  state.SetBytesProcessed(static_cast<std::int64_t>(mb) *
+                          static_cast<std::int64_t>(state.iterations()));
   const double w = 2.0 * c.bytes() / memcpy_seconds(static_cast<std::size_t>(c.bytes()), threads);
   const double floor_s = mb / w;
   // (floor_s * iterations / elapsed)^-1 = time per iteration / floor time.
-  state.counters["floor_ratio"] =
-      Counter(floor_s, static_cast<Counter::Flags>(Counter::kIsIterationInvariantRate | Counter::kInvert));
+  state.counters["floor_ratio"] = Counter(
+      floor_s, static_cast<Counter::Flags>(Counter::kIsIterationInvariantRate | Counter::kInvert));
   state.counters["model_bytes"] = Counter(mb);
   state.counters["B"] = Counter(c.bytes());
   state.SetLabel(c.id);
@@ -134,7 +150,8 @@ void fail(benchmark::State& state, const std::string& what) {
 
 void fill_random(float* p, std::size_t n, std::uint32_t seed, float offset) {
   std::uint32_t s = seed * 2654435761u + 12345u;
-  if (s == 0) s = 1;
+  if (s == 0)
+    s = 1;
   for (std::size_t i = 0; i < n; ++i) {
     s ^= s << 13;
     s ^= s >> 17;
@@ -167,7 +184,8 @@ int main(int argc, char** argv) {
   int n = static_cast<int>(args.size());
   args.push_back(nullptr);
   benchmark::Initialize(&n, args.data());
-  if (benchmark::ReportUnrecognizedArguments(n, args.data())) return 1;
+  if (benchmark::ReportUnrecognizedArguments(n, args.data()))
+    return 1;
 
   benchmark::AddCustomContext("cpu_model", cpu_model());
   benchmark::AddCustomContext("shapes", smoke_shapes() ? "smoke" : "BENCHMARKS.md");
@@ -193,7 +211,8 @@ int main(int argc, char** argv) {
     for (Mode m : modes) {
       for (int threads : {1, 2}) {
         register_normkit(c, m, threads);
-        if (c.naive) register_naive(c, m, threads);
+        if (c.naive)
+          register_naive(c, m, threads);
 #ifdef NORMKIT_BENCH_TORCH
         register_torch(c, m, threads);
 #endif

@@ -7,9 +7,9 @@
 // AVX-512 machine, GCC 12 warns inside its own avx512fintrin.h (_mm512_undefined_ps,
 // GCC PR 105593, fixed in 13) when Eigen's tensor broadcasting/rsqrt packets inline here.
 #define EIGEN_USE_THREADS
-#include <unsupported/Eigen/CXX11/Tensor>
-
 #include <string>  // std::string
+
+#include <unsupported/Eigen/CXX11/Tensor>
 
 #include "bench_common.hpp"
 #include "bench_eigen.hpp"
@@ -19,7 +19,9 @@ namespace {
 
 using V = Eigen::Tensor<float, 1, Eigen::RowMajor>;
 
-V rvec(Index n, std::uint32_t seed, float offset) { return random_vector<Eigen::RowMajor>(n, seed, offset); }
+V rvec(Index n, std::uint32_t seed, float offset) {
+  return random_vector<Eigen::RowMajor>(n, seed, offset);
+}
 
 void run_naive_bn(benchmark::State& st, const Case& c, Mode m, int threads) {
   using T = Eigen::Tensor<float, 4, Eigen::RowMajor>;
@@ -70,7 +72,8 @@ void run_naive_bn(benchmark::State& st, const Case& c, Mode m, int threads) {
                      (x - mean.reshape(bs).broadcast(bc)) * k2.reshape(bs).broadcast(bc) -
                      k3.reshape(bs).broadcast(bc);
     };
-    if (m == Mode::backward) stats();
+    if (m == Mode::backward)
+      stats();
     auto call = [&] { m == Mode::backward ? backward() : forward(m == Mode::train); };
     call();
     for (auto _ : st) {
@@ -93,7 +96,8 @@ void run_naive_ln(benchmark::State& st, const Case& c, Mode m, int threads) {
     dx.resize(rows, D);
     fill_random(dy.data(), static_cast<std::size_t>(dy.size()), 2);
   }
-  V w = rvec(D, 3, 1.0f), b = rvec(D, 4, 0.0f), gw(D), gb(D), mean(rows), rstd(rows), s1(rows), s2(rows);
+  V w = rvec(D, 3, 1.0f), b = rvec(D, 4, 0.0f), gw(D), gb(D), mean(rows), rstd(rows), s1(rows),
+    s2(rows);
   const Eigen::array<Index, 1> red1{{1}}, red0{{0}};
   const Eigen::array<Index, 2> bs{{rows, 1}}, bc{{1, D}}, ps{{1, D}}, pc{{rows, 1}};
   with_device(threads, [&](const auto& d) {
@@ -109,12 +113,14 @@ void run_naive_ln(benchmark::State& st, const Case& c, Mode m, int threads) {
       auto g = dy * w.reshape(ps).broadcast(pc);
       s1.device(d) = g.sum(red1);
       s2.device(d) = (g * xhat).sum(red1);
-      dx.device(d) = rstd.reshape(bs).broadcast(bc) *
-                     (g - (s1 * invD).reshape(bs).broadcast(bc) - xhat * (s2 * invD).reshape(bs).broadcast(bc));
+      dx.device(d) =
+          rstd.reshape(bs).broadcast(bc) * (g - (s1 * invD).reshape(bs).broadcast(bc) -
+                                            xhat * (s2 * invD).reshape(bs).broadcast(bc));
       gw.device(d) = (dy * xhat).sum(red0);
       gb.device(d) = dy.sum(red0);
     };
-    if (m == Mode::backward) forward();
+    if (m == Mode::backward)
+      forward();
     auto call = [&] { m == Mode::backward ? backward() : forward(); };
     call();
     for (auto _ : st) {
@@ -130,8 +136,10 @@ void run_naive_ln(benchmark::State& st, const Case& c, Mode m, int threads) {
 
 void register_naive(const Case& c, Mode m, int threads) {
   const bool bn = c.kind == Kind::batch && c.shape.size() == 4 && !c.channels_last;
-  if (!bn && c.kind != Kind::layer) return;
-  add(bench_name(c, mode_name(m), threads, "eigen_naive"), [c, m, threads, bn](benchmark::State& st) {
+  if (!bn && c.kind != Kind::layer)
+    return;
+  add(bench_name(c, mode_name(m), threads, "eigen_naive"), [c, m, threads,
+                                                            bn](benchmark::State& st) {
     guarded(st, [&] { bn ? run_naive_bn(st, c, m, threads) : run_naive_ln(st, c, m, threads); });
   });
 }

@@ -2,20 +2,20 @@
 // loop over the same bytes).
 // SPDX-License-Identifier: MIT
 #define EIGEN_USE_THREADS  // Eigen::ThreadPoolDevice for the 2-thread runs
-#include <normkit/normkit.hpp>
+#include <algorithm>       // std::min, std::max
+#include <array>           // std::array
+#include <chrono>          // std::chrono
+#include <cstdlib>         // std::aligned_alloc, std::free
+#include <cstring>         // std::memcpy, std::memset
+#include <exception>       // std::exception
+#include <functional>      // std::function
+#include <map>             // std::map
+#include <memory>          // std::unique_ptr
+#include <string>          // std::string
+#include <utility>         // std::pair
+#include <vector>          // std::vector
 
-#include <algorithm>  // std::min, std::max
-#include <array>      // std::array
-#include <chrono>     // std::chrono
-#include <cstdlib>    // std::aligned_alloc, std::free
-#include <cstring>    // std::memcpy, std::memset
-#include <exception>  // std::exception
-#include <functional> // std::function
-#include <map>        // std::map
-#include <memory>     // std::unique_ptr
-#include <string>     // std::string
-#include <utility>    // std::pair
-#include <vector>     // std::vector
+#include <normkit/normkit.hpp>
 
 #include "bench_common.hpp"
 #include "bench_eigen.hpp"
@@ -64,9 +64,8 @@ void split_run(std::size_t bytes, int threads, const Part& part) {
 }
 
 void copy_memcpy(const char* src, char* dst, std::size_t bytes, int threads) {
-  split_run(bytes, threads, [src, dst](std::size_t b, std::size_t e) {
-    std::memcpy(dst + b, src + b, e - b);
-  });
+  split_run(bytes, threads,
+            [src, dst](std::size_t b, std::size_t e) { std::memcpy(dst + b, src + b, e - b); });
 }
 
 void copy_stream(const char* src, char* dst, std::size_t bytes, int threads, float s) {
@@ -99,8 +98,10 @@ void run_normkit(benchmark::State& st, const Case& c, Mode m, int threads) {
     dx.resize(dims);
     fill_random(dy.data(), static_cast<std::size_t>(dy.size()), 2);
   }
-  const Index P = c.kind == Kind::layer ? static_cast<Index>(c.last()) : static_cast<Index>(c.channels());
-  Eigen::Tensor<float, 1> w = random_vector(P, 3, 1.0f), b = random_vector(P, 4, 0.0f), gw(P), gb(P);
+  const Index P =
+      c.kind == Kind::layer ? static_cast<Index>(c.last()) : static_cast<Index>(c.channels());
+  Eigen::Tensor<float, 1> w = random_vector(P, 3, 1.0f), b = random_vector(P, 4, 0.0f), gw(P),
+                          gb(P);
   Eigen::Tensor<float, 1> rm(P), rv(P);
   rm.setZero();
   rv.setConstant(1.0f);
@@ -111,11 +112,19 @@ void run_normkit(benchmark::State& st, const Case& c, Mode m, int threads) {
     switch (c.kind) {
       case Kind::batch: {
         normkit::BatchNormFuncOptions<float> o;
-        o.weight(w).bias(b).running_mean(rm).running_var(rv).training(train).momentum(0.1).eps(1e-5)
+        o.weight(w)
+            .bias(b)
+            .running_mean(rm)
+            .running_var(rv)
+            .training(train)
+            .momentum(0.1)
+            .eps(1e-5)
             .channels_last(c.channels_last);
         if (m == Mode::backward) {
           normkit::batch_norm(x, y, o, &saved, dev);
-          call = [&] { normkit::batch_norm_backward(x, dy, dx, saved, w, gw, gb, c.channels_last, dev); };
+          call = [&] {
+            normkit::batch_norm_backward(x, dy, dx, saved, w, gw, gb, c.channels_last, dev);
+          };
         } else {
           call = [&, o] { normkit::batch_norm(x, y, o, train ? &saved : nullptr, dev); };
         }
@@ -128,8 +137,8 @@ void run_normkit(benchmark::State& st, const Case& c, Mode m, int threads) {
           normkit::instance_norm(x, y, o, &saved, dev);
           call = [&] {
             normkit::instance_norm_backward(x, dy, dx, saved, normkit::VectorRef<const float>(),
-                                            normkit::VectorRef<float>(), normkit::VectorRef<float>(),
-                                            false, dev);
+                                            normkit::VectorRef<float>(),
+                                            normkit::VectorRef<float>(), false, dev);
           };
         } else {
           call = [&, o] { normkit::instance_norm(x, y, o, train ? &saved : nullptr, dev); };
@@ -153,7 +162,9 @@ void run_normkit(benchmark::State& st, const Case& c, Mode m, int threads) {
         o.weight(w).bias(b).eps(1e-5);
         if (m == Mode::backward) {
           normkit::group_norm(x, y, o, &saved, dev);
-          call = [&, G] { normkit::group_norm_backward(x, dy, dx, saved, G, w, gw, gb, false, dev); };
+          call = [&, G] {
+            normkit::group_norm_backward(x, dy, dx, saved, G, w, gw, gb, false, dev);
+          };
         } else {
           call = [&, o] { normkit::group_norm(x, y, o, train ? &saved : nullptr, dev); };
         }
@@ -184,7 +195,8 @@ double memcpy_seconds(std::size_t bytes, int threads) {
   const int t = probe_threads(bytes, threads);
   const auto key = std::make_pair(bytes, t);
   const auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
+  if (it != cache.end())
+    return it->second;
   Buffer src = aligned_buffer(bytes), dst = aligned_buffer(bytes);
   copy_memcpy(src.get(), dst.get(), bytes, t);
   double t0 = now_s();
@@ -228,9 +240,11 @@ void register_floor(const Case& c, int threads) {
           }
           using benchmark::Counter;
           const double mb = 2.0 * c.bytes();  // read B + write B
-          st.SetBytesProcessed(static_cast<std::int64_t>(mb) * static_cast<std::int64_t>(st.iterations()));
-          st.counters["floor_ratio"] = Counter(memcpy_seconds(bytes, threads),
-                                               static_cast<Counter::Flags>(Counter::kIsIterationInvariantRate | Counter::kInvert));
+          st.SetBytesProcessed(static_cast<std::int64_t>(mb) *
+                               static_cast<std::int64_t>(st.iterations()));
+          st.counters["floor_ratio"] = Counter(
+              memcpy_seconds(bytes, threads),
+              static_cast<Counter::Flags>(Counter::kIsIterationInvariantRate | Counter::kInvert));
           st.counters["model_bytes"] = Counter(mb);
           st.counters["B"] = Counter(c.bytes());
           st.SetLabel(c.id);

@@ -4,16 +4,16 @@
 // kernels, fed with the statistics of a native forward, as autograd would call them.
 // Threads: at::set_num_threads(n), checked with at::get_num_threads().
 // SPDX-License-Identifier: MIT
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/version.h>
-
 #include <cstdint>     // std::int64_t
 #include <exception>   // std::exception
 #include <functional>  // std::function
 #include <sstream>     // std::istringstream
 #include <string>      // std::string
 #include <tuple>       // std::get
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/version.h>
 
 #include "bench_common.hpp"
 
@@ -22,7 +22,8 @@ namespace {
 
 at::Tensor make(const Case& c, std::uint32_t seed, float offset) {
   auto opts = at::TensorOptions().dtype(at::kFloat);
-  if (c.channels_last) opts = opts.memory_format(at::MemoryFormat::ChannelsLast);
+  if (c.channels_last)
+    opts = opts.memory_format(at::MemoryFormat::ChannelsLast);
   at::Tensor t = at::empty(c.shape, opts);
   fill_random(t.data_ptr<float>(), static_cast<std::size_t>(t.numel()), seed, offset);
   return t;
@@ -61,8 +62,8 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
         save1 = std::get<1>(r);
         save2 = std::get<2>(r);
         call = [&] {
-          return std::get<0>(at::native_batch_norm_backward(dy, x, w, rm, rv, save1, save2, true, eps,
-                                                            {true, true, true}));
+          return std::get<0>(at::native_batch_norm_backward(dy, x, w, rm, rv, save1, save2, true,
+                                                            eps, {true, true, true}));
         };
       } else {
         call = [&] { return at::batch_norm(x, w, b, rm, rv, train, momentum, eps, false); };
@@ -77,18 +78,19 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
         v[0] = 1;
         xv = x.view(v);
         dyv = dy.view(v);
-        auto r = at::native_batch_norm(xv, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, true,
-                                       momentum, eps);
+        auto r = at::native_batch_norm(xv, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt,
+                                       true, momentum, eps);
         save1 = std::get<1>(r);
         save2 = std::get<2>(r);
         call = [&] {
-          return std::get<0>(at::native_batch_norm_backward(dyv, xv, c10::nullopt, c10::nullopt, c10::nullopt,
-                                                            save1, save2, true, eps, {true, false, false}));
+          return std::get<0>(at::native_batch_norm_backward(dyv, xv, c10::nullopt, c10::nullopt,
+                                                            c10::nullopt, save1, save2, true, eps,
+                                                            {true, false, false}));
         };
       } else {
         call = [&] {
-          return at::instance_norm(x, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, true, momentum,
-                                   eps, false);
+          return at::instance_norm(x, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, true,
+                                   momentum, eps, false);
         };
       }
       break;
@@ -102,7 +104,8 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
         save1 = std::get<1>(r);
         save2 = std::get<2>(r);
         call = [&, D] {
-          return std::get<0>(at::native_layer_norm_backward(dy, x, {D}, save1, save2, w, b, {true, true, true}));
+          return std::get<0>(
+              at::native_layer_norm_backward(dy, x, {D}, save1, save2, w, b, {true, true, true}));
         };
       } else {
         call = [&, D] { return at::layer_norm(x, {D}, w, b, eps, false); };
@@ -119,8 +122,8 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
         save1 = std::get<1>(r);
         save2 = std::get<2>(r);
         call = [&, N, C, HxW, G] {
-          return std::get<0>(
-              at::native_group_norm_backward(dy, x, save1, save2, w, N, C, HxW, G, {true, true, true}));
+          return std::get<0>(at::native_group_norm_backward(dy, x, save1, save2, w, N, C, HxW, G,
+                                                            {true, true, true}));
         };
       } else {
         call = [&, G] { return at::group_norm(x, G, w, b, eps, false); };
@@ -143,7 +146,8 @@ std::string torch_context() {
   std::istringstream in(at::get_parallel_info());
   std::string line;
   while (std::getline(in, line)) {
-    if (line.find("ATen parallel backend") != std::string::npos) backend = line.substr(line.find(':') + 2);
+    if (line.find("ATen parallel backend") != std::string::npos)
+      backend = line.substr(line.find(':') + 2);
   }
   return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
          std::to_string(TORCH_VERSION_PATCH) + " (intra-op: " + backend + ")";

@@ -59,8 +59,8 @@ bool report(const Norm& m, const Tensor4& x, double eps) {
     const double want = vx / (vx + eps);
     const bool good = std::abs(my) <= 1e-5 && std::abs(vy - want) <= 1e-3;
     ok = ok && good;
-    std::printf("    %c   %10.4f  %+11.2e  %10.6f  %12.6f%s\n", static_cast<char>('A' + g), vx, my, vy,
-                want, good ? "" : "  <-- MISMATCH");
+    std::printf("    %c   %10.4f  %+11.2e  %10.6f  %12.6f%s\n", static_cast<char>('A' + g), vx, my,
+                vy, want, good ? "" : "  <-- MISMATCH");
   }
   return ok;
 }
@@ -92,8 +92,9 @@ int main() {
        [i](Eigen::Index n, Eigen::Index) { return i(n); }, ln.forward(x)},
       {"InstanceNorm2d(4)", "one statistic per (n, c), over h, w", i(N * C),
        [i](Eigen::Index n, Eigen::Index c) { return i(n * C + c); }, in.forward(x)},
-      {"GroupNorm(2 groups, 4 channels)", "one statistic per (n, group of 2 channels), over c in group, h, w",
-       i(N * 2), [i](Eigen::Index n, Eigen::Index c) { return i(n * 2 + c / 2); }, gn.forward(x)},
+      {"GroupNorm(2 groups, 4 channels)",
+       "one statistic per (n, group of 2 channels), over c in group, h, w", i(N * 2),
+       [i](Eigen::Index n, Eigen::Index c) { return i(n * 2 + c / 2); }, gn.forward(x)},
   };
 
   const double eps = 1e-5;  // the default of all four modules

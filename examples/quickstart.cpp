@@ -48,7 +48,8 @@ int main() {
           if (h == 0 && w < 2) {
             std::printf("  %2ld %ld %ld %ld %10.6f %10.6f %10.6f\n", static_cast<long>(n),
                         static_cast<long>(c), static_cast<long>(h), static_cast<long>(w),
-                        static_cast<double>(x(n, c, h, w)), static_cast<double>(y(n, c, h, w)), ref);
+                        static_cast<double>(x(n, c, h, w)), static_cast<double>(y(n, c, h, w)),
+                        ref);
           }
         }
   std::printf("largest |module - hand| = %.3g\n", max_diff);
@@ -60,7 +61,8 @@ int main() {
     const auto cc = static_cast<std::size_t>(c);
     const double unbiased = var[cc] * count / (count - 1.0);
     const double rm = bn.running_mean()(c), rv = bn.running_var()(c);
-    std::printf("  %2ld %14.7f %14.7f %14.7f %13.7f\n", static_cast<long>(c), rm, mean[cc], rv, unbiased);
+    std::printf("  %2ld %14.7f %14.7f %14.7f %13.7f\n", static_cast<long>(c), rm, mean[cc], rv,
+                unbiased);
     max_rel = std::max(max_rel, std::abs(rm - mean[cc]) / std::max(std::abs(mean[cc]), 1e-12));
     max_rel = std::max(max_rel, std::abs(rv - unbiased) / unbiased);
   }

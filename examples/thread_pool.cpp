@@ -14,8 +14,9 @@ namespace {
 
 template <class A, class B>
 bool same_bits(const A& a, const B& b, const char* what) {
-  const bool same = a.size() == b.size() &&
-                    std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(float)) == 0;
+  const bool same =
+      a.size() == b.size() &&
+      std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(float)) == 0;
   std::printf("  %-40s %s\n", what, same ? "bitwise identical" : "DIFFERENT");
   return same;
 }
@@ -34,8 +35,8 @@ int main() {
 
   Eigen::ThreadPool pool(2);
   Eigen::ThreadPoolDevice device(&pool, 2);
-  std::printf("input (8, 64, 56, 56), %ld floats; thread pool of %d threads\n", static_cast<long>(x.size()),
-              device.numThreads());
+  std::printf("input (8, 64, 56, 56), %ld floats; thread pool of %d threads\n",
+              static_cast<long>(x.size()), device.numThreads());
 
   bool ok = true;
   {  // BatchNorm2d, training mode: output, running statistics and gradients.

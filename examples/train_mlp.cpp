@@ -27,6 +27,7 @@
 #include <vector>
 
 #include <Eigen/Dense>
+
 #include <normkit/normkit.hpp>
 
 namespace {
@@ -61,7 +62,8 @@ class Rng {
   Index below(Index n) { return static_cast<Index>(gen_() % static_cast<std::uint32_t>(n)); }
   template <class T>
   void shuffle(std::vector<T>& v) {  // Fisher-Yates
-    for (std::size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[static_cast<std::size_t>(below(static_cast<Index>(i)))]);
+    for (std::size_t i = v.size(); i > 1; --i)
+      std::swap(v[i - 1], v[static_cast<std::size_t>(below(static_cast<Index>(i)))]);
   }
 
  private:
@@ -82,7 +84,8 @@ struct Generator {
   Mat centers{2 * kClasses, kDim};
   Generator() {
     for (Index j = 0; j < kDim; ++j) {
-      scale.push_back(std::pow(10.0f, -1.0f + 2.5f * static_cast<float>(j) / static_cast<float>(kDim - 1)));
+      scale.push_back(
+          std::pow(10.0f, -1.0f + 2.5f * static_cast<float>(j) / static_cast<float>(kDim - 1)));
       offset.push_back((j % 2 ? -kOffset : kOffset) * scale.back());
     }
     for (Index k = 0; k < centers.size(); ++k) centers.data()[k] = 1.2f * rng.normal();
@@ -115,7 +118,8 @@ double softmax_xent(const Mat& logits, const int* label, Mat& grad, Index* corre
     grad.row(i) = e / sum;
     loss -= std::log(static_cast<double>(grad(i, label[i])));
     grad(i, label[i]) -= 1.0f;
-    if (arg == label[i]) ++*correct;
+    if (arg == label[i])
+      ++*correct;
   }
   grad /= static_cast<float>(n);
   return loss / static_cast<double>(n);
@@ -149,7 +153,8 @@ struct Mlp {
     z1 = (x * w1).rowwise() + b1;
     if (use_bn) {
       a.resize(z1.rows(), z1.cols());
-      bn.forward(ConstTensorMap2(z1.data(), z1.rows(), z1.cols()), TensorMap2(a.data(), a.rows(), a.cols()));
+      bn.forward(ConstTensorMap2(z1.data(), z1.rows(), z1.cols()),
+                 TensorMap2(a.data(), a.rows(), a.cols()));
     } else {
       a = z1;
     }
@@ -217,17 +222,23 @@ History train(bool use_bn, const DataSet& tr, const DataSet& te) {
 
 int epochs_to(const std::vector<double>& loss, double target) {
   for (std::size_t e = 0; e < loss.size(); ++e) {
-    if (loss[e] <= target) return static_cast<int>(e) + 1;
+    if (loss[e] <= target)
+      return static_cast<int>(e) + 1;
   }
   return -1;
 }
 
 // A hand-written SVG line chart of the two loss curves (log-scale loss axis), with axes,
 // ticks, labels, a legend, the target loss and where each curve first reaches it.
-bool write_svg(const std::string& path, const History& bn, const History& plain, double target, int bn_epoch,
+bool write_svg(const std::string& path,
+               const History& bn,
+               const History& plain,
+               double target,
+               int bn_epoch,
                int plain_epoch) {
   std::ofstream out(path);
-  if (!out) return false;
+  if (!out)
+    return false;
   const double W = 720, H = 440, left = 70, right = 190, top = 40, bottom = 60;
   const double pw = W - left - right, ph = H - top - bottom;
   // The loss axis spans the 1-2-5 ticks around the data.
@@ -238,7 +249,8 @@ bool write_svg(const std::string& path, const History& bn, const History& plain,
   double lo = target, hi = target;
   for (const auto* loss : {&bn.loss, &plain.loss}) {
     for (double v : *loss) {
-      if (std::isfinite(v) && v > 0) lo = std::min(lo, v), hi = std::max(hi, v);
+      if (std::isfinite(v) && v > 0)
+        lo = std::min(lo, v), hi = std::max(hi, v);
     }
   }
   const double ymin = *std::prev(std::upper_bound(ticks.begin(), ticks.end(), lo));
@@ -250,11 +262,13 @@ bool write_svg(const std::string& path, const History& bn, const History& plain,
   };
   char buf[1024];
   out << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << H
-      << "\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+      << "\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" "
+         "fill=\"white\"/>\n"
       << "<text x=\"" << left + pw / 2 << "\" y=\"24\" text-anchor=\"middle\" font-size=\"15\">"
       << "Training loss of a 2-layer MLP, with and without BatchNorm1d</text>\n";
   for (double v : ticks) {  // loss grid and ticks
-    if (v < ymin * 0.999 || v > ymax * 1.001) continue;
+    if (v < ymin * 0.999 || v > ymax * 1.001)
+      continue;
     std::snprintf(buf, sizeof buf,
                   "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#ddd\"/>"
                   "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%g</text>\n",
@@ -268,14 +282,16 @@ bool write_svg(const std::string& path, const History& bn, const History& plain,
                   px(e), top + ph, px(e), top + ph + 5, px(e), top + ph + 20, e);
     out << buf;
   }
-  std::snprintf(buf, sizeof buf,
-                "<polyline points=\"%.1f,%.1f %.1f,%.1f %.1f,%.1f\" fill=\"none\" stroke=\"black\"/>\n"
-                "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">epoch</text>\n"
-                "<text transform=\"translate(%.1f,%.1f) rotate(-90)\" text-anchor=\"middle\">"
-                "mean cross-entropy loss (log scale)</text>\n"
-                "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"gray\" stroke-dasharray=\"6,4\"/>\n",
-                left, top, left, top + ph, left + pw, top + ph, left + pw / 2, H - 15, 20.0, top + ph / 2,
-                left, py(target), left + pw, py(target));
+  std::snprintf(
+      buf, sizeof buf,
+      "<polyline points=\"%.1f,%.1f %.1f,%.1f %.1f,%.1f\" fill=\"none\" stroke=\"black\"/>\n"
+      "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">epoch</text>\n"
+      "<text transform=\"translate(%.1f,%.1f) rotate(-90)\" text-anchor=\"middle\">"
+      "mean cross-entropy loss (log scale)</text>\n"
+      "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"gray\" "
+      "stroke-dasharray=\"6,4\"/>\n",
+      left, top, left, top + ph, left + pw, top + ph, left + pw / 2, H - 15, 20.0, top + ph / 2,
+      left, py(target), left + pw, py(target));
   out << buf;
   auto curve = [&](const std::vector<double>& loss, int reached, const char* color) {
     out << "<polyline fill=\"none\" stroke=\"" << color << "\" stroke-width=\"2\" points=\"";
@@ -286,26 +302,31 @@ bool write_svg(const std::string& path, const History& bn, const History& plain,
     out << "\"/>\n";
     if (reached > 0) {
       const double x = px(reached), y = py(loss[static_cast<std::size_t>(reached - 1)]);
-      std::snprintf(buf, sizeof buf,
-                    "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"5\" fill=\"none\" stroke=\"%s\" stroke-width=\"2\"/>"
-                    "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" fill=\"%s\">epoch %d</text>\n",
-                    x, y, color, x, y + 22, color, reached);
+      std::snprintf(
+          buf, sizeof buf,
+          "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"5\" fill=\"none\" stroke=\"%s\" stroke-width=\"2\"/>"
+          "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" fill=\"%s\">epoch %d</text>\n",
+          x, y, color, x, y + 22, color, reached);
       out << buf;
     }
   };
   curve(bn.loss, bn_epoch, "#d62728");
   curve(plain.loss, plain_epoch, "#1f77b4");
   const double lx = left + pw + 15, ly = top + 10;  // legend
-  std::snprintf(buf, sizeof buf,
-                "<rect x=\"%.1f\" y=\"%.1f\" width=\"165\" height=\"70\" fill=\"none\" stroke=\"#999\"/>\n"
-                "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#d62728\" stroke-width=\"2\"/>"
-                "<text x=\"%.1f\" y=\"%.1f\">with BatchNorm1d</text>\n"
-                "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#1f77b4\" stroke-width=\"2\"/>"
-                "<text x=\"%.1f\" y=\"%.1f\">without BatchNorm</text>\n"
-                "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"gray\" stroke-dasharray=\"6,4\"/>"
-                "<text x=\"%.1f\" y=\"%.1f\">target loss %g</text>\n",
-                lx, ly, lx + 8, ly + 15, lx + 33, ly + 15, lx + 40, ly + 19, lx + 8, ly + 35, lx + 33, ly + 35,
-                lx + 40, ly + 39, lx + 8, ly + 55, lx + 33, ly + 55, lx + 40, ly + 59, target);
+  std::snprintf(
+      buf, sizeof buf,
+      "<rect x=\"%.1f\" y=\"%.1f\" width=\"165\" height=\"70\" fill=\"none\" stroke=\"#999\"/>\n"
+      "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#d62728\" "
+      "stroke-width=\"2\"/>"
+      "<text x=\"%.1f\" y=\"%.1f\">with BatchNorm1d</text>\n"
+      "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#1f77b4\" "
+      "stroke-width=\"2\"/>"
+      "<text x=\"%.1f\" y=\"%.1f\">without BatchNorm</text>\n"
+      "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"gray\" "
+      "stroke-dasharray=\"6,4\"/>"
+      "<text x=\"%.1f\" y=\"%.1f\">target loss %g</text>\n",
+      lx, ly, lx + 8, ly + 15, lx + 33, ly + 15, lx + 40, ly + 19, lx + 8, ly + 35, lx + 33,
+      ly + 35, lx + 40, ly + 39, lx + 8, ly + 55, lx + 33, ly + 55, lx + 40, ly + 59, target);
   out << buf << "</svg>\n";
   return static_cast<bool>(out);
 }
@@ -318,15 +339,16 @@ int main(int argc, char** argv) {
   const History with_bn = train(true, tr, te);
   const History without = train(false, tr, te);
 
-  std::printf("MLP %ld -> %ld -> %ld on %ld samples (%ld held out), minibatches of %ld, SGD with lr %g\n",
-              static_cast<long>(kDim), static_cast<long>(kHidden), static_cast<long>(kClasses),
-              static_cast<long>(kTrain), static_cast<long>(kTest), static_cast<long>(kBatch),
-              static_cast<double>(kLearningRate));
+  std::printf(
+      "MLP %ld -> %ld -> %ld on %ld samples (%ld held out), minibatches of %ld, SGD with lr %g\n",
+      static_cast<long>(kDim), static_cast<long>(kHidden), static_cast<long>(kClasses),
+      static_cast<long>(kTrain), static_cast<long>(kTest), static_cast<long>(kBatch),
+      static_cast<double>(kLearningRate));
   std::printf("epoch   with BN: loss   acc    without BN: loss   acc\n");
   for (int e = 0; e < kEpochs; ++e) {
     const auto i = static_cast<std::size_t>(e);
-    std::printf("%5d   %13.4f %5.1f%%   %16.4f %5.1f%%\n", e + 1, with_bn.loss[i], 100.0 * with_bn.accuracy[i],
-                without.loss[i], 100.0 * without.accuracy[i]);
+    std::printf("%5d   %13.4f %5.1f%%   %16.4f %5.1f%%\n", e + 1, with_bn.loss[i],
+                100.0 * with_bn.accuracy[i], without.loss[i], 100.0 * without.accuracy[i]);
   }
   std::printf("held-out accuracy: with BN (eval mode) = %.1f%%, without BN = %.1f%%\n",
               100.0 * with_bn.test_accuracy, 100.0 * without.test_accuracy);
@@ -339,9 +361,11 @@ int main(int argc, char** argv) {
   }
   std::printf("loss curves written to %s\n", path.c_str());
 
-  auto str = [](int e) { return e < 0 ? std::string("never (> ") + std::to_string(kEpochs) + ")" : std::to_string(e); };
-  std::printf("target loss %.2f -- epochs to target: with BN = %s, without BN = %s\n", kTargetLoss, str(a).c_str(),
-              str(b).c_str());
+  auto str = [](int e) {
+    return e < 0 ? std::string("never (> ") + std::to_string(kEpochs) + ")" : std::to_string(e);
+  };
+  std::printf("target loss %.2f -- epochs to target: with BN = %s, without BN = %s\n", kTargetLoss,
+              str(a).c_str(), str(b).c_str());
   const bool clearly_fewer = a > 0 && (b < 0 || 2 * a <= b);
   std::printf("%s\n", clearly_fewer ? "OK: BatchNorm reaches the target in at most half the epochs"
                                     : "FAIL: BatchNorm did not reach the target clearly faster");

@@ -3,8 +3,6 @@
 // offending numbers, and state that is bit-identical after a rejected call. Also the edge
 // cases that must be accepted. Wrong ranks for the modules are compile-time errors
 // (static_assert) and are not tested here.
-#include <gtest/gtest.h>
-
 #include <cctype>
 #include <cmath>
 #include <cstdint>
@@ -17,6 +15,8 @@
 #include <typeinfo>
 #include <utility>
 #include <vector>
+
+#include <gtest/gtest.h>
 
 #include <normkit/normkit.hpp>
 
@@ -61,33 +61,43 @@ Vec ramp(Idx n, double start, double step) {
 /// What a message must contain: a literal substring, or an integer as a whole token
 /// (so 3 does not match inside 13, 0.3 or -3).
 struct Needle {
-  Needle(const char* s) : text(s) {}          // NOLINT: implicit by design
-  Needle(std::string s) : text(std::move(s)) {}  // NOLINT
+  Needle(const char* s) : text(s) {}                        // NOLINT: implicit by design
+  Needle(std::string s) : text(std::move(s)) {}             // NOLINT
   Needle(int v) : text(std::to_string(v)), number(true) {}  // NOLINT
   std::string text;
   bool number = false;
 };
 
-bool is_num_char(char c) { return std::isdigit(static_cast<unsigned char>(c)) != 0; }
+bool is_num_char(char c) {
+  return std::isdigit(static_cast<unsigned char>(c)) != 0;
+}
 
 bool contains(const std::string& msg, const Needle& n) {
-  if (!n.number) return msg.find(n.text) != std::string::npos;
-  for (std::size_t pos = msg.find(n.text); pos != std::string::npos; pos = msg.find(n.text, pos + 1)) {
+  if (!n.number)
+    return msg.find(n.text) != std::string::npos;
+  for (std::size_t pos = msg.find(n.text); pos != std::string::npos;
+       pos = msg.find(n.text, pos + 1)) {
     const bool lead_ok = pos == 0 || !(is_num_char(msg[pos - 1]) || msg[pos - 1] == '.' ||
                                        (msg[pos - 1] == '-' && n.text[0] != '-'));
     const std::size_t end = pos + n.text.size();
-    const bool trail_ok = end >= msg.size() || !(is_num_char(msg[end]) ||
-                                                 (msg[end] == '.' && end + 1 < msg.size() && is_num_char(msg[end + 1])));
-    if (lead_ok && trail_ok) return true;
+    const bool trail_ok = end >= msg.size() ||
+                          !(is_num_char(msg[end]) ||
+                            (msg[end] == '.' && end + 1 < msg.size() && is_num_char(msg[end + 1])));
+    if (lead_ok && trail_ok)
+      return true;
   }
   return false;
 }
 
 const char* kind_of(const std::exception& e) {
-  if (dynamic_cast<const normkit::shape_error*>(&e)) return "normkit::shape_error";
-  if (dynamic_cast<const normkit::value_error*>(&e)) return "normkit::value_error";
-  if (dynamic_cast<const normkit::error*>(&e)) return "normkit::error";
-  if (dynamic_cast<const std::invalid_argument*>(&e)) return "std::invalid_argument";
+  if (dynamic_cast<const normkit::shape_error*>(&e))
+    return "normkit::shape_error";
+  if (dynamic_cast<const normkit::value_error*>(&e))
+    return "normkit::value_error";
+  if (dynamic_cast<const normkit::error*>(&e))
+    return "normkit::error";
+  if (dynamic_cast<const std::invalid_argument*>(&e))
+    return "std::invalid_argument";
   return typeid(e).name();
 }
 template <class E>
@@ -103,13 +113,14 @@ template <class E, class F>
   } catch (const std::exception& e) {
     const std::string msg = e.what();
     if (typeid(e) != typeid(E)) {
-      return ::testing::AssertionFailure() << "threw " << kind_of(e) << " instead of " << name_of<E>()
-                                           << ": \"" << msg << "\"";
+      return ::testing::AssertionFailure()
+             << "threw " << kind_of(e) << " instead of " << name_of<E>() << ": \"" << msg << "\"";
     }
     for (const Needle& n : needles) {
       if (!contains(msg, n)) {
-        return ::testing::AssertionFailure() << "message \"" << msg << "\" lacks "
-                                             << (n.number ? "the number " : "") << "\"" << n.text << "\"";
+        return ::testing::AssertionFailure()
+               << "message \"" << msg << "\" lacks " << (n.number ? "the number " : "") << "\""
+               << n.text << "\"";
       }
     }
     return ::testing::AssertionSuccess() << msg;
@@ -119,12 +130,17 @@ template <class E, class F>
 
 /// Throws<E>, and the state that snap() captures is bit-identical before and after.
 template <class E, class Snap, class F>
-::testing::AssertionResult RejectsKeeping(Snap&& snap, F&& f, std::initializer_list<Needle> needles) {
+::testing::AssertionResult RejectsKeeping(Snap&& snap,
+                                          F&& f,
+                                          std::initializer_list<Needle> needles) {
   const normkit_test::State before = snap();
   ::testing::AssertionResult r = Throws<E>(std::forward<F>(f), needles);
-  if (!r) return r;
+  if (!r)
+    return r;
   ::testing::AssertionResult s = same_state(before, snap());
-  if (!s) return ::testing::AssertionFailure() << "threw as expected, but the state changed: " << s.message();
+  if (!s)
+    return ::testing::AssertionFailure()
+           << "threw as expected, but the state changed: " << s.message();
   return ::testing::AssertionSuccess();
 }
 
@@ -139,8 +155,10 @@ template <class E, class M, class F>
 template <class M>
 void prime(M& m, Idx channels) {
   (void)channels;
-  if (m.weight().size()) m.set_weight(ramp(m.weight().size(), 0.75, 0.125));
-  if (m.bias().size()) m.set_bias(ramp(m.bias().size(), -0.5, 0.25));
+  if (m.weight().size())
+    m.set_weight(ramp(m.weight().size(), 0.75, 0.125));
+  if (m.bias().size())
+    m.set_bias(ramp(m.bias().size(), -0.5, 0.25));
   if constexpr (normkit_test::has_running_stats_v<M>) {
     if (m.running_mean().size()) {
       m.set_running_mean(ramp(channels, 0.3, -0.2));
@@ -161,11 +179,11 @@ template <class T>
 TEST(Helpers, ThrowsAndSameStateCanFail) {
   auto shape = [] { throw normkit::shape_error("[normkit.X] expected 3 channels, got [4, 13]"); };
   EXPECT_TRUE(Throws<shape_error>(shape, {"[normkit.X]", 3, 4, 13, "[4, 13]"}));
-  EXPECT_FALSE(Throws<value_error>(shape, {}));                // sibling type
-  EXPECT_FALSE(Throws<shape_error>(shape, {"[normkit.Y]"}));   // missing text
-  EXPECT_FALSE(Throws<shape_error>(shape, {1}));               // 1 only inside 13
+  EXPECT_FALSE(Throws<value_error>(shape, {}));               // sibling type
+  EXPECT_FALSE(Throws<shape_error>(shape, {"[normkit.Y]"}));  // missing text
+  EXPECT_FALSE(Throws<shape_error>(shape, {1}));              // 1 only inside 13
   EXPECT_FALSE(Throws<shape_error>(shape, {5}));
-  EXPECT_FALSE(Throws<shape_error>([] {}, {}));                // no exception
+  EXPECT_FALSE(Throws<shape_error>([] {}, {}));                                     // no exception
   EXPECT_FALSE(Throws<shape_error>([] { throw std::invalid_argument("x"); }, {}));  // base type
   auto neg = [] { throw normkit::value_error("got -1 and 0.5"); };
   EXPECT_TRUE(Throws<value_error>(neg, {-1}));
@@ -181,7 +199,12 @@ TEST(Helpers, ThrowsAndSameStateCanFail) {
   rm(1) = -0.0;  // bitwise, not numerically, different
   bn.set_running_mean(rm);
   EXPECT_FALSE(same_state(before, snapshot(bn)));
-  EXPECT_FALSE(RejectsUnchanged<value_error>(bn, [&] { bn.set_num_batches_tracked(5); throw normkit::value_error("x"); }, {}));
+  EXPECT_FALSE(RejectsUnchanged<value_error>(bn,
+                                             [&] {
+                                               bn.set_num_batches_tracked(5);
+                                               throw normkit::value_error("x");
+                                             },
+                                             {}));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -195,7 +218,8 @@ TEST(ErrorTypes, BothDeriveFromInvalidArgument) {
   normkit::BatchNorm1d<double> bn(3);
   const auto x = input(4, 5);
   EXPECT_THROW((void)bn.forward(x), std::invalid_argument);
-  EXPECT_THROW((void)normkit::GroupNorm<double>(normkit::GroupNormOptions(3, 4)), std::invalid_argument);
+  EXPECT_THROW((void)normkit::GroupNorm<double>(normkit::GroupNormOptions(3, 4)),
+               std::invalid_argument);
   try {
     (void)bn.forward(x);
     ADD_FAILURE() << "no exception";
@@ -214,7 +238,8 @@ void expect_bn_like_option_errors(const char* tag) {
   EXPECT_TRUE(Throws<value_error>([] { M m(O(3).eps(-1e-5)); }, {tag, "eps", "-1e-05"}));
   EXPECT_TRUE(Throws<value_error>([] { M m(O(3).momentum(1.5)); }, {tag, "momentum", "1.5"}));
   EXPECT_TRUE(Throws<value_error>([] { M m(O(3).momentum(-0.25)); }, {tag, "momentum", "-0.25"}));
-  EXPECT_TRUE(Throws<value_error>([] { M m(O(3).momentum(2.0).track_running_stats(false)); }, {tag, "momentum", 2}));
+  EXPECT_TRUE(Throws<value_error>([] { M m(O(3).momentum(2.0).track_running_stats(false)); },
+                                  {tag, "momentum", 2}));
   EXPECT_TRUE(Throws<value_error>([] { M m(O(-2)); }, {tag, "num_features", -2}));
   // Accepted: eps = 0, momentum 0 and 1.
   EXPECT_NO_THROW((void)M(O(3).eps(0)));
@@ -228,7 +253,8 @@ TEST(Options, BatchNormRejectsBadOptions) {
   expect_bn_like_option_errors<normkit::BatchNorm2d<double>, O>("[normkit.BatchNorm2d]");
   expect_bn_like_option_errors<normkit::BatchNorm3d<float>, O>("[normkit.BatchNorm3d]");
   // momentum none is BatchNorm's cumulative average: accepted.
-  EXPECT_NO_THROW((void)normkit::BatchNorm1d<double>(normkit::BatchNormOptions(3).momentum(std::nullopt)));
+  EXPECT_NO_THROW(
+      (void)normkit::BatchNorm1d<double>(normkit::BatchNormOptions(3).momentum(std::nullopt)));
 }
 
 TEST(Options, InstanceNormRejectsBadOptions) {
@@ -239,24 +265,40 @@ TEST(Options, InstanceNormRejectsBadOptions) {
   // momentum none: PyTorch fails at forward (TypeError), tracking or not; normkit at construction.
   for (bool tracking : {false, true}) {
     EXPECT_TRUE(Throws<value_error>(
-        [&] { normkit::InstanceNorm1d<double> m(normkit::InstanceNormOptions(3).momentum(std::nullopt).track_running_stats(tracking)); },
+        [&] {
+          normkit::InstanceNorm1d<double> m(
+              normkit::InstanceNormOptions(3).momentum(std::nullopt).track_running_stats(tracking));
+        },
         {"[normkit.InstanceNorm1d]", "momentum", "none"}));
     EXPECT_TRUE(Throws<value_error>(
-        [&] { normkit::InstanceNorm2d<double> m(normkit::InstanceNormOptions(3).momentum(std::nullopt).track_running_stats(tracking)); },
+        [&] {
+          normkit::InstanceNorm2d<double> m(
+              normkit::InstanceNormOptions(3).momentum(std::nullopt).track_running_stats(tracking));
+        },
         {"[normkit.InstanceNorm2d]", "momentum", "none"}));
     EXPECT_TRUE(Throws<value_error>(
-        [&] { normkit::InstanceNorm3d<double> m(normkit::InstanceNormOptions(3).momentum(std::nullopt).track_running_stats(tracking)); },
+        [&] {
+          normkit::InstanceNorm3d<double> m(
+              normkit::InstanceNormOptions(3).momentum(std::nullopt).track_running_stats(tracking));
+        },
         {"[normkit.InstanceNorm3d]", "momentum", "none"}));
   }
 }
 
 TEST(Options, LayerNormRejectsBadOptions) {
-  EXPECT_TRUE(Throws<value_error>([] { normkit::LayerNorm<double> m(normkit::LayerNormOptions(std::vector<normkit::Index>{})); },
-                                  {"[normkit.LayerNorm]", "normalized_shape = []"}));
-  EXPECT_TRUE(Throws<value_error>([] { normkit::LayerNorm<double> m(normkit::LayerNormOptions({4}).eps(-1)); },
-                                  {"[normkit.LayerNorm]", "eps", -1}));
-  EXPECT_TRUE(Throws<value_error>([] { normkit::LayerNorm<double> m(normkit::LayerNormOptions({3, -2})); },
-                                  {"[normkit.LayerNorm]", -2}));
+  EXPECT_TRUE(Throws<value_error>(
+      [] {
+        normkit::LayerNorm<double> m(normkit::LayerNormOptions(std::vector<normkit::Index>{}));
+      },
+      {"[normkit.LayerNorm]", "normalized_shape = []"}));
+  EXPECT_TRUE(Throws<value_error>(
+      [] { normkit::LayerNorm<double> m(normkit::LayerNormOptions({4}).eps(-1)); },
+      {"[normkit.LayerNorm]", "eps", -1}));
+  EXPECT_TRUE(Throws<value_error>(
+      [] {
+        normkit::LayerNorm<double> m(normkit::LayerNormOptions({3, -2}));
+      },
+      {"[normkit.LayerNorm]", -2}));
   EXPECT_NO_THROW((void)normkit::LayerNorm<double>(normkit::LayerNormOptions({4}).eps(0)));
 }
 
@@ -264,11 +306,16 @@ TEST(Options, GroupNormRejectsBadOptions) {
   using GN = normkit::GroupNorm<double>;
   using O = normkit::GroupNormOptions;
   EXPECT_TRUE(Throws<value_error>([] { GN m(O(0, 4)); }, {"[normkit.GroupNorm]", "num groups", 0}));
-  EXPECT_TRUE(Throws<value_error>([] { GN m(O(-1, 4)); }, {"[normkit.GroupNorm]", "num groups", -1}));
-  EXPECT_TRUE(Throws<value_error>([] { GN m(O(3, 4)); }, {"[normkit.GroupNorm]", "divisible", 3, 4}));
-  EXPECT_TRUE(Throws<value_error>([] { GN m(O(4, 6)); }, {"[normkit.GroupNorm]", "divisible", 4, 6}));
-  EXPECT_TRUE(Throws<value_error>([] { GN m(O(2, 4).eps(-0.5)); }, {"[normkit.GroupNorm]", "eps", "-0.5"}));
-  EXPECT_TRUE(Throws<value_error>([] { GN m(O(2, 4).affine(false).eps(-1)); }, {"[normkit.GroupNorm]", "eps", -1}));
+  EXPECT_TRUE(
+      Throws<value_error>([] { GN m(O(-1, 4)); }, {"[normkit.GroupNorm]", "num groups", -1}));
+  EXPECT_TRUE(
+      Throws<value_error>([] { GN m(O(3, 4)); }, {"[normkit.GroupNorm]", "divisible", 3, 4}));
+  EXPECT_TRUE(
+      Throws<value_error>([] { GN m(O(4, 6)); }, {"[normkit.GroupNorm]", "divisible", 4, 6}));
+  EXPECT_TRUE(
+      Throws<value_error>([] { GN m(O(2, 4).eps(-0.5)); }, {"[normkit.GroupNorm]", "eps", "-0.5"}));
+  EXPECT_TRUE(Throws<value_error>([] { GN m(O(2, 4).affine(false).eps(-1)); },
+                                  {"[normkit.GroupNorm]", "eps", -1}));
   // Accepted: num_groups == num_channels, one group, eps = 0.
   EXPECT_NO_THROW((void)GN(O(4, 4)));
   EXPECT_NO_THROW((void)GN(O(1, 4)));
@@ -282,52 +329,66 @@ TEST(BatchNormErrors, ChannelMismatchAlwaysChecked) {
   // Policy 1: checked with and without affine parameters and running statistics.
   for (bool affine : {true, false}) {
     for (bool tracking : {true, false}) {
-      SCOPED_TRACE(std::string("affine ") + (affine ? "on" : "off") + ", tracking " + (tracking ? "on" : "off"));
-      normkit::BatchNorm1d<double> bn(normkit::BatchNormOptions(3).affine(affine).track_running_stats(tracking));
+      SCOPED_TRACE(std::string("affine ") + (affine ? "on" : "off") + ", tracking " +
+                   (tracking ? "on" : "off"));
+      normkit::BatchNorm1d<double> bn(
+          normkit::BatchNormOptions(3).affine(affine).track_running_stats(tracking));
       prime(bn, 3);
       const auto x2 = input(4, 5);
       const auto x3 = input(4, 5, 2);
-      EXPECT_TRUE(RejectsUnchanged<shape_error>(bn, [&] { (void)bn.forward(x2); }, {"[normkit.BatchNorm1d]", 3, "[4, 5]"}));
-      EXPECT_TRUE(RejectsUnchanged<shape_error>(bn, [&] { (void)bn.forward(x3); }, {"[normkit.BatchNorm1d]", 3, "[4, 5, 2]"}));
+      EXPECT_TRUE(RejectsUnchanged<shape_error>(bn, [&] { (void)bn.forward(x2); },
+                                                {"[normkit.BatchNorm1d]", 3, "[4, 5]"}));
+      EXPECT_TRUE(RejectsUnchanged<shape_error>(bn, [&] { (void)bn.forward(x3); },
+                                                {"[normkit.BatchNorm1d]", 3, "[4, 5, 2]"}));
       bn.eval();
-      EXPECT_TRUE(RejectsUnchanged<shape_error>(bn, [&] { (void)bn.forward(x2); }, {"[normkit.BatchNorm1d]", 3, "[4, 5]"}));
+      EXPECT_TRUE(RejectsUnchanged<shape_error>(bn, [&] { (void)bn.forward(x2); },
+                                                {"[normkit.BatchNorm1d]", 3, "[4, 5]"}));
       const auto fewer = input(4, 2);
-      EXPECT_TRUE(RejectsUnchanged<shape_error>(bn, [&] { (void)bn.forward(fewer); }, {"[normkit.BatchNorm1d]", 3, "[4, 2]"}));
+      EXPECT_TRUE(RejectsUnchanged<shape_error>(bn, [&] { (void)bn.forward(fewer); },
+                                                {"[normkit.BatchNorm1d]", 3, "[4, 2]"}));
     }
   }
   normkit::BatchNorm2d<double> bn2(3);
   prime(bn2, 3);
   const auto x4 = input(2, 4, 2, 2);
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(bn2, [&] { (void)bn2.forward(x4); }, {"[normkit.BatchNorm2d]", 3, "[2, 4, 2, 2]"}));
-  normkit::BatchNorm3d<double> bn3(normkit::BatchNormOptions(3).affine(false).track_running_stats(false));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(bn2, [&] { (void)bn2.forward(x4); },
+                                            {"[normkit.BatchNorm2d]", 3, "[2, 4, 2, 2]"}));
+  normkit::BatchNorm3d<double> bn3(
+      normkit::BatchNormOptions(3).affine(false).track_running_stats(false));
   const auto x5 = input<Eigen::ColMajor>(2, 2, 2, 2, 2);
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(bn3, [&] { (void)bn3.forward(x5); }, {"[normkit.BatchNorm3d]", 3, "[2, 2, 2, 2, 2]"}));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(bn3, [&] { (void)bn3.forward(x5); },
+                                            {"[normkit.BatchNorm3d]", 3, "[2, 2, 2, 2, 2]"}));
   // channels_last: the tensor is (N, H, W, C) = (2, 2, 2, 5); the message may show either order.
   normkit::BatchNorm2d<double> bncl(normkit::BatchNormOptions(3).channels_last(true));
   prime(bncl, 3);
   const auto xcl = input(2, 2, 2, 5);
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(bncl, [&] { (void)bncl.forward(xcl); }, {"[normkit.BatchNorm2d]", 3, 5}));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(bncl, [&] { (void)bncl.forward(xcl); },
+                                            {"[normkit.BatchNorm2d]", 3, 5}));
   // Float modules behave the same.
   normkit::BatchNorm1d<float> bnf(3);
   Eigen::Tensor<float, 2, Eigen::RowMajor> xf(4, 5);
   xf.setConstant(1.0f);
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(bnf, [&] { (void)bnf.forward(xf); }, {"[normkit.BatchNorm1d]", 3, "[4, 5]"}));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(bnf, [&] { (void)bnf.forward(xf); },
+                                            {"[normkit.BatchNorm1d]", 3, "[4, 5]"}));
 }
 
 TEST(BatchNormErrors, OneValuePerChannelInTraining) {
   for (bool cma : {false, true}) {
     SCOPED_TRACE(cma ? "momentum none" : "momentum 0.1");
-    normkit::BatchNorm1d<double> bn(normkit::BatchNormOptions(3).momentum(cma ? std::optional<double>() : std::optional<double>(0.1)));
+    normkit::BatchNorm1d<double> bn(normkit::BatchNormOptions(3).momentum(
+        cma ? std::optional<double>() : std::optional<double>(0.1)));
     prime(bn, 3);
     (void)bn.forward(input(5, 3));  // a real step first: counter 8, stats moved
     ASSERT_EQ(bn.num_batches_tracked(), 8);
     const auto x = input(1, 3);
     const auto x3 = input(1, 3, 1);
     const normkit::BatchNorm1d<double> copy = bn;
-    EXPECT_TRUE(RejectsUnchanged<value_error>(bn, [&] { (void)bn.forward(x); },
-                                              {"[normkit.BatchNorm1d]", "more than 1 value per channel", "[1, 3]"}));
-    EXPECT_TRUE(RejectsUnchanged<value_error>(bn, [&] { (void)bn.forward(x3); },
-                                              {"[normkit.BatchNorm1d]", "more than 1 value per channel", "[1, 3, 1]"}));
+    EXPECT_TRUE(RejectsUnchanged<value_error>(
+        bn, [&] { (void)bn.forward(x); },
+        {"[normkit.BatchNorm1d]", "more than 1 value per channel", "[1, 3]"}));
+    EXPECT_TRUE(RejectsUnchanged<value_error>(
+        bn, [&] { (void)bn.forward(x3); },
+        {"[normkit.BatchNorm1d]", "more than 1 value per channel", "[1, 3, 1]"}));
     // The next valid step behaves exactly as if the rejected calls never happened (with
     // momentum none the factor is still 1/9, not 1/10 or 1/11).
     normkit::BatchNorm1d<double> ref = copy;
@@ -341,20 +402,24 @@ TEST(BatchNormErrors, OneValuePerChannelInTraining) {
   normkit::BatchNorm2d<double> bn2(3);
   prime(bn2, 3);
   const auto x4 = input(1, 3, 1, 1);
-  EXPECT_TRUE(RejectsUnchanged<value_error>(bn2, [&] { (void)bn2.forward(x4); },
-                                            {"[normkit.BatchNorm2d]", "more than 1 value per channel", "[1, 3, 1, 1]"}));
+  EXPECT_TRUE(RejectsUnchanged<value_error>(
+      bn2, [&] { (void)bn2.forward(x4); },
+      {"[normkit.BatchNorm2d]", "more than 1 value per channel", "[1, 3, 1, 1]"}));
   normkit::BatchNorm3d<double> bn3(2);
   prime(bn3, 2);
   const auto x5 = input<Eigen::ColMajor>(1, 2, 1, 1, 1);
-  EXPECT_TRUE(RejectsUnchanged<value_error>(bn3, [&] { (void)bn3.forward(x5); },
-                                            {"[normkit.BatchNorm3d]", "more than 1 value per channel", "[1, 2, 1, 1, 1]"}));
+  EXPECT_TRUE(RejectsUnchanged<value_error>(
+      bn3, [&] { (void)bn3.forward(x5); },
+      {"[normkit.BatchNorm3d]", "more than 1 value per channel", "[1, 2, 1, 1, 1]"}));
   // Without running statistics the batch statistics are used in eval too (§15.5).
   normkit::BatchNorm1d<double> nt(normkit::BatchNormOptions(3).track_running_stats(false));
   prime(nt, 3);
   const auto x = input(1, 3);
-  EXPECT_TRUE(RejectsUnchanged<value_error>(nt, [&] { (void)nt.forward(x); }, {"[normkit.BatchNorm1d]", "[1, 3]"}));
+  EXPECT_TRUE(RejectsUnchanged<value_error>(nt, [&] { (void)nt.forward(x); },
+                                            {"[normkit.BatchNorm1d]", "[1, 3]"}));
   nt.eval();
-  EXPECT_TRUE(RejectsUnchanged<value_error>(nt, [&] { (void)nt.forward(x); }, {"[normkit.BatchNorm1d]", "[1, 3]"}));
+  EXPECT_TRUE(RejectsUnchanged<value_error>(nt, [&] { (void)nt.forward(x); },
+                                            {"[normkit.BatchNorm1d]", "[1, 3]"}));
   // Batch size 1 with more than one spatial element is fine (§15.6).
   normkit::BatchNorm1d<double> ok(3);
   EXPECT_NO_THROW((void)ok.forward(input(1, 3, 2)));
@@ -373,10 +438,13 @@ TEST(BatchNormErrors, OutputMapOfWrongSize) {
     s.add("map", normkit_test::blob_of(RMap<2>(buf.data(), 4, 3)));
     return s;
   };
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { bn.forward(x, small); }, {"[normkit.BatchNorm1d]", "[4, 3]", "[4, 2]"}));
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { bn.forward(x, swapped); }, {"[normkit.BatchNorm1d]", "[4, 3]", "[3, 4]"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { bn.forward(x, small); },
+                                          {"[normkit.BatchNorm1d]", "[4, 3]", "[4, 2]"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { bn.forward(x, swapped); },
+                                          {"[normkit.BatchNorm1d]", "[4, 3]", "[3, 4]"}));
   bn.eval();
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { bn.forward(x, small); }, {"[normkit.BatchNorm1d]", "[4, 3]", "[4, 2]"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { bn.forward(x, small); },
+                                          {"[normkit.BatchNorm1d]", "[4, 3]", "[4, 2]"}));
   // The right size works and equals the allocating form.
   RMap<2> right(buf.data(), 4, 3);
   EXPECT_NO_THROW(bn.forward(x, right));
@@ -385,7 +453,8 @@ TEST(BatchNormErrors, OutputMapOfWrongSize) {
 
 // Backward misuse, shared by every module type.
 template <class M, class X, class BadDY>
-void expect_backward_errors(M m, const char* tag, const X& x, const BadDY& bad_dy, const char* want, const char* got) {
+void expect_backward_errors(
+    M m, const char* tag, const X& x, const BadDY& bad_dy, const char* want, const char* got) {
   SCOPED_TRACE(tag);
   const X dy = input<X::Layout>(x.dimension(0), x.dimension(1), x.dimension(2));
   // Before any forward.
@@ -394,13 +463,17 @@ void expect_backward_errors(M m, const char* tag, const X& x, const BadDY& bad_d
   (void)m.forward(x);
   const auto g0 = m.backward(dy);
   // dy of another shape than the last forward's input.
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(m, [&] { (void)m.backward(bad_dy); }, {tag, want, got}));
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(m, [&] { (void)m.backward(x, bad_dy); }, {tag, want, got}));
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(m, [&] { (void)m.backward(bad_dy, bad_dy); }, {tag, want, got}));
+  EXPECT_TRUE(
+      RejectsUnchanged<shape_error>(m, [&] { (void)m.backward(bad_dy); }, {tag, want, got}));
+  EXPECT_TRUE(
+      RejectsUnchanged<shape_error>(m, [&] { (void)m.backward(x, bad_dy); }, {tag, want, got}));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(m, [&] { (void)m.backward(bad_dy, bad_dy); },
+                                            {tag, want, got}));
   // dy in the other storage order.
   constexpr int kLayout = static_cast<int>(X::Layout);
   constexpr int kRow = static_cast<int>(Eigen::RowMajor);
-  using Other = Eigen::Tensor<typename X::Scalar, X::NumDimensions, kLayout == kRow ? Eigen::ColMajor : Eigen::RowMajor>;
+  using Other = Eigen::Tensor<typename X::Scalar, X::NumDimensions,
+                              kLayout == kRow ? Eigen::ColMajor : Eigen::RowMajor>;
   const Other dy_other = input<Other::Layout>(x.dimension(0), x.dimension(1), x.dimension(2));
   const char* order = kLayout == kRow ? "RowMajor" : "ColMajor";
   EXPECT_TRUE(RejectsUnchanged<shape_error>(m, [&] { (void)m.backward(dy_other); }, {tag, order}));
@@ -409,14 +482,18 @@ void expect_backward_errors(M m, const char* tag, const X& x, const BadDY& bad_d
   EXPECT_TRUE(bitwise_equal(g0.input, g1.input));
   // Input not kept.
   m.set_requires_grad(false);
-  EXPECT_TRUE(RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "requires_grad"}));
+  EXPECT_TRUE(
+      RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "requires_grad"}));
   (void)m.forward(x);
-  EXPECT_TRUE(RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "requires_grad"}));
+  EXPECT_TRUE(
+      RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "requires_grad"}));
   // Inference mode keeps nothing for backward (so concurrent eval forwards only read the
   // module): the explicit-input form is refused too.
-  EXPECT_TRUE(RejectsUnchanged<value_error>(m, [&] { (void)m.backward(x, dy); }, {tag, "requires_grad"}));
+  EXPECT_TRUE(
+      RejectsUnchanged<value_error>(m, [&] { (void)m.backward(x, dy); }, {tag, "requires_grad"}));
   m.set_requires_grad(true);
-  EXPECT_TRUE(RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "requires_grad"}));
+  EXPECT_TRUE(
+      RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "requires_grad"}));
   (void)m.forward(x);
   const auto g2 = m.backward(x, dy);  // the explicit-input form
   EXPECT_TRUE(bitwise_equal(g0.input, g2.input));
@@ -427,7 +504,8 @@ void expect_backward_errors(M m, const char* tag, const X& x, const BadDY& bad_d
 TEST(BatchNormErrors, BackwardMisuse) {
   normkit::BatchNorm1d<double> bn(3);
   prime(bn, 3);
-  expect_backward_errors(bn, "[normkit.BatchNorm1d]", input(4, 3, 2), input(5, 3, 2), "[4, 3, 2]", "[5, 3, 2]");
+  expect_backward_errors(bn, "[normkit.BatchNorm1d]", input(4, 3, 2), input(5, 3, 2), "[4, 3, 2]",
+                         "[5, 3, 2]");
   normkit::BatchNorm1d<double> bn_eval(normkit::BatchNormOptions(3).affine(false));
   bn_eval.eval();
   expect_backward_errors(bn_eval, "[normkit.BatchNorm1d]", input<Eigen::ColMajor>(4, 3, 2),
@@ -437,7 +515,8 @@ TEST(BatchNormErrors, BackwardMisuse) {
   const auto x = input(4, 3);
   (void)b.forward(x);
   const auto dy3 = input(4, 3, 1);
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(b, [&] { (void)b.backward(dy3); }, {"[normkit.BatchNorm1d]", "[4, 3]", "[4, 3, 1]"}));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(b, [&] { (void)b.backward(dy3); },
+                                            {"[normkit.BatchNorm1d]", "[4, 3]", "[4, 3, 1]"}));
   // A rejected forward keeps the last successful forward for backward.
   const auto dy = input(4, 3);
   const auto g0 = b.backward(dy);
@@ -447,16 +526,21 @@ TEST(BatchNormErrors, BackwardMisuse) {
   EXPECT_TRUE(bitwise_equal(g0.input, g1.input));
   EXPECT_TRUE(bitwise_equal(g0.weight, g1.weight));
   const auto dy1 = input(1, 3);
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(b, [&] { (void)b.backward(dy1); }, {"[normkit.BatchNorm1d]", "[4, 3]", "[1, 3]"}));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(b, [&] { (void)b.backward(dy1); },
+                                            {"[normkit.BatchNorm1d]", "[4, 3]", "[1, 3]"}));
 }
 
 TEST(BatchNormErrors, SettersCheckSizes) {
   normkit::BatchNorm1d<double> bn(3);
   prime(bn, 3);
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(bn, [&] { bn.set_weight(ramp(4, 1, 1)); }, {"[normkit.BatchNorm1d]", "weight", 3, 4}));
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(bn, [&] { bn.set_bias(ramp(2, 1, 1)); }, {"[normkit.BatchNorm1d]", "bias", 3, 2}));
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(bn, [&] { bn.set_running_mean(ramp(5, 1, 1)); }, {"[normkit.BatchNorm1d]", "running_mean", 3, 5}));
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(bn, [&] { bn.set_running_var(ramp(1, 1, 1)); }, {"[normkit.BatchNorm1d]", "running_var", 3, 1}));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(bn, [&] { bn.set_weight(ramp(4, 1, 1)); },
+                                            {"[normkit.BatchNorm1d]", "weight", 3, 4}));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(bn, [&] { bn.set_bias(ramp(2, 1, 1)); },
+                                            {"[normkit.BatchNorm1d]", "bias", 3, 2}));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(bn, [&] { bn.set_running_mean(ramp(5, 1, 1)); },
+                                            {"[normkit.BatchNorm1d]", "running_mean", 3, 5}));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(bn, [&] { bn.set_running_var(ramp(1, 1, 1)); },
+                                            {"[normkit.BatchNorm1d]", "running_var", 3, 1}));
 }
 
 TEST(BatchNormAccepted, EmptyBatchInTrainingBumpsCounterOnly) {
@@ -496,7 +580,9 @@ TEST(BatchNormAccepted, EvalWithRunningStatsOnOneValuePerChannel) {
   RT<2> y;
   ASSERT_NO_THROW(y = bn.forward(x));
   for (Idx c = 0; c < 3; ++c) {
-    const double want = (x(0, c) - bn.running_mean()(c)) / std::sqrt(bn.running_var()(c) + 1e-5) * bn.weight()(c) + bn.bias()(c);
+    const double want =
+        (x(0, c) - bn.running_mean()(c)) / std::sqrt(bn.running_var()(c) + 1e-5) * bn.weight()(c) +
+        bn.bias()(c);
     EXPECT_NEAR(y(0, c), want, 1e-14);
   }
   EXPECT_EQ(bn.num_batches_tracked(), 7);
@@ -538,61 +624,79 @@ TEST(BatchNormAccepted, EpsZeroAndMomentumBounds) {
 TEST(InstanceNormErrors, ChannelMismatchAlwaysChecked) {
   for (bool affine : {false, true}) {
     for (bool tracking : {false, true}) {
-      SCOPED_TRACE(std::string("affine ") + (affine ? "on" : "off") + ", tracking " + (tracking ? "on" : "off"));
-      normkit::InstanceNorm1d<double> in(normkit::InstanceNormOptions(3).affine(affine).track_running_stats(tracking));
+      SCOPED_TRACE(std::string("affine ") + (affine ? "on" : "off") + ", tracking " +
+                   (tracking ? "on" : "off"));
+      normkit::InstanceNorm1d<double> in(
+          normkit::InstanceNormOptions(3).affine(affine).track_running_stats(tracking));
       prime(in, 3);
       const auto x = input(2, 4, 5);
-      EXPECT_TRUE(RejectsUnchanged<shape_error>(in, [&] { (void)in.forward(x); }, {"[normkit.InstanceNorm1d]", 3, "[2, 4, 5]"}));
+      EXPECT_TRUE(RejectsUnchanged<shape_error>(in, [&] { (void)in.forward(x); },
+                                                {"[normkit.InstanceNorm1d]", 3, "[2, 4, 5]"}));
       // Unbatched (C, L) = (4, 3): C = 4 (§15.15).
       const auto u = input(4, 3);
-      EXPECT_TRUE(RejectsUnchanged<shape_error>(in, [&] { (void)in.forward(u); }, {"[normkit.InstanceNorm1d]", 3, 4}));
+      EXPECT_TRUE(RejectsUnchanged<shape_error>(in, [&] { (void)in.forward(u); },
+                                                {"[normkit.InstanceNorm1d]", 3, 4}));
       in.eval();
-      EXPECT_TRUE(RejectsUnchanged<shape_error>(in, [&] { (void)in.forward(x); }, {"[normkit.InstanceNorm1d]", 3, "[2, 4, 5]"}));
+      EXPECT_TRUE(RejectsUnchanged<shape_error>(in, [&] { (void)in.forward(x); },
+                                                {"[normkit.InstanceNorm1d]", 3, "[2, 4, 5]"}));
     }
   }
   normkit::InstanceNorm2d<double> in2(3);
   const auto x4 = input<Eigen::ColMajor>(2, 4, 2, 2);
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(in2, [&] { (void)in2.forward(x4); }, {"[normkit.InstanceNorm2d]", 3, "[2, 4, 2, 2]"}));
-  normkit::InstanceNorm3d<double> in3(normkit::InstanceNormOptions(3).affine(true).track_running_stats(true));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(in2, [&] { (void)in2.forward(x4); },
+                                            {"[normkit.InstanceNorm2d]", 3, "[2, 4, 2, 2]"}));
+  normkit::InstanceNorm3d<double> in3(
+      normkit::InstanceNormOptions(3).affine(true).track_running_stats(true));
   prime(in3, 3);
   const auto u4 = input(5, 2, 2, 2);
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(in3, [&] { (void)in3.forward(u4); }, {"[normkit.InstanceNorm3d]", 3, 5}));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(in3, [&] { (void)in3.forward(u4); },
+                                            {"[normkit.InstanceNorm3d]", 3, 5}));
 }
 
 TEST(InstanceNormErrors, OneSpatialElementWithInstanceStats) {
   // §15.14: training, and eval without tracking, raise; eval with tracking is fine.
   for (bool tracking : {false, true}) {
     SCOPED_TRACE(tracking ? "tracking" : "no tracking");
-    normkit::InstanceNorm1d<double> in(normkit::InstanceNormOptions(3).affine(true).track_running_stats(tracking));
+    normkit::InstanceNorm1d<double> in(
+        normkit::InstanceNormOptions(3).affine(true).track_running_stats(tracking));
     prime(in, 3);
     const auto x = input(2, 3, 1);
     const auto u = input(3, 1);
     const Needle msg = "Expected more than 1 spatial element";
-    EXPECT_TRUE(RejectsUnchanged<value_error>(in, [&] { (void)in.forward(x); }, {"[normkit.InstanceNorm1d]", msg, "[2, 3, 1]"}));
-    EXPECT_TRUE(RejectsUnchanged<value_error>(in, [&] { (void)in.forward(u); }, {"[normkit.InstanceNorm1d]", msg, "[1, 3, 1]"}));
+    EXPECT_TRUE(RejectsUnchanged<value_error>(in, [&] { (void)in.forward(x); },
+                                              {"[normkit.InstanceNorm1d]", msg, "[2, 3, 1]"}));
+    EXPECT_TRUE(RejectsUnchanged<value_error>(in, [&] { (void)in.forward(u); },
+                                              {"[normkit.InstanceNorm1d]", msg, "[1, 3, 1]"}));
     in.eval();
     if (tracking) {
       EXPECT_NO_THROW((void)in.forward(x));
       EXPECT_NO_THROW((void)in.forward(u));
     } else {
-      EXPECT_TRUE(RejectsUnchanged<value_error>(in, [&] { (void)in.forward(x); }, {"[normkit.InstanceNorm1d]", msg, "[2, 3, 1]"}));
-      EXPECT_TRUE(RejectsUnchanged<value_error>(in, [&] { (void)in.forward(u); }, {"[normkit.InstanceNorm1d]", msg, "[1, 3, 1]"}));
+      EXPECT_TRUE(RejectsUnchanged<value_error>(in, [&] { (void)in.forward(x); },
+                                                {"[normkit.InstanceNorm1d]", msg, "[2, 3, 1]"}));
+      EXPECT_TRUE(RejectsUnchanged<value_error>(in, [&] { (void)in.forward(u); },
+                                                {"[normkit.InstanceNorm1d]", msg, "[1, 3, 1]"}));
     }
   }
   normkit::InstanceNorm2d<double> in2(3);
   const auto x4 = input(2, 3, 1, 1);
-  EXPECT_TRUE(RejectsUnchanged<value_error>(in2, [&] { (void)in2.forward(x4); }, {"[normkit.InstanceNorm2d]", "spatial", "[2, 3, 1, 1]"}));
+  EXPECT_TRUE(
+      RejectsUnchanged<value_error>(in2, [&] { (void)in2.forward(x4); },
+                                    {"[normkit.InstanceNorm2d]", "spatial", "[2, 3, 1, 1]"}));
   normkit::InstanceNorm3d<double> in3(normkit::InstanceNormOptions(3).track_running_stats(true));
   prime(in3, 3);
   const auto u4 = input<Eigen::ColMajor>(3, 1, 1, 1);
-  EXPECT_TRUE(RejectsUnchanged<value_error>(in3, [&] { (void)in3.forward(u4); }, {"[normkit.InstanceNorm3d]", "spatial", "[1, 3, 1, 1, 1]"}));
+  EXPECT_TRUE(
+      RejectsUnchanged<value_error>(in3, [&] { (void)in3.forward(u4); },
+                                    {"[normkit.InstanceNorm3d]", "spatial", "[1, 3, 1, 1, 1]"}));
   // N == 1 is fine.
   normkit::InstanceNorm1d<double> ok(3);
   EXPECT_NO_THROW((void)ok.forward(input(1, 3, 4)));
 }
 
 TEST(InstanceNormErrors, OutputMapOfWrongSize) {
-  normkit::InstanceNorm1d<double> in(normkit::InstanceNormOptions(3).affine(true).track_running_stats(true));
+  normkit::InstanceNorm1d<double> in(
+      normkit::InstanceNormOptions(3).affine(true).track_running_stats(true));
   prime(in, 3);
   const auto x = input(2, 3, 4);
   std::vector<double> buf(24, 1.5);
@@ -602,16 +706,19 @@ TEST(InstanceNormErrors, OutputMapOfWrongSize) {
     s.add("map", normkit_test::blob_of(RMap<3>(buf.data(), 2, 3, 4)));
     return s;
   };
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { in.forward(x, wrong); }, {"[normkit.InstanceNorm1d]", "[2, 3, 4]", "[2, 3, 3]"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { in.forward(x, wrong); },
+                                          {"[normkit.InstanceNorm1d]", "[2, 3, 4]", "[2, 3, 3]"}));
   const auto u = input(3, 4);
   RMap<2> wrong_u(buf.data(), 3, 5);
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { in.forward(u, wrong_u); }, {"[normkit.InstanceNorm1d]", "[3, 4]", "[3, 5]"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { in.forward(u, wrong_u); },
+                                          {"[normkit.InstanceNorm1d]", "[3, 4]", "[3, 5]"}));
 }
 
 TEST(InstanceNormErrors, BackwardMisuse) {
   normkit::InstanceNorm1d<double> in(normkit::InstanceNormOptions(3).affine(true));
   prime(in, 3);
-  expect_backward_errors(in, "[normkit.InstanceNorm1d]", input(2, 3, 4), input(2, 3, 5), "[2, 3, 4]", "[2, 3, 5]");
+  expect_backward_errors(in, "[normkit.InstanceNorm1d]", input(2, 3, 4), input(2, 3, 5),
+                         "[2, 3, 4]", "[2, 3, 5]");
   normkit::InstanceNorm2d<double> in2(normkit::InstanceNormOptions(3).track_running_stats(true));
   prime(in2, 3);
   in2.eval();
@@ -628,12 +735,16 @@ TEST(LayerNormErrors, TrailingDimsMismatch) {
   prime(ln, 6);
   const auto x = input(4, 3, 2);  // §15.17
   const Needle given = "normalized_shape=[2, 3]";
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(ln, [&] { (void)ln.forward(x); }, {"[normkit.LayerNorm]", given, "[4, 3, 2]"}));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(ln, [&] { (void)ln.forward(x); },
+                                            {"[normkit.LayerNorm]", given, "[4, 3, 2]"}));
   const auto xc = input<Eigen::ColMajor>(5, 2, 4);
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(ln, [&] { (void)ln.forward(xc); }, {"[normkit.LayerNorm]", given, "[5, 2, 4]"}));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(ln, [&] { (void)ln.forward(xc); },
+                                            {"[normkit.LayerNorm]", given, "[5, 2, 4]"}));
   normkit::LayerNorm<double> ln1(normkit::LayerNormOptions({5}).elementwise_affine(false));
   const auto x2 = input(2, 4);
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(ln1, [&] { (void)ln1.forward(x2); }, {"[normkit.LayerNorm]", "normalized_shape=[5]", "[2, 4]"}));
+  EXPECT_TRUE(
+      RejectsUnchanged<shape_error>(ln1, [&] { (void)ln1.forward(x2); },
+                                    {"[normkit.LayerNorm]", "normalized_shape=[5]", "[2, 4]"}));
   // Accepted: leading dims, none at all (input shape == normalized_shape), empty batch.
   EXPECT_NO_THROW((void)ln.forward(input(5, 2, 3)));
   EXPECT_NO_THROW((void)ln.forward(input(2, 3)));
@@ -644,11 +755,15 @@ TEST(LayerNormErrors, TooFewDims) {
   normkit::LayerNorm<double> ln(normkit::LayerNormOptions({2, 3}));
   prime(ln, 6);
   const auto x1 = input(3);
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(ln, [&] { (void)ln.forward(x1); }, {"[normkit.LayerNorm]", "normalized_shape=[2, 3]", "[3]"}));
+  EXPECT_TRUE(
+      RejectsUnchanged<shape_error>(ln, [&] { (void)ln.forward(x1); },
+                                    {"[normkit.LayerNorm]", "normalized_shape=[2, 3]", "[3]"}));
   normkit::LayerNorm<double> ln3(normkit::LayerNormOptions({4, 2, 3}));
   prime(ln3, 24);
   const auto x2 = input(2, 3);
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(ln3, [&] { (void)ln3.forward(x2); }, {"[normkit.LayerNorm]", "normalized_shape=[4, 2, 3]", "[2, 3]"}));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(
+      ln3, [&] { (void)ln3.forward(x2); },
+      {"[normkit.LayerNorm]", "normalized_shape=[4, 2, 3]", "[2, 3]"}));
 }
 
 TEST(LayerNormErrors, OutputMapAndSetters) {
@@ -662,15 +777,19 @@ TEST(LayerNormErrors, OutputMapAndSetters) {
     s.add("map", normkit_test::blob_of(RMap<2>(buf.data(), 3, 4)));
     return s;
   };
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { ln.forward(x, wrong); }, {"[normkit.LayerNorm]", "[3, 4]", "[4, 3]"}));
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(ln, [&] { ln.set_weight(ramp(5, 1, 1)); }, {"[normkit.LayerNorm]", "weight", 4, 5}));
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(ln, [&] { ln.set_bias(ramp(3, 1, 1)); }, {"[normkit.LayerNorm]", "bias", 4, 3}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { ln.forward(x, wrong); },
+                                          {"[normkit.LayerNorm]", "[3, 4]", "[4, 3]"}));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(ln, [&] { ln.set_weight(ramp(5, 1, 1)); },
+                                            {"[normkit.LayerNorm]", "weight", 4, 5}));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(ln, [&] { ln.set_bias(ramp(3, 1, 1)); },
+                                            {"[normkit.LayerNorm]", "bias", 4, 3}));
 }
 
 TEST(LayerNormErrors, BackwardMisuse) {
   normkit::LayerNorm<double> ln(normkit::LayerNormOptions({3, 2}));
   prime(ln, 6);
-  expect_backward_errors(ln, "[normkit.LayerNorm]", input(4, 3, 2), input(5, 3, 2), "[4, 3, 2]", "[5, 3, 2]");
+  expect_backward_errors(ln, "[normkit.LayerNorm]", input(4, 3, 2), input(5, 3, 2), "[4, 3, 2]",
+                         "[5, 3, 2]");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -684,13 +803,17 @@ TEST(GroupNormErrors, ChannelMismatchAlwaysChecked) {
     const auto x6 = input(2, 6, 3);
     const auto x5 = input(2, 5, 3);
     const auto x2 = input(3, 2);
-    EXPECT_TRUE(RejectsUnchanged<shape_error>(gn, [&] { (void)gn.forward(x6); }, {"[normkit.GroupNorm]", 4, "[2, 6, 3]"}));
-    EXPECT_TRUE(RejectsUnchanged<shape_error>(gn, [&] { (void)gn.forward(x5); }, {"[normkit.GroupNorm]", 4, "[2, 5, 3]"}));
-    EXPECT_TRUE(RejectsUnchanged<shape_error>(gn, [&] { (void)gn.forward(x2); }, {"[normkit.GroupNorm]", 4, "[3, 2]"}));
+    EXPECT_TRUE(RejectsUnchanged<shape_error>(gn, [&] { (void)gn.forward(x6); },
+                                              {"[normkit.GroupNorm]", 4, "[2, 6, 3]"}));
+    EXPECT_TRUE(RejectsUnchanged<shape_error>(gn, [&] { (void)gn.forward(x5); },
+                                              {"[normkit.GroupNorm]", 4, "[2, 5, 3]"}));
+    EXPECT_TRUE(RejectsUnchanged<shape_error>(gn, [&] { (void)gn.forward(x2); },
+                                              {"[normkit.GroupNorm]", 4, "[3, 2]"}));
   }
   normkit::GroupNorm<double> gcl(normkit::GroupNormOptions(2, 4).channels_last(true));
   const auto xcl = input(2, 3, 6);  // (N, L, C) with C = 6
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(gcl, [&] { (void)gcl.forward(xcl); }, {"[normkit.GroupNorm]", 4, 6}));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(gcl, [&] { (void)gcl.forward(xcl); },
+                                            {"[normkit.GroupNorm]", 4, 6}));
 }
 
 TEST(GroupNormAccepted, OneElementGroupsReturnBias) {
@@ -725,9 +848,12 @@ TEST(GroupNormErrors, OutputMapAndBackwardMisuse) {
     s.add("map", normkit_test::blob_of(RMap<3>(buf.data(), 2, 4, 3)));
     return s;
   };
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { gn.forward(x, wrong); }, {"[normkit.GroupNorm]", "[2, 4, 3]", "[2, 4, 2]"}));
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(gn, [&] { gn.set_weight(ramp(3, 1, 1)); }, {"[normkit.GroupNorm]", "weight", 4, 3}));
-  expect_backward_errors(gn, "[normkit.GroupNorm]", input(2, 4, 3), input(3, 4, 3), "[2, 4, 3]", "[3, 4, 3]");
+  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { gn.forward(x, wrong); },
+                                          {"[normkit.GroupNorm]", "[2, 4, 3]", "[2, 4, 2]"}));
+  EXPECT_TRUE(RejectsUnchanged<shape_error>(gn, [&] { gn.set_weight(ramp(3, 1, 1)); },
+                                            {"[normkit.GroupNorm]", "weight", 4, 3}));
+  expect_backward_errors(gn, "[normkit.GroupNorm]", input(2, 4, 3), input(3, 4, 3), "[2, 4, 3]",
+                         "[3, 4, 3]");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -738,18 +864,38 @@ TEST(BatchNormFunctionErrors, ParameterAndBufferSizes) {
   Vec rm = ramp(3, 0.1, 0.1), rv = ramp(3, 1, 0.5), w = ramp(3, 1, 0.25), b = ramp(3, 0, 0.5);
   Vec rm5 = ramp(5, 0.1, 0.1), rv5 = ramp(5, 1, 0.5), w5 = ramp(5, 1, 0.25), b5 = ramp(5, 0, 0.5);
   RT<2> y = input(4, 5);
-  auto keep = [&] { return snapshot_tensors({"rm", "rv", "w", "b", "rm5", "rv5", "y"}, rm, rv, w, b, rm5, rv5, y); };
+  auto keep = [&] {
+    return snapshot_tensors({"rm", "rv", "w", "b", "rm5", "rv5", "y"}, rm, rv, w, b, rm5, rv5, y);
+  };
   using O = normkit::BatchNormFuncOptions<double>;
   for (bool training : {true, false}) {
     SCOPED_TRACE(training ? "training" : "eval");
-    EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::batch_norm(x, y, O().running_mean(rm).running_var(rv5).training(training)); },
-                                            {"[normkit.batch_norm]", "running_mean should contain 5 elements not 3"}));
-    EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::batch_norm(x, y, O().running_mean(rm5).running_var(rv).training(training)); },
-                                            {"[normkit.batch_norm]", "running_var should contain 5 elements not 3"}));
-    EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::batch_norm(x, y, O().weight(w).bias(b5).running_mean(rm5).running_var(rv5).training(training)); },
-                                            {"[normkit.batch_norm]", "weight should contain 5 elements not 3"}));
-    EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::batch_norm(x, y, O().weight(w5).bias(b).running_mean(rm5).running_var(rv5).training(training)); },
-                                            {"[normkit.batch_norm]", "bias should contain 5 elements not 3"}));
+    EXPECT_TRUE(RejectsKeeping<shape_error>(
+        keep,
+        [&] {
+          normkit::batch_norm(x, y, O().running_mean(rm).running_var(rv5).training(training));
+        },
+        {"[normkit.batch_norm]", "running_mean should contain 5 elements not 3"}));
+    EXPECT_TRUE(RejectsKeeping<shape_error>(
+        keep,
+        [&] {
+          normkit::batch_norm(x, y, O().running_mean(rm5).running_var(rv).training(training));
+        },
+        {"[normkit.batch_norm]", "running_var should contain 5 elements not 3"}));
+    EXPECT_TRUE(RejectsKeeping<shape_error>(
+        keep,
+        [&] {
+          normkit::batch_norm(
+              x, y, O().weight(w).bias(b5).running_mean(rm5).running_var(rv5).training(training));
+        },
+        {"[normkit.batch_norm]", "weight should contain 5 elements not 3"}));
+    EXPECT_TRUE(RejectsKeeping<shape_error>(
+        keep,
+        [&] {
+          normkit::batch_norm(
+              x, y, O().weight(w5).bias(b).running_mean(rm5).running_var(rv5).training(training));
+        },
+        {"[normkit.batch_norm]", "bias should contain 5 elements not 3"}));
   }
   // No tensors passed: like F.batch_norm, any channel count is normalized (§15.8).
   EXPECT_NO_THROW(normkit::batch_norm(x, y, O().training(true)));
@@ -761,21 +907,30 @@ TEST(BatchNormFunctionErrors, OneValuePerChannelAndEvalWithoutBuffers) {
   auto keep = [&] { return snapshot_tensors({"running_mean", "running_var"}, rm, rv); };
   const auto x1 = input(1, 3);
   RT<2> y;
-  EXPECT_TRUE(RejectsKeeping<value_error>(keep, [&] { normkit::batch_norm(x1, y, O().running_mean(rm).running_var(rv).training(true).momentum(1.0)); },
-                                          {"[normkit.batch_norm]", "more than 1 value per channel", "[1, 3]"}));
+  EXPECT_TRUE(RejectsKeeping<value_error>(
+      keep,
+      [&] {
+        normkit::batch_norm(x1, y,
+                            O().running_mean(rm).running_var(rv).training(true).momentum(1.0));
+      },
+      {"[normkit.batch_norm]", "more than 1 value per channel", "[1, 3]"}));
   const auto x4 = input(1, 3, 1, 1);
   RT<4> y4;
-  EXPECT_TRUE(RejectsKeeping<value_error>(keep, [&] { normkit::batch_norm(x4, y4, O().training(true)); },
-                                          {"[normkit.batch_norm]", "more than 1 value per channel", "[1, 3, 1, 1]"}));
+  EXPECT_TRUE(RejectsKeeping<value_error>(
+      keep, [&] { normkit::batch_norm(x4, y4, O().training(true)); },
+      {"[normkit.batch_norm]", "more than 1 value per channel", "[1, 3, 1, 1]"}));
   // Eval uses running statistics: (1, 3) is fine with them, an error without.
   EXPECT_NO_THROW(normkit::batch_norm(x1, y, O().running_mean(rm).running_var(rv)));
   const auto x = input(4, 3);
-  EXPECT_TRUE(RejectsKeeping<value_error>(keep, [&] { normkit::batch_norm(x, y, O()); },
-                                          {"[normkit.batch_norm]", "running_mean must be defined in evaluation mode"}));
-  EXPECT_TRUE(RejectsKeeping<value_error>(keep, [&] { normkit::batch_norm(x, y, O().running_mean(rm)); },
-                                          {"[normkit.batch_norm]", "running_var must be defined in evaluation mode"}));
-  EXPECT_TRUE(RejectsKeeping<value_error>(keep, [&] { normkit::batch_norm(x, y, O().running_var(rv)); },
-                                          {"[normkit.batch_norm]", "running_mean must be defined in evaluation mode"}));
+  EXPECT_TRUE(RejectsKeeping<value_error>(
+      keep, [&] { normkit::batch_norm(x, y, O()); },
+      {"[normkit.batch_norm]", "running_mean must be defined in evaluation mode"}));
+  EXPECT_TRUE(RejectsKeeping<value_error>(
+      keep, [&] { normkit::batch_norm(x, y, O().running_mean(rm)); },
+      {"[normkit.batch_norm]", "running_var must be defined in evaluation mode"}));
+  EXPECT_TRUE(RejectsKeeping<value_error>(
+      keep, [&] { normkit::batch_norm(x, y, O().running_var(rv)); },
+      {"[normkit.batch_norm]", "running_mean must be defined in evaluation mode"}));
 }
 
 TEST(BatchNormFunctionErrors, OutputMapOfWrongSize) {
@@ -783,10 +938,15 @@ TEST(BatchNormFunctionErrors, OutputMapOfWrongSize) {
   Vec rm = ramp(3, 0.1, 0.1), rv = ramp(3, 1, 0.5);
   std::vector<double> buf(12, 3.0);
   RMap<2> wrong(buf.data(), 3, 4);
-  auto keep = [&] { return snapshot_tensors({"running_mean", "running_var", "map"}, rm, rv, RMap<2>(buf.data(), 4, 3)); };
+  auto keep = [&] {
+    return snapshot_tensors({"running_mean", "running_var", "map"}, rm, rv,
+                            RMap<2>(buf.data(), 4, 3));
+  };
   const auto x = input(4, 3);
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::batch_norm(x, wrong, O().running_mean(rm).running_var(rv).training(true)); },
-                                          {"[normkit.batch_norm]", "[4, 3]", "[3, 4]"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep,
+      [&] { normkit::batch_norm(x, wrong, O().running_mean(rm).running_var(rv).training(true)); },
+      {"[normkit.batch_norm]", "[4, 3]", "[3, 4]"}));
 }
 
 TEST(BatchNormFunctionErrors, Backward) {
@@ -802,15 +962,24 @@ TEST(BatchNormFunctionErrors, Backward) {
   auto keep = [&] { return snapshot_tensors({"dx", "grad_weight", "grad_bias"}, dx, gw, gb); };
   const char* tag = "[normkit.batch_norm_backward]";
   const auto dy_bad = input(4, 3, 3);
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::batch_norm_backward(x, dy_bad, dx, saved, w, gw, gb); }, {tag, "[4, 3, 2]", "[4, 3, 3]"}));
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::batch_norm_backward(x, dy, dx, saved, w2, gw, gb); }, {tag, "weight should contain 3 elements not 2"}));
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::batch_norm_backward(x, dy, dx, saved, w, gw4, gb); }, {tag, "grad_weight", 3, 4}));
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::batch_norm_backward(x, dy, dx, saved, w, gw, w2); }, {tag, "grad_bias", 3, 2}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep, [&] { normkit::batch_norm_backward(x, dy_bad, dx, saved, w, gw, gb); },
+      {tag, "[4, 3, 2]", "[4, 3, 3]"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep, [&] { normkit::batch_norm_backward(x, dy, dx, saved, w2, gw, gb); },
+      {tag, "weight should contain 3 elements not 2"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep, [&] { normkit::batch_norm_backward(x, dy, dx, saved, w, gw4, gb); },
+      {tag, "grad_weight", 3, 4}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep, [&] { normkit::batch_norm_backward(x, dy, dx, saved, w, gw, w2); },
+      {tag, "grad_bias", 3, 2}));
   // Statistics saved for another channel count.
   normkit::SavedStats other;
   RT<2> y2;
   normkit::batch_norm(input(4, 2), y2, O().training(true), &other);
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::batch_norm_backward(x, dy, dx, other, w, gw, gb); }, {tag, 3, 2}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep, [&] { normkit::batch_norm_backward(x, dy, dx, other, w, gw, gb); }, {tag, 3, 2}));
   // grad_input map of the wrong size.
   std::vector<double> buf(24, 1.0);
   RMap<3> wrong(buf.data(), 4, 2, 3);
@@ -819,8 +988,9 @@ TEST(BatchNormFunctionErrors, Backward) {
     s.add("map", normkit_test::blob_of(RMap<3>(buf.data(), 4, 3, 2)));
     return s;
   };
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep_map, [&] { normkit::batch_norm_backward(x, dy, wrong, saved, w, gw, gb); },
-                                          {tag, "grad_input", "[4, 3, 2]", "[4, 2, 3]"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep_map, [&] { normkit::batch_norm_backward(x, dy, wrong, saved, w, gw, gb); },
+      {tag, "grad_input", "[4, 3, 2]", "[4, 2, 3]"}));
   EXPECT_NO_THROW(normkit::batch_norm_backward(x, dy, dx, saved, w, gw, gb));
 }
 
@@ -834,23 +1004,36 @@ TEST(InstanceNormFunctionErrors, SizesSpatialAndBuffers) {
   const char* tag = "[normkit.instance_norm]";
   const auto x4 = input(2, 4, 5);
   RT<3> y;
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::instance_norm(x4, y, O().weight(w)); }, {tag, "weight should contain 4 elements not 3"}));
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::instance_norm(x4, y, O().running_mean(rm).running_var(rv)); },
-                                          {tag, "running_mean should contain 4 elements not 3"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(keep,
+                                          [&] { normkit::instance_norm(x4, y, O().weight(w)); },
+                                          {tag, "weight should contain 4 elements not 3"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep, [&] { normkit::instance_norm(x4, y, O().running_mean(rm).running_var(rv)); },
+      {tag, "running_mean should contain 4 elements not 3"}));
   // Without parameters or buffers any channel count is fine (functional form).
   EXPECT_NO_THROW(normkit::instance_norm(x4, y, O()));
   const auto x1 = input(2, 3, 1);
-  EXPECT_TRUE(RejectsKeeping<value_error>(keep, [&] { normkit::instance_norm(x1, y, O().weight(w).bias(b).running_mean(rm).running_var(rv)); },
-                                          {tag, "Expected more than 1 spatial element", "[2, 3, 1]"}));
+  EXPECT_TRUE(RejectsKeeping<value_error>(
+      keep,
+      [&] {
+        normkit::instance_norm(x1, y, O().weight(w).bias(b).running_mean(rm).running_var(rv));
+      },
+      {tag, "Expected more than 1 spatial element", "[2, 3, 1]"}));
   // Running statistics instead of instance statistics: they must be given.
   const auto x = input(2, 3, 4);
-  EXPECT_TRUE(RejectsKeeping<value_error>(keep, [&] { normkit::instance_norm(x, y, O().use_input_stats(false)); }, {tag, "running_mean"}));
-  EXPECT_TRUE(RejectsKeeping<value_error>(keep, [&] { normkit::instance_norm(x, y, O().use_input_stats(false).running_mean(rm)); }, {tag, "running_var"}));
-  EXPECT_NO_THROW(normkit::instance_norm(x1, y, O().use_input_stats(false).running_mean(rm).running_var(rv)));
+  EXPECT_TRUE(RejectsKeeping<value_error>(
+      keep, [&] { normkit::instance_norm(x, y, O().use_input_stats(false)); },
+      {tag, "running_mean"}));
+  EXPECT_TRUE(RejectsKeeping<value_error>(
+      keep, [&] { normkit::instance_norm(x, y, O().use_input_stats(false).running_mean(rm)); },
+      {tag, "running_var"}));
+  EXPECT_NO_THROW(
+      normkit::instance_norm(x1, y, O().use_input_stats(false).running_mean(rm).running_var(rv)));
   // Output map of the wrong size.
   std::vector<double> buf(24, 1.0);
   RMap<3> wrong(buf.data(), 2, 4, 3);
-  EXPECT_TRUE(Throws<shape_error>([&] { normkit::instance_norm(x, wrong, O()); }, {tag, "[2, 3, 4]", "[2, 4, 3]"}));
+  EXPECT_TRUE(Throws<shape_error>([&] { normkit::instance_norm(x, wrong, O()); },
+                                  {tag, "[2, 3, 4]", "[2, 4, 3]"}));
 }
 
 TEST(InstanceNormFunctionErrors, Backward) {
@@ -866,12 +1049,15 @@ TEST(InstanceNormFunctionErrors, Backward) {
   auto keep = [&] { return snapshot_tensors({"dx", "grad_weight", "grad_bias"}, dx, gw, gb); };
   const char* tag = "[normkit.instance_norm_backward]";
   const auto dy_bad = input(2, 3, 5);
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::instance_norm_backward(x, dy_bad, dx, saved, w, gw, gb); }, {tag, "[2, 3, 4]", "[2, 3, 5]"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep, [&] { normkit::instance_norm_backward(x, dy_bad, dx, saved, w, gw, gb); },
+      {tag, "[2, 3, 4]", "[2, 3, 5]"}));
   // Statistics of another batch size: N*C = 6 slots expected, 9 given.
   normkit::SavedStats other;
   RT<3> y3;
   normkit::instance_norm(input(3, 3, 4), y3, O(), &other);
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::instance_norm_backward(x, dy, dx, other, w, gw, gb); }, {tag, 6, 9}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep, [&] { normkit::instance_norm_backward(x, dy, dx, other, w, gw, gb); }, {tag, 6, 9}));
   EXPECT_NO_THROW(normkit::instance_norm_backward(x, dy, dx, saved, w, gw, gb));
 }
 
@@ -884,26 +1070,36 @@ TEST(LayerNormFunctionErrors, ShapesAndParameters) {
   const auto x = input(4, 3, 2);
   RT<3> y = input(4, 3, 2);
   auto keep = [&] { return snapshot_tensors({"y"}, y); };
-  EXPECT_TRUE(RejectsKeeping<value_error>(keep, [&] { normkit::layer_norm(x, y, O(std::vector<normkit::Index>{})); },
-                                          {tag, "normalized_shape = []"}));
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::layer_norm(x, y, O({2, 3})); },
+  EXPECT_TRUE(RejectsKeeping<value_error>(
+      keep, [&] { normkit::layer_norm(x, y, O(std::vector<normkit::Index>{})); },
+      {tag, "normalized_shape = []"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(keep,
+                                          [&] {
+                                            normkit::layer_norm(x, y, O({2, 3}));
+                                          },
                                           {tag, "normalized_shape=[2, 3]", "[4, 3, 2]"}));
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::layer_norm(x, y, O({5, 4, 3, 2})); },
+  EXPECT_TRUE(RejectsKeeping<shape_error>(keep,
+                                          [&] {
+                                            normkit::layer_norm(x, y, O({5, 4, 3, 2}));
+                                          },
                                           {tag, "normalized_shape=[5, 4, 3, 2]", "[4, 3, 2]"}));
   Vec w5 = ramp(5, 1, 1), w6 = ramp(6, 1, 1), b4 = ramp(4, 1, 1);
   const auto x2 = input(2, 6);
   RT<2> y2;
-  EXPECT_TRUE(Throws<shape_error>([&] { normkit::layer_norm(x2, y2, O({6}).weight(w5)); },
-                                  {tag, "Expected weight to be of same shape as normalized_shape", 5, "[6]"}));
-  EXPECT_TRUE(Throws<shape_error>([&] { normkit::layer_norm(x2, y2, O({6}).weight(w6).bias(b4)); },
-                                  {tag, "Expected bias to be of same shape as normalized_shape", 4, "[6]"}));
+  EXPECT_TRUE(Throws<shape_error>(
+      [&] { normkit::layer_norm(x2, y2, O({6}).weight(w5)); },
+      {tag, "Expected weight to be of same shape as normalized_shape", 5, "[6]"}));
+  EXPECT_TRUE(Throws<shape_error>(
+      [&] { normkit::layer_norm(x2, y2, O({6}).weight(w6).bias(b4)); },
+      {tag, "Expected bias to be of same shape as normalized_shape", 4, "[6]"}));
   // Accepted: normalized_shape == the whole input shape; weight only; bias only.
   EXPECT_NO_THROW(normkit::layer_norm(x, y, O({4, 3, 2})));
   EXPECT_NO_THROW(normkit::layer_norm(x2, y2, O({6}).weight(w6)));
   EXPECT_NO_THROW(normkit::layer_norm(x2, y2, O({2, 6})));
   std::vector<double> buf(12, 1.0);
   RMap<2> wrong(buf.data(), 3, 4);
-  EXPECT_TRUE(Throws<shape_error>([&] { normkit::layer_norm(x2, wrong, O({6})); }, {tag, "[2, 6]", "[3, 4]"}));
+  EXPECT_TRUE(Throws<shape_error>([&] { normkit::layer_norm(x2, wrong, O({6})); },
+                                  {tag, "[2, 6]", "[3, 4]"}));
 }
 
 TEST(LayerNormFunctionErrors, Backward) {
@@ -919,14 +1115,37 @@ TEST(LayerNormFunctionErrors, Backward) {
   auto keep = [&] { return snapshot_tensors({"dx", "grad_weight", "grad_bias"}, dx, gw, gb); };
   const char* tag = "[normkit.layer_norm_backward]";
   const auto dy_bad = input(4, 3, 3);
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::layer_norm_backward(x, dy_bad, dx, saved, {3, 2}, w, gw, gb); }, {tag, "[4, 3, 2]", "[4, 3, 3]"}));
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::layer_norm_backward(x, dy, dx, saved, {2, 3}, w, gw, gb); },
-                                          {tag, "normalized_shape=[2, 3]", "[4, 3, 2]"}));
-  EXPECT_TRUE(RejectsKeeping<value_error>(keep, [&] { normkit::layer_norm_backward(x, dy, dx, saved, {}, w, gw, gb); }, {tag, "normalized_shape = []"}));
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::layer_norm_backward(x, dy, dx, saved, {3, 2}, w5, gw, gb); }, {tag, "weight", 5, "[3, 2]"}));
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::layer_norm_backward(x, dy, dx, saved, {3, 2}, w, w5, gb); }, {tag, "grad_weight", 6, 5}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep,
+      [&] {
+        normkit::layer_norm_backward(x, dy_bad, dx, saved, {3, 2}, w, gw, gb);
+      },
+      {tag, "[4, 3, 2]", "[4, 3, 3]"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep,
+      [&] {
+        normkit::layer_norm_backward(x, dy, dx, saved, {2, 3}, w, gw, gb);
+      },
+      {tag, "normalized_shape=[2, 3]", "[4, 3, 2]"}));
+  EXPECT_TRUE(RejectsKeeping<value_error>(
+      keep, [&] { normkit::layer_norm_backward(x, dy, dx, saved, {}, w, gw, gb); },
+      {tag, "normalized_shape = []"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep,
+      [&] {
+        normkit::layer_norm_backward(x, dy, dx, saved, {3, 2}, w5, gw, gb);
+      },
+      {tag, "weight", 5, "[3, 2]"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep,
+      [&] {
+        normkit::layer_norm_backward(x, dy, dx, saved, {3, 2}, w, w5, gb);
+      },
+      {tag, "grad_weight", 6, 5}));
   // Statistics of the wrong number of rows (4 expected, 12 given).
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::layer_norm_backward(x, dy, dx, saved, {2}, nullptr, nullptr, nullptr); }, {tag, 12, 4}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep, [&] { normkit::layer_norm_backward(x, dy, dx, saved, {2}, nullptr, nullptr, nullptr); },
+      {tag, 12, 4}));
   EXPECT_NO_THROW(normkit::layer_norm_backward(x, dy, dx, saved, {3, 2}, w, gw, gb));
 }
 
@@ -939,17 +1158,26 @@ TEST(GroupNormFunctionErrors, GroupsChannelsAndParameters) {
   const auto x = input(2, 6, 3);
   RT<3> y = input(2, 6, 3);
   auto keep = [&] { return snapshot_tensors({"y"}, y); };
-  EXPECT_TRUE(RejectsKeeping<value_error>(keep, [&] { normkit::group_norm(x, y, O(0)); }, {tag, "Expected num groups to be greater than 0, got", 0}));
-  EXPECT_TRUE(RejectsKeeping<value_error>(keep, [&] { normkit::group_norm(x, y, O(-1)); }, {tag, "Expected num groups to be greater than 0, got", -1}));
+  EXPECT_TRUE(
+      RejectsKeeping<value_error>(keep, [&] { normkit::group_norm(x, y, O(0)); },
+                                  {tag, "Expected num groups to be greater than 0, got", 0}));
+  EXPECT_TRUE(
+      RejectsKeeping<value_error>(keep, [&] { normkit::group_norm(x, y, O(-1)); },
+                                  {tag, "Expected num groups to be greater than 0, got", -1}));
   const auto x5 = input(2, 5, 3);
   RT<3> y5 = input(2, 5, 3);
-  EXPECT_TRUE(RejectsKeeping<shape_error>([&] { return snapshot_tensors({"y"}, y5); }, [&] { normkit::group_norm(x5, y5, O(2)); },
-                                          {tag, "divisible by num_groups", "[2, 5, 3]", "num_groups=2"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      [&] { return snapshot_tensors({"y"}, y5); }, [&] { normkit::group_norm(x5, y5, O(2)); },
+      {tag, "divisible by num_groups", "[2, 5, 3]", "num_groups=2"}));
   Vec w4 = ramp(4, 1, 1), w6 = ramp(6, 1, 1), b4 = ramp(4, 0, 1);
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::group_norm(x, y, O(2).weight(w4)); },
-                                          {tag, "Expected weight to be a vector of size equal to the number of channels", "[4]", "[2, 6, 3]"}));
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::group_norm(x, y, O(2).weight(w6).bias(b4)); },
-                                          {tag, "Expected bias to be a vector of size equal to the number of channels", "[4]", "[2, 6, 3]"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep, [&] { normkit::group_norm(x, y, O(2).weight(w4)); },
+      {tag, "Expected weight to be a vector of size equal to the number of channels", "[4]",
+       "[2, 6, 3]"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep, [&] { normkit::group_norm(x, y, O(2).weight(w6).bias(b4)); },
+      {tag, "Expected bias to be a vector of size equal to the number of channels", "[4]",
+       "[2, 6, 3]"}));
   // Accepted: no affine on any divisible channel count (§15.21); G == C; one group.
   EXPECT_NO_THROW(normkit::group_norm(x, y, O(2)));
   EXPECT_NO_THROW(normkit::group_norm(x, y, O(6).weight(w6)));
@@ -961,7 +1189,8 @@ TEST(GroupNormFunctionErrors, GroupsChannelsAndParameters) {
   for (Idx c = 0; c < 4; ++c) EXPECT_EQ(y1(0, c), b4(c));
   std::vector<double> buf(36, 1.0);
   RMap<3> wrong(buf.data(), 2, 6, 2);
-  EXPECT_TRUE(Throws<shape_error>([&] { normkit::group_norm(x, wrong, O(2)); }, {tag, "[2, 6, 3]", "[2, 6, 2]"}));
+  EXPECT_TRUE(Throws<shape_error>([&] { normkit::group_norm(x, wrong, O(2)); },
+                                  {tag, "[2, 6, 3]", "[2, 6, 2]"}));
 }
 
 TEST(GroupNormFunctionErrors, Backward) {
@@ -976,14 +1205,24 @@ TEST(GroupNormFunctionErrors, Backward) {
   Vec gw = ramp(6, 9, 1), gb = ramp(6, 8, 1);
   auto keep = [&] { return snapshot_tensors({"dx", "grad_weight", "grad_bias"}, dx, gw, gb); };
   const char* tag = "[normkit.group_norm_backward]";
-  EXPECT_TRUE(RejectsKeeping<value_error>(keep, [&] { normkit::group_norm_backward(x, dy, dx, saved, 0, w, gw, gb); }, {tag, "num groups", 0}));
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::group_norm_backward(x, dy, dx, saved, 4, w, gw, gb); },
-                                          {tag, "divisible", "[2, 6, 3]", "num_groups=4"}));
+  EXPECT_TRUE(RejectsKeeping<value_error>(
+      keep, [&] { normkit::group_norm_backward(x, dy, dx, saved, 0, w, gw, gb); },
+      {tag, "num groups", 0}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep, [&] { normkit::group_norm_backward(x, dy, dx, saved, 4, w, gw, gb); },
+      {tag, "divisible", "[2, 6, 3]", "num_groups=4"}));
   const auto dy_bad = input(2, 6, 4);
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::group_norm_backward(x, dy_bad, dx, saved, 2, w, gw, gb); }, {tag, "[2, 6, 3]", "[2, 6, 4]"}));
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::group_norm_backward(x, dy, dx, saved, 3, w, gw, gb); }, {tag, 6, 4}));
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::group_norm_backward(x, dy, dx, saved, 2, w4, gw, gb); }, {tag, "weight", "[4]"}));
-  EXPECT_TRUE(RejectsKeeping<shape_error>(keep, [&] { normkit::group_norm_backward(x, dy, dx, saved, 2, w, w4, gb); }, {tag, "grad_weight", 6, 4}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep, [&] { normkit::group_norm_backward(x, dy_bad, dx, saved, 2, w, gw, gb); },
+      {tag, "[2, 6, 3]", "[2, 6, 4]"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep, [&] { normkit::group_norm_backward(x, dy, dx, saved, 3, w, gw, gb); }, {tag, 6, 4}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep, [&] { normkit::group_norm_backward(x, dy, dx, saved, 2, w4, gw, gb); },
+      {tag, "weight", "[4]"}));
+  EXPECT_TRUE(RejectsKeeping<shape_error>(
+      keep, [&] { normkit::group_norm_backward(x, dy, dx, saved, 2, w, w4, gb); },
+      {tag, "grad_weight", 6, 4}));
   EXPECT_NO_THROW(normkit::group_norm_backward(x, dy, dx, saved, 2, w, gw, gb));
 }
 

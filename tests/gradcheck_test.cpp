@@ -4,8 +4,6 @@
 // statistics, affine on and off, RowMajor and ColMajor, channels-last. Plus the exact
 // degenerate cases of §15.9 (eps = 0, constant channel) and §15.10 (LayerNorm on a
 // constant row).
-#include <gtest/gtest.h>
-
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -13,6 +11,8 @@
 #include <random>
 #include <string>
 #include <vector>
+
+#include <gtest/gtest.h>
 
 #include <normkit/normkit.hpp>
 
@@ -28,10 +28,14 @@ constexpr int kCol = Eigen::ColMajor;
 constexpr double kStep = 1e-6;  // central-difference step
 constexpr double kTol = 1e-6;   // |analytic - numeric| <= kTol * (1 + |numeric|)
 
-const char* layout_name(int L) { return L == kRow ? "RowMajor" : "ColMajor"; }
+const char* layout_name(int L) {
+  return L == kRow ? "RowMajor" : "ColMajor";
+}
 
 template <int L, std::size_t R>
-Eigen::Tensor<double, static_cast<int>(R), L> random_tensor(const std::array<Idx, R>& d, std::mt19937& g, double lo,
+Eigen::Tensor<double, static_cast<int>(R), L> random_tensor(const std::array<Idx, R>& d,
+                                                            std::mt19937& g,
+                                                            double lo,
                                                             double hi) {
   Eigen::Tensor<double, static_cast<int>(R), L> t(d);
   std::uniform_real_distribution<double> u(lo, hi);
@@ -72,7 +76,8 @@ void randomize(M& m, std::mt19937& g) {
     for (Idx i = 0; i < w.size(); i += 2) w(i) = -w(i);
     m.set_weight(w);
   }
-  if (m.bias().size()) m.set_bias(random_vec(m.bias().size(), g, -1.0, 1.0));
+  if (m.bias().size())
+    m.set_bias(random_vec(m.bias().size(), g, -1.0, 1.0));
   if constexpr (normkit_test::has_running_stats_v<M>) {
     if (m.running_mean().size()) {
       m.set_running_mean(random_vec(m.running_mean().size(), g, -0.5, 0.5));
@@ -102,7 +107,9 @@ struct Mismatches {
     const double err = std::abs(analytic - numeric);
     worst = std::max(worst, err / (1 + std::abs(numeric)));
     if (!(err <= kTol * (1 + std::abs(numeric)))) {
-      if (bad++ < 4) ADD_FAILURE() << what << "[" << i << "]: backward " << analytic << ", finite difference " << numeric;
+      if (bad++ < 4)
+        ADD_FAILURE() << what << "[" << i << "]: backward " << analytic << ", finite difference "
+                      << numeric;
     }
   }
   ~Mismatches() { EXPECT_EQ(bad, 0) << what << ": worst relative error " << worst; }
@@ -127,11 +134,13 @@ void gradcheck(const M& base, const X& x, const X& dy) {
   (void)a.forward(x);
   const auto g = a.backward(dy);
   const auto g2 = a.backward(x, dy);
-  EXPECT_TRUE(normkit_test::same_state(normkit_test::snapshot_tensors({"dx", "dw", "db"}, g.input, g.weight, g.bias),
-                                       normkit_test::snapshot_tensors({"dx", "dw", "db"}, g2.input, g2.weight, g2.bias)))
+  EXPECT_TRUE(normkit_test::same_state(
+      normkit_test::snapshot_tensors({"dx", "dw", "db"}, g.input, g.weight, g.bias),
+      normkit_test::snapshot_tensors({"dx", "dw", "db"}, g2.input, g2.weight, g2.bias)))
       << "backward(dy) and backward(x, dy) differ";
   ASSERT_EQ(g.input.size(), x.size());
-  for (std::size_t k = 0; k < static_cast<std::size_t>(X::NumDimensions); ++k) ASSERT_EQ(g.input.dimensions()[k], x.dimensions()[k]);
+  for (std::size_t k = 0; k < static_cast<std::size_t>(X::NumDimensions); ++k)
+    ASSERT_EQ(g.input.dimensions()[k], x.dimensions()[k]);
   {
     Mismatches mm{"dx"};
     X xp = x;
@@ -150,14 +159,18 @@ void gradcheck(const M& base, const X& x, const X& dy) {
   {
     Mismatches mm{"dweight"};
     for (Idx c = 0; c < g.weight.size(); ++c) {
-      const double n = (param_loss(base, x, dy, Which::weight, c, kStep) - param_loss(base, x, dy, Which::weight, c, -kStep)) / (2 * kStep);
+      const double n = (param_loss(base, x, dy, Which::weight, c, kStep) -
+                        param_loss(base, x, dy, Which::weight, c, -kStep)) /
+                       (2 * kStep);
       mm.check(c, g.weight(c), n);
     }
   }
   {
     Mismatches mm{"dbias"};
     for (Idx c = 0; c < g.bias.size(); ++c) {
-      const double n = (param_loss(base, x, dy, Which::bias, c, kStep) - param_loss(base, x, dy, Which::bias, c, -kStep)) / (2 * kStep);
+      const double n = (param_loss(base, x, dy, Which::bias, c, kStep) -
+                        param_loss(base, x, dy, Which::bias, c, -kStep)) /
+                       (2 * kStep);
       mm.check(c, g.bias(c), n);
     }
   }
@@ -167,13 +180,19 @@ void gradcheck(const M& base, const X& x, const X& dy) {
 /// 1/sqrt(running_var_c + eps), dw_c = sum dy * (x - running_mean_c) * r_c, db_c = sum dy;
 /// and the forward leaves the running statistics and the counter untouched.
 template <int L, class M, class X, std::size_t R>
-void check_running_stats_formula(const M& base, const X& x, const X& dy, const std::array<Idx, R>& dims,
-                                 int channel_axis, double eps) {
+void check_running_stats_formula(const M& base,
+                                 const X& x,
+                                 const X& dy,
+                                 const std::array<Idx, R>& dims,
+                                 int channel_axis,
+                                 double eps) {
   M a = base;
   (void)a.forward(x);
   EXPECT_TRUE(normkit_test::same_state(
-      normkit_test::snapshot_tensors({"running_mean", "running_var"}, base.running_mean(), base.running_var()),
-      normkit_test::snapshot_tensors({"running_mean", "running_var"}, a.running_mean(), a.running_var())))
+      normkit_test::snapshot_tensors({"running_mean", "running_var"}, base.running_mean(),
+                                     base.running_var()),
+      normkit_test::snapshot_tensors({"running_mean", "running_var"}, a.running_mean(),
+                                     a.running_var())))
       << "eval forward moved the running statistics";
   EXPECT_EQ(a.num_batches_tracked(), base.num_batches_tracked());
   const auto g = a.backward(dy);
@@ -183,19 +202,29 @@ void check_running_stats_formula(const M& base, const X& x, const X& dy, const s
     const Idx c = unravel<L>(i, dims)[static_cast<std::size_t>(channel_axis)];
     const double r = 1 / std::sqrt(base.running_var()(c) + eps);
     const double w = base.weight().size() ? base.weight()(c) : 1.0;
-    EXPECT_NEAR(g.input.data()[i], dy.data()[i] * w * r, 1e-13 * (1 + std::abs(dy.data()[i] * w * r))) << "dx[" << i << "]";
+    EXPECT_NEAR(g.input.data()[i], dy.data()[i] * w * r,
+                1e-13 * (1 + std::abs(dy.data()[i] * w * r)))
+        << "dx[" << i << "]";
     dw[static_cast<std::size_t>(c)] += dy.data()[i] * (x.data()[i] - base.running_mean()(c)) * r;
     db[static_cast<std::size_t>(c)] += dy.data()[i];
   }
   for (Idx c = 0; c < g.weight.size(); ++c) {
-    EXPECT_NEAR(g.weight(c), dw[static_cast<std::size_t>(c)], 1e-12 * (1 + std::abs(dw[static_cast<std::size_t>(c)]))) << c;
-    EXPECT_NEAR(g.bias(c), db[static_cast<std::size_t>(c)], 1e-12 * (1 + std::abs(db[static_cast<std::size_t>(c)]))) << c;
+    EXPECT_NEAR(g.weight(c), dw[static_cast<std::size_t>(c)],
+                1e-12 * (1 + std::abs(dw[static_cast<std::size_t>(c)])))
+        << c;
+    EXPECT_NEAR(g.bias(c), db[static_cast<std::size_t>(c)],
+                1e-12 * (1 + std::abs(db[static_cast<std::size_t>(c)])))
+        << c;
   }
 }
 
 /// Randomizes the module, draws x and dy of the given dims and runs the checks.
 template <int L, class M, std::size_t R>
-void check_module(M base, const std::array<Idx, R>& dims, int channel_axis, std::mt19937& g, const std::string& what) {
+void check_module(M base,
+                  const std::array<Idx, R>& dims,
+                  int channel_axis,
+                  std::mt19937& g,
+                  const std::string& what) {
   SCOPED_TRACE(what + ", " + layout_name(L) + (base.is_training() ? ", train" : ", eval"));
   randomize(base, g);
   const auto x = random_tensor<L>(dims, g, -2.0, 2.0);
@@ -210,8 +239,12 @@ void check_module(M base, const std::array<Idx, R>& dims, int channel_axis, std:
 
 enum class Mode { train, train_tracking, eval, eval_tracking };
 constexpr Mode kModes[] = {Mode::train, Mode::train_tracking, Mode::eval, Mode::eval_tracking};
-bool tracking(Mode m) { return m == Mode::train_tracking || m == Mode::eval_tracking; }
-bool training(Mode m) { return m == Mode::train || m == Mode::train_tracking; }
+bool tracking(Mode m) {
+  return m == Mode::train_tracking || m == Mode::eval_tracking;
+}
+bool training(Mode m) {
+  return m == Mode::train || m == Mode::train_tracking;
+}
 std::string mode_name(Mode m, bool affine) {
   std::string s = training(m) ? "train" : "eval";
   s += tracking(m) ? "+tracking" : "";
@@ -220,7 +253,11 @@ std::string mode_name(Mode m, bool affine) {
 
 template <class M>
 M make_bn(Idx C, Mode mode, bool affine, bool channels_last = false) {
-  M m(normkit::BatchNormOptions(C).affine(affine).track_running_stats(tracking(mode)).momentum(0.3).eps(1e-3)
+  M m(normkit::BatchNormOptions(C)
+          .affine(affine)
+          .track_running_stats(tracking(mode))
+          .momentum(0.3)
+          .eps(1e-3)
           .channels_last(channels_last));
   m.train(training(mode));
   return m;
@@ -228,7 +265,11 @@ M make_bn(Idx C, Mode mode, bool affine, bool channels_last = false) {
 
 template <class M>
 M make_in(Idx C, Mode mode, bool affine, bool channels_last = false) {
-  M m(normkit::InstanceNormOptions(C).affine(affine).track_running_stats(tracking(mode)).momentum(0.3).eps(1e-3)
+  M m(normkit::InstanceNormOptions(C)
+          .affine(affine)
+          .track_running_stats(tracking(mode))
+          .momentum(0.3)
+          .eps(1e-3)
           .channels_last(channels_last));
   m.train(training(mode));
   return m;
@@ -239,13 +280,17 @@ void batch_norm_cases(std::mt19937& g) {
   for (Mode mode : kModes) {
     for (bool affine : {true, false}) {
       const std::string w = mode_name(mode, affine);
-      check_module<L>(make_bn<normkit::BatchNorm1d<double>>(3, mode, affine), std::array<Idx, 2>{5, 3}, 1, g, "BN1d (5,3), " + w);
-      check_module<L>(make_bn<normkit::BatchNorm1d<double>>(3, mode, affine), std::array<Idx, 3>{3, 3, 4}, 1, g, "BN1d (3,3,4), " + w);
-      check_module<L>(make_bn<normkit::BatchNorm2d<double>>(3, mode, affine), std::array<Idx, 4>{2, 3, 3, 2}, 1, g, "BN2d (2,3,3,2), " + w);
-      check_module<L>(make_bn<normkit::BatchNorm3d<double>>(2, mode, affine), std::array<Idx, 5>{2, 2, 2, 2, 3}, 1, g, "BN3d (2,2,2,2,3), " + w);
+      check_module<L>(make_bn<normkit::BatchNorm1d<double>>(3, mode, affine),
+                      std::array<Idx, 2>{5, 3}, 1, g, "BN1d (5,3), " + w);
+      check_module<L>(make_bn<normkit::BatchNorm1d<double>>(3, mode, affine),
+                      std::array<Idx, 3>{3, 3, 4}, 1, g, "BN1d (3,3,4), " + w);
+      check_module<L>(make_bn<normkit::BatchNorm2d<double>>(3, mode, affine),
+                      std::array<Idx, 4>{2, 3, 3, 2}, 1, g, "BN2d (2,3,3,2), " + w);
+      check_module<L>(make_bn<normkit::BatchNorm3d<double>>(2, mode, affine),
+                      std::array<Idx, 5>{2, 2, 2, 2, 3}, 1, g, "BN3d (2,2,2,2,3), " + w);
       // channels_last: dims (N, H, W, C).
-      check_module<L>(make_bn<normkit::BatchNorm2d<double>>(3, mode, affine, true), std::array<Idx, 4>{2, 2, 3, 3}, 3, g,
-                      "BN2d channels_last (2,2,3,3), " + w);
+      check_module<L>(make_bn<normkit::BatchNorm2d<double>>(3, mode, affine, true),
+                      std::array<Idx, 4>{2, 2, 3, 3}, 3, g, "BN2d channels_last (2,2,3,3), " + w);
     }
   }
   // momentum none (cumulative average) in training.
@@ -258,13 +303,18 @@ void instance_norm_cases(std::mt19937& g) {
   for (Mode mode : kModes) {
     for (bool affine : {true, false}) {
       const std::string w = mode_name(mode, affine);
-      check_module<L>(make_in<normkit::InstanceNorm1d<double>>(3, mode, affine), std::array<Idx, 3>{2, 3, 5}, 1, g, "IN1d (2,3,5), " + w);
-      check_module<L>(make_in<normkit::InstanceNorm1d<double>>(3, mode, affine), std::array<Idx, 2>{3, 5}, 0, g, "IN1d unbatched (3,5), " + w);
-      check_module<L>(make_in<normkit::InstanceNorm2d<double>>(3, mode, affine), std::array<Idx, 4>{2, 3, 3, 2}, 1, g, "IN2d (2,3,3,2), " + w);
-      check_module<L>(make_in<normkit::InstanceNorm2d<double>>(3, mode, affine), std::array<Idx, 3>{3, 2, 3}, 0, g, "IN2d unbatched (3,2,3), " + w);
-      check_module<L>(make_in<normkit::InstanceNorm3d<double>>(2, mode, affine), std::array<Idx, 5>{2, 2, 2, 1, 3}, 1, g, "IN3d (2,2,2,1,3), " + w);
-      check_module<L>(make_in<normkit::InstanceNorm2d<double>>(3, mode, affine, true), std::array<Idx, 4>{2, 2, 3, 3}, 3, g,
-                      "IN2d channels_last (2,2,3,3), " + w);
+      check_module<L>(make_in<normkit::InstanceNorm1d<double>>(3, mode, affine),
+                      std::array<Idx, 3>{2, 3, 5}, 1, g, "IN1d (2,3,5), " + w);
+      check_module<L>(make_in<normkit::InstanceNorm1d<double>>(3, mode, affine),
+                      std::array<Idx, 2>{3, 5}, 0, g, "IN1d unbatched (3,5), " + w);
+      check_module<L>(make_in<normkit::InstanceNorm2d<double>>(3, mode, affine),
+                      std::array<Idx, 4>{2, 3, 3, 2}, 1, g, "IN2d (2,3,3,2), " + w);
+      check_module<L>(make_in<normkit::InstanceNorm2d<double>>(3, mode, affine),
+                      std::array<Idx, 3>{3, 2, 3}, 0, g, "IN2d unbatched (3,2,3), " + w);
+      check_module<L>(make_in<normkit::InstanceNorm3d<double>>(2, mode, affine),
+                      std::array<Idx, 5>{2, 2, 2, 1, 3}, 1, g, "IN3d (2,2,2,1,3), " + w);
+      check_module<L>(make_in<normkit::InstanceNorm2d<double>>(3, mode, affine, true),
+                      std::array<Idx, 4>{2, 2, 3, 3}, 3, g, "IN2d channels_last (2,2,3,3), " + w);
     }
   }
 }
@@ -275,14 +325,21 @@ void layer_norm_cases(std::mt19937& g) {
     bool elementwise, bias;
     const char* name;
   };
-  for (Affine a : {Affine{true, true, "affine"}, Affine{false, false, "no affine"}, Affine{true, false, "weight only"}}) {
+  for (Affine a : {Affine{true, true, "affine"}, Affine{false, false, "no affine"},
+                   Affine{true, false, "weight only"}}) {
     auto make = [&](std::vector<normkit::Index> shape) {
-      return normkit::LayerNorm<double>(normkit::LayerNormOptions(std::move(shape)).elementwise_affine(a.elementwise).bias(a.bias));
+      return normkit::LayerNorm<double>(normkit::LayerNormOptions(std::move(shape))
+                                            .elementwise_affine(a.elementwise)
+                                            .bias(a.bias));
     };
-    check_module<L>(make({6}), std::array<Idx, 2>{4, 6}, -1, g, std::string("LN {6} on (4,6), ") + a.name);
-    check_module<L>(make({6}), std::array<Idx, 1>{6}, -1, g, std::string("LN {6} on (6), ") + a.name);
-    check_module<L>(make({3, 4}), std::array<Idx, 3>{2, 3, 4}, -1, g, std::string("LN {3,4} on (2,3,4), ") + a.name);
-    check_module<L>(make({3, 2}), std::array<Idx, 4>{2, 2, 3, 2}, -1, g, std::string("LN {3,2} on (2,2,3,2), ") + a.name);
+    check_module<L>(make({6}), std::array<Idx, 2>{4, 6}, -1, g,
+                    std::string("LN {6} on (4,6), ") + a.name);
+    check_module<L>(make({6}), std::array<Idx, 1>{6}, -1, g,
+                    std::string("LN {6} on (6), ") + a.name);
+    check_module<L>(make({3, 4}), std::array<Idx, 3>{2, 3, 4}, -1, g,
+                    std::string("LN {3,4} on (2,3,4), ") + a.name);
+    check_module<L>(make({3, 2}), std::array<Idx, 4>{2, 2, 3, 2}, -1, g,
+                    std::string("LN {3,2} on (2,2,3,2), ") + a.name);
     auto ev = make({4});
     ev.eval();
     check_module<L>(ev, std::array<Idx, 2>{3, 4}, -1, g, std::string("LN {4} on (3,4), ") + a.name);
@@ -294,14 +351,16 @@ void group_norm_cases(std::mt19937& g) {
   for (bool affine : {true, false}) {
     const std::string w = affine ? "affine" : "no affine";
     auto make = [&](Idx G, Idx C, bool cl = false) {
-      return normkit::GroupNorm<double>(normkit::GroupNormOptions(G, C).affine(affine).channels_last(cl));
+      return normkit::GroupNorm<double>(
+          normkit::GroupNormOptions(G, C).affine(affine).channels_last(cl));
     };
     check_module<L>(make(2, 4), std::array<Idx, 3>{2, 4, 3}, 1, g, "GN(2,4) (2,4,3), " + w);
     check_module<L>(make(3, 6), std::array<Idx, 2>{3, 6}, 1, g, "GN(3,6) (3,6), " + w);
     check_module<L>(make(2, 4), std::array<Idx, 4>{2, 4, 2, 2}, 1, g, "GN(2,4) (2,4,2,2), " + w);
     check_module<L>(make(4, 4), std::array<Idx, 3>{2, 4, 3}, 1, g, "GN(4,4) (2,4,3), " + w);
     check_module<L>(make(1, 3), std::array<Idx, 3>{2, 3, 2}, 1, g, "GN(1,3) (2,3,2), " + w);
-    check_module<L>(make(2, 4, true), std::array<Idx, 3>{2, 3, 4}, 2, g, "GN(2,4) channels_last (2,3,4), " + w);
+    check_module<L>(make(2, 4, true), std::array<Idx, 3>{2, 3, 4}, 2, g,
+                    "GN(2,4) channels_last (2,3,4), " + w);
     auto ev = make(2, 4);
     ev.eval();
     check_module<L>(ev, std::array<Idx, 3>{2, 4, 3}, 1, g, "GN(2,4) (2,4,3), " + w);
@@ -338,9 +397,11 @@ TEST(GradCheck, GroupNorm) {
 
 template <int L>
 void bn_eps0_constant_channel(bool training_mode) {
-  SCOPED_TRACE(std::string(layout_name(L)) + (training_mode ? ", train" : ", eval without running stats"));
+  SCOPED_TRACE(std::string(layout_name(L)) +
+               (training_mode ? ", train" : ", eval without running stats"));
   std::mt19937 g(99u);
-  normkit::BatchNorm1d<double> bn(normkit::BatchNormOptions(2).eps(0).track_running_stats(training_mode));
+  normkit::BatchNorm1d<double> bn(
+      normkit::BatchNormOptions(2).eps(0).track_running_stats(training_mode));
   bn.set_weight(Vec(2).setValues({1.5, -0.7}));
   bn.set_bias(Vec(2).setValues({0.25, -1.0}));
   bn.train(training_mode);
@@ -348,7 +409,8 @@ void bn_eps0_constant_channel(bool training_mode) {
   for (Idx n = 0; n < 4; ++n) {
     for (Idx l = 0; l < 3; ++l) x(n, 0, l) = 7.0;
   }
-  const Eigen::Tensor<double, 3, L> dy = random_tensor<L>(std::array<Idx, 3>{4, 2, 3}, g, -1.0, 1.0);
+  const Eigen::Tensor<double, 3, L> dy =
+      random_tensor<L>(std::array<Idx, 3>{4, 2, 3}, g, -1.0, 1.0);
   const auto y = bn.forward(x);
   const auto gr = bn.backward(dy);
   double sum_dy = 0;
@@ -379,7 +441,8 @@ void in_eps0_constant_channel() {
     x(0, 0, l) = 7.0;
     x(1, 0, l) = -3.0;
   }
-  const Eigen::Tensor<double, 3, L> dy = random_tensor<L>(std::array<Idx, 3>{2, 2, 4}, g, -1.0, 1.0);
+  const Eigen::Tensor<double, 3, L> dy =
+      random_tensor<L>(std::array<Idx, 3>{2, 2, 4}, g, -1.0, 1.0);
   const auto y = in.forward(x);
   const auto gr = in.backward(dy);
   double sum_dy = 0;

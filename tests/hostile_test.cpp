@@ -2,11 +2,11 @@
 // overflows Eigen::Index, TensorMaps over a null pointer with zero size. Each either works
 // with a well-defined (empty) result or throws the documented exception with the module
 // state unchanged; nothing reads memory it does not own (the suite also runs under ASan).
-#include <gtest/gtest.h>
-
 #include <array>
 #include <limits>
 #include <string>
+
+#include <gtest/gtest.h>
 
 #include <normkit/normkit.hpp>
 
@@ -42,18 +42,22 @@ TEST(HostileTest, ZeroSizeDimsInEveryPosition) {
   const std::array<std::array<Eigen::Index, 4>, 4> shapes = {
       {{{0, 4, 3, 5}}, {{2, 4, 0, 5}}, {{2, 4, 3, 0}}, {{0, 4, 0, 0}}}};
   for (const auto& d : shapes) {
-    const std::string s = std::to_string(d[0]) + "x4x" + std::to_string(d[2]) + "x" + std::to_string(d[3]);
+    const std::string s =
+        std::to_string(d[0]) + "x4x" + std::to_string(d[2]) + "x" + std::to_string(d[3]);
     expect_empty_ok(normkit::BatchNorm2d<float>(4), filled<Row4>(d), ("BatchNorm2d " + s).c_str());
-    expect_empty_ok(normkit::BatchNorm2d<float>(4), filled<Col4>(d), ("BatchNorm2d ColMajor " + s).c_str());
-    expect_empty_ok(normkit::InstanceNorm2d<float>(normkit::InstanceNormOptions(4).affine(true)), filled<Row4>(d),
-                    ("InstanceNorm2d " + s).c_str());
-    expect_empty_ok(normkit::GroupNorm<float>(normkit::GroupNormOptions(2, 4)), filled<Row4>(d), ("GroupNorm " + s).c_str());
-    expect_empty_ok(normkit::LayerNorm<float>(normkit::LayerNormOptions({d[2], d[3]})), filled<Row4>(d),
-                    ("LayerNorm " + s).c_str());
+    expect_empty_ok(normkit::BatchNorm2d<float>(4), filled<Col4>(d),
+                    ("BatchNorm2d ColMajor " + s).c_str());
+    expect_empty_ok(normkit::InstanceNorm2d<float>(normkit::InstanceNormOptions(4).affine(true)),
+                    filled<Row4>(d), ("InstanceNorm2d " + s).c_str());
+    expect_empty_ok(normkit::GroupNorm<float>(normkit::GroupNormOptions(2, 4)), filled<Row4>(d),
+                    ("GroupNorm " + s).c_str());
+    expect_empty_ok(normkit::LayerNorm<float>(normkit::LayerNormOptions({d[2], d[3]})),
+                    filled<Row4>(d), ("LayerNorm " + s).c_str());
   }
   // Zero channels: an empty module on an empty channel axis.
   expect_empty_ok(normkit::BatchNorm2d<float>(0), filled<Row4>({2, 0, 3, 3}), "BatchNorm2d(0)");
-  expect_empty_ok(normkit::GroupNorm<float>(normkit::GroupNormOptions(1, 0)), filled<Row4>({2, 0, 3, 3}), "GroupNorm(1, 0)");
+  expect_empty_ok(normkit::GroupNorm<float>(normkit::GroupNormOptions(1, 0)),
+                  filled<Row4>({2, 0, 3, 3}), "GroupNorm(1, 0)");
 }
 
 TEST(HostileTest, EmptyBatchBumpsCounterButNotStatistics) {

@@ -1,11 +1,11 @@
 // The reduction core and the numerics it promises: accuracy at large offsets (where
 // E[x^2] - E[x]^2 fails), no overflow near 1e20, exact beta for constant slices, and the
 // per-module properties (per-slice mean 0 / variance 1, shift and scale invariance).
-#include <gtest/gtest.h>
-
 #include <cmath>
 #include <random>
 #include <vector>
+
+#include <gtest/gtest.h>
 
 #include <normkit/normkit.hpp>
 
@@ -19,7 +19,8 @@ template <class Tensor>
 void fill_normal(Tensor& t, double mean, double sd, unsigned seed) {
   std::mt19937 gen(seed);
   std::normal_distribution<double> d(mean, sd);
-  for (Eigen::Index i = 0; i < t.size(); ++i) t.data()[i] = static_cast<typename Tensor::Scalar>(d(gen));
+  for (Eigen::Index i = 0; i < t.size(); ++i)
+    t.data()[i] = static_cast<typename Tensor::Scalar>(d(gen));
 }
 
 // The classic hand check (issue #2): BatchNorm2d(3, momentum=1) on (2, 3, 4, 4).
@@ -60,9 +61,11 @@ TEST(MomentsAccuracy, LargeOffsetMatchesDoubleReference) {
     fill_normal(x, offset, 1.0, 11);
     normkit::LayerNorm<float> ln(normkit::LayerNormOptions({1024}));
     const auto y = ln.forward(x);
-    const auto ref = normkit_test::reference_normalize(x.data(), x.size(), 16, [](long i) { return i / 1024; }, 1e-5);
+    const auto ref = normkit_test::reference_normalize(
+        x.data(), x.size(), 16, [](long i) { return i / 1024; }, 1e-5);
     double worst = 0;
-    for (Eigen::Index i = 0; i < y.size(); ++i) worst = std::max(worst, std::abs(y.data()[i] - ref[static_cast<std::size_t>(i)]));
+    for (Eigen::Index i = 0; i < y.size(); ++i)
+      worst = std::max(worst, std::abs(y.data()[i] - ref[static_cast<std::size_t>(i)]));
     // One float rounding of an O(4) output: 2.4e-7; allow 4 ulps.
     EXPECT_LT(worst, 1e-6) << "LayerNorm at offset " << offset;
 
@@ -70,9 +73,11 @@ TEST(MomentsAccuracy, LargeOffsetMatchesDoubleReference) {
     fill_normal(xb, offset, 1.0, 12);
     normkit::BatchNorm1d<float> bn(16);
     const auto yb = bn.forward(xb);
-    const auto refb = normkit_test::reference_normalize(xb.data(), xb.size(), 16, [](long i) { return i % 16; }, 1e-5);
+    const auto refb = normkit_test::reference_normalize(
+        xb.data(), xb.size(), 16, [](long i) { return i % 16; }, 1e-5);
     worst = 0;
-    for (Eigen::Index i = 0; i < yb.size(); ++i) worst = std::max(worst, std::abs(yb.data()[i] - refb[static_cast<std::size_t>(i)]));
+    for (Eigen::Index i = 0; i < yb.size(); ++i)
+      worst = std::max(worst, std::abs(yb.data()[i] - refb[static_cast<std::size_t>(i)]));
     EXPECT_LT(worst, 1e-6) << "BatchNorm1d at offset " << offset;
   }
 }
@@ -170,19 +175,24 @@ TEST(ModuleProperties, PerSliceMeanZeroVarianceOneAndShiftScaleInvariant) {
   Eigen::Tensor<float, 4, Eigen::RowMajor> x(4, 6, 5, 7);
   fill_normal(x, 3.0, 2.0, 5);
   const long S = 35;
-  check_properties(normkit::BatchNorm2d<float>(6), x, 6, [&](long i) { return (i / S) % 6; }, "BatchNorm2d");
-  check_properties(normkit::InstanceNorm2d<float>(6), x, 24, [&](long i) { return i / S; }, "InstanceNorm2d");
-  check_properties(normkit::GroupNorm<float>(normkit::GroupNormOptions(3, 6)), x, 12,
-                   [&](long i) { return i / (2 * S); }, "GroupNorm");
-  check_properties(normkit::LayerNorm<float>(normkit::LayerNormOptions({5, 7})), x, 24,
-                   [&](long i) { return i / S; }, "LayerNorm");
+  check_properties(
+      normkit::BatchNorm2d<float>(6), x, 6, [&](long i) { return (i / S) % 6; }, "BatchNorm2d");
+  check_properties(
+      normkit::InstanceNorm2d<float>(6), x, 24, [&](long i) { return i / S; }, "InstanceNorm2d");
+  check_properties(
+      normkit::GroupNorm<float>(normkit::GroupNormOptions(3, 6)), x, 12,
+      [&](long i) { return i / (2 * S); }, "GroupNorm");
+  check_properties(
+      normkit::LayerNorm<float>(normkit::LayerNormOptions({5, 7})), x, 24,
+      [&](long i) { return i / S; }, "LayerNorm");
 }
 
 // Storage order does not change results (Eigen's own convention: test both layouts).
 TEST(ModuleProperties, ColMajorEqualsRowMajorAndTensorMapEqualsTensor) {
   Eigen::Tensor<double, 4, Eigen::RowMajor> x(3, 4, 5, 6);
   fill_normal(x, 1.0, 3.0, 9);
-  Eigen::Tensor<double, 4, Eigen::ColMajor> xc = x.swap_layout().shuffle(Eigen::array<int, 4>{3, 2, 1, 0});
+  Eigen::Tensor<double, 4, Eigen::ColMajor> xc =
+      x.swap_layout().shuffle(Eigen::array<int, 4>{3, 2, 1, 0});
   normkit::GroupNorm<double> a(normkit::GroupNormOptions(2, 4)), b(normkit::GroupNormOptions(2, 4));
   const auto yr = a.forward(x);
   const auto yc = b.forward(xc);
@@ -194,7 +204,8 @@ TEST(ModuleProperties, ColMajorEqualsRowMajorAndTensorMapEqualsTensor) {
   std::vector<double> out(static_cast<std::size_t>(x.size()));
   Eigen::TensorMap<Eigen::Tensor<double, 4, Eigen::RowMajor>> ym(out.data(), 3, 4, 5, 6);
   a.forward(xm, ym);
-  for (Eigen::Index i = 0; i < x.size(); ++i) EXPECT_EQ(out[static_cast<std::size_t>(i)], yr.data()[i]);
+  for (Eigen::Index i = 0; i < x.size(); ++i)
+    EXPECT_EQ(out[static_cast<std::size_t>(i)], yr.data()[i]);
 }
 
 }  // namespace

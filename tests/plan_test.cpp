@@ -11,7 +11,10 @@ using normkit::detail::Role;
 
 TEST(PlanTest, BatchNormNchwIsRowModeOverSpatialRuns) {
   // (N, C, H, W) = (2, 3, 4, 5) row-major: reduce N, H, W; key C.
-  const AxisSpec ax[4] = {{2, 60, Role::reduce, 0}, {3, 20, Role::key, 0}, {4, 5, Role::reduce, 0}, {5, 1, Role::reduce, 0}};
+  const AxisSpec ax[4] = {{2, 60, Role::reduce, 0},
+                          {3, 20, Role::key, 0},
+                          {4, 5, Role::reduce, 0},
+                          {5, 1, Role::reduce, 0}};
   const auto p = make_plan(ax, 4);
   EXPECT_EQ(p.rank, 3);  // N | C | (H*W) coalesced
   EXPECT_FALSE(p.column_mode());
@@ -23,7 +26,10 @@ TEST(PlanTest, BatchNormNchwIsRowModeOverSpatialRuns) {
 
 TEST(PlanTest, ChannelsLastIsColumnModeWithContiguousSlots) {
   // NHWC storage of logical (2, 3, 4, 5): strides N 60, C 1, H 15, W 3.
-  const AxisSpec ax[4] = {{2, 60, Role::reduce, 0}, {3, 1, Role::key, 0}, {4, 15, Role::reduce, 0}, {5, 3, Role::reduce, 0}};
+  const AxisSpec ax[4] = {{2, 60, Role::reduce, 0},
+                          {3, 1, Role::key, 0},
+                          {4, 15, Role::reduce, 0},
+                          {5, 3, Role::reduce, 0}};
   const auto p = make_plan(ax, 4);
   EXPECT_EQ(p.rank, 2);  // (N*H*W) | C
   EXPECT_TRUE(p.column_mode());

@@ -28,19 +28,22 @@ std::vector<std::string> keys(const normkit::StateDict& sd) {
 template <class S>
 Eigen::Tensor<S, 1> ramp(Eigen::Index n, double start) {
   Eigen::Tensor<S, 1> v(n);
-  for (Eigen::Index i = 0; i < n; ++i) v(i) = static_cast<S>(start + 0.1234567891 * static_cast<double>(i) / 3.0);
+  for (Eigen::Index i = 0; i < n; ++i)
+    v(i) = static_cast<S>(start + 0.1234567891 * static_cast<double>(i) / 3.0);
   return v;
 }
 
 template <class S>
 bool same_bits(const Eigen::Tensor<S, 1>& a, const Eigen::Tensor<S, 1>& b) {
   return a.size() == b.size() &&
-         (a.size() == 0 || std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(S)) == 0);
+         (a.size() == 0 ||
+          std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(S)) == 0);
 }
 
 // Every tensor of a state dict, byte for byte.
 bool same_dict(const normkit::StateDict& a, const normkit::StateDict& b) {
-  if (a.size() != b.size()) return false;
+  if (a.size() != b.size())
+    return false;
   for (std::size_t i = 0; i < a.size(); ++i) {
     if (a[i].first != b[i].first || a[i].second.dtype != b[i].second.dtype ||
         a[i].second.shape != b[i].second.shape || a[i].second.bytes != b[i].second.bytes) {
@@ -60,11 +63,16 @@ template <class M, class Make>
 void round_trip(Make make, const std::string& tag) {
   using S = typename M::Vector::Scalar;
   M a = make();
-  if (a.weight().size()) a.set_weight(ramp<S>(a.weight().size(), 0.7));
-  if (a.bias().size()) a.set_bias(ramp<S>(a.bias().size(), -0.3));
-  if constexpr (!normkit::detail::is_layer_norm<M>::value && !normkit::detail::is_group_norm<M>::value) {
-    if (a.running_mean().size()) a.set_running_mean(ramp<S>(a.running_mean().size(), 1.1));
-    if (a.running_var().size()) a.set_running_var(ramp<S>(a.running_var().size(), 2.3));
+  if (a.weight().size())
+    a.set_weight(ramp<S>(a.weight().size(), 0.7));
+  if (a.bias().size())
+    a.set_bias(ramp<S>(a.bias().size(), -0.3));
+  if constexpr (!normkit::detail::is_layer_norm<M>::value &&
+                !normkit::detail::is_group_norm<M>::value) {
+    if (a.running_mean().size())
+      a.set_running_mean(ramp<S>(a.running_mean().size(), 1.1));
+    if (a.running_var().size())
+      a.set_running_var(ramp<S>(a.running_var().size(), 2.3));
     a.set_num_batches_tracked(1234567890123);
   }
   const normkit::StateDict sd = normkit::state_dict(a);
@@ -85,18 +93,22 @@ void round_trip(Make make, const std::string& tag) {
 TEST(StateDictTest, KeysFollowPyTorchOrder) {
   using V = std::vector<std::string>;
   normkit::BatchNorm2d<float> bn(3);
-  EXPECT_EQ(keys(normkit::state_dict(bn)), (V{"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}));
+  EXPECT_EQ(keys(normkit::state_dict(bn)),
+            (V{"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}));
   EXPECT_EQ(keys(normkit::state_dict(bn, "layer1.0.bn1.")),
             (V{"layer1.0.bn1.weight", "layer1.0.bn1.bias", "layer1.0.bn1.running_mean",
                "layer1.0.bn1.running_var", "layer1.0.bn1.num_batches_tracked"}));
   normkit::BatchNorm1d<double> bn_noaffine(normkit::BatchNormOptions(4).affine(false));
-  EXPECT_EQ(keys(normkit::state_dict(bn_noaffine)), (V{"running_mean", "running_var", "num_batches_tracked"}));
+  EXPECT_EQ(keys(normkit::state_dict(bn_noaffine)),
+            (V{"running_mean", "running_var", "num_batches_tracked"}));
   normkit::BatchNorm3d<float> bn_notrack(normkit::BatchNormOptions(4).track_running_stats(false));
   EXPECT_EQ(keys(normkit::state_dict(bn_notrack)), (V{"weight", "bias"}));
   normkit::InstanceNorm2d<float> in(normkit::InstanceNormOptions(3));
   EXPECT_TRUE(normkit::state_dict(in).empty());
-  normkit::InstanceNorm1d<float> in_full(normkit::InstanceNormOptions(3).affine(true).track_running_stats(true));
-  EXPECT_EQ(keys(normkit::state_dict(in_full)), (V{"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}));
+  normkit::InstanceNorm1d<float> in_full(
+      normkit::InstanceNormOptions(3).affine(true).track_running_stats(true));
+  EXPECT_EQ(keys(normkit::state_dict(in_full)),
+            (V{"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}));
   normkit::LayerNorm<float> ln(normkit::LayerNormOptions({2, 3}));
   EXPECT_EQ(keys(normkit::state_dict(ln)), (V{"weight", "bias"}));
   normkit::LayerNorm<float> ln_nobias(normkit::LayerNormOptions({5}).bias(false));
@@ -124,23 +136,36 @@ TEST(StateDictTest, RoundTripIsBitExactForEveryModule) {
   round_trip<normkit::BatchNorm1d<float>>([] { return normkit::BatchNorm1d<float>(5); }, "bn1d");
   round_trip<normkit::BatchNorm2d<double>>([] { return normkit::BatchNorm2d<double>(3); }, "bn2d");
   round_trip<normkit::BatchNorm3d<float>>(
-      [] { return normkit::BatchNorm3d<float>(normkit::BatchNormOptions(2).affine(false)); }, "bn3d");
+      [] { return normkit::BatchNorm3d<float>(normkit::BatchNormOptions(2).affine(false)); },
+      "bn3d");
   round_trip<normkit::InstanceNorm1d<float>>(
-      [] { return normkit::InstanceNorm1d<float>(normkit::InstanceNormOptions(3).affine(true).track_running_stats(true)); },
+      [] {
+        return normkit::InstanceNorm1d<float>(
+            normkit::InstanceNormOptions(3).affine(true).track_running_stats(true));
+      },
       "in1d");
   round_trip<normkit::InstanceNorm2d<double>>(
-      [] { return normkit::InstanceNorm2d<double>(normkit::InstanceNormOptions(3).affine(true)); }, "in2d");
-  round_trip<normkit::InstanceNorm3d<float>>([] { return normkit::InstanceNorm3d<float>(4); }, "in3d");
-  round_trip<normkit::LayerNorm<float>>([] { return normkit::LayerNorm<float>(normkit::LayerNormOptions({2, 3})); }, "ln");
+      [] { return normkit::InstanceNorm2d<double>(normkit::InstanceNormOptions(3).affine(true)); },
+      "in2d");
+  round_trip<normkit::InstanceNorm3d<float>>([] { return normkit::InstanceNorm3d<float>(4); },
+                                             "in3d");
+  round_trip<normkit::LayerNorm<float>>(
+      [] {
+        return normkit::LayerNorm<float>(normkit::LayerNormOptions({2, 3}));
+      },
+      "ln");
   round_trip<normkit::LayerNorm<double>>(
-      [] { return normkit::LayerNorm<double>(normkit::LayerNormOptions({7}).bias(false)); }, "ln_nobias");
-  round_trip<normkit::GroupNorm<float>>([] { return normkit::GroupNorm<float>(normkit::GroupNormOptions(2, 6)); }, "gn");
+      [] { return normkit::LayerNorm<double>(normkit::LayerNormOptions({7}).bias(false)); },
+      "ln_nobias");
+  round_trip<normkit::GroupNorm<float>>(
+      [] { return normkit::GroupNorm<float>(normkit::GroupNormOptions(2, 6)); }, "gn");
 }
 
 TEST(StateDictTest, LayerNormAcceptsFlatWeight) {
   normkit::LayerNorm<float> ln(normkit::LayerNormOptions({2, 3}));
-  normkit::StateDict sd{{"weight", normkit::make_state_tensor(std::vector<float>{1, 2, 3, 4, 5, 6}, {6})},
-                        {"bias", normkit::make_state_tensor(std::vector<float>{0, 0, 0, 0, 0, 1}, {6})}};
+  normkit::StateDict sd{
+      {"weight", normkit::make_state_tensor(std::vector<float>{1, 2, 3, 4, 5, 6}, {6})},
+      {"bias", normkit::make_state_tensor(std::vector<float>{0, 0, 0, 0, 0, 1}, {6})}};
   normkit::load_state_dict(ln, sd);
   EXPECT_EQ(ln.weight()(5), 6.0f);
   EXPECT_EQ(ln.bias()(5), 1.0f);
@@ -151,7 +176,8 @@ TEST(StateDictTest, LoadsByPrefixAndIgnoresOtherPrefixes) {
   src.set_weight(ramp<float>(3, 0.5));
   src.set_num_batches_tracked(11);
   normkit::StateDict sd = normkit::state_dict(src, "layer1.0.bn1.");
-  const normkit::StateDict other = normkit::state_dict(normkit::BatchNorm2d<float>(8), "layer1.0.bn2.");
+  const normkit::StateDict other =
+      normkit::state_dict(normkit::BatchNorm2d<float>(8), "layer1.0.bn2.");
   sd.insert(sd.end(), other.begin(), other.end());
   normkit::BatchNorm2d<float> dst(3);
   normkit::load_state_dict(dst, sd, "layer1.0.bn1.");
@@ -223,10 +249,13 @@ TEST(SafetensorsTest, HeaderIsAlignedAndFollowsTheFormat) {
   for (int i = 7; i >= 0; --i) n = (n << 8) | file[static_cast<std::size_t>(i)];
   EXPECT_EQ(n % 8, 0u);
   const std::string header(file.begin() + 8, file.begin() + 8 + static_cast<std::ptrdiff_t>(n));
-  EXPECT_NE(header.find("\"bn.weight\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,12]}"), std::string::npos)
-      << header;
-  EXPECT_NE(header.find("\"bn.num_batches_tracked\":{\"dtype\":\"I64\",\"shape\":[],\"data_offsets\":[48,56]}"),
+  EXPECT_NE(header.find("\"bn.weight\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,12]}"),
             std::string::npos)
+      << header;
+  EXPECT_NE(
+      header.find(
+          "\"bn.num_batches_tracked\":{\"dtype\":\"I64\",\"shape\":[],\"data_offsets\":[48,56]}"),
+      std::string::npos)
       << header;
   EXPECT_EQ(file.size(), 8 + n + 56);
 }
@@ -234,8 +263,9 @@ TEST(SafetensorsTest, HeaderIsAlignedAndFollowsTheFormat) {
 TEST(SafetensorsTest, MalformedFilesThrow) {
   const normkit::StateDict sd = normkit::state_dict(normkit::BatchNorm1d<float>(3));
   const std::vector<unsigned char> good = normkit::serialize_safetensors(sd);
-  EXPECT_THROW(normkit::parse_safetensors(std::vector<unsigned char>(good.begin(), good.begin() + 5)),
-               normkit::value_error);
+  EXPECT_THROW(
+      normkit::parse_safetensors(std::vector<unsigned char>(good.begin(), good.begin() + 5)),
+      normkit::value_error);
   std::vector<unsigned char> truncated(good.begin(), good.end() - 1);
   EXPECT_THROW(normkit::parse_safetensors(truncated), normkit::value_error);
   std::vector<unsigned char> trailing = good;
@@ -255,7 +285,8 @@ TEST(SafetensorsTest, MalformedFilesThrow) {
 // keys bn.*, plus "input" and "output" = bn.eval()(input).
 TEST(SafetensorsTest, ReproducesLibtorchBatchNorm2dEvalOutput) {
   std::map<std::string, std::string> meta;
-  const normkit::StateDict file = normkit::read_safetensors(std::string(NORMKIT_FIXTURE_DIR) + "/bn2d_state.safetensors", &meta);
+  const normkit::StateDict file = normkit::read_safetensors(
+      std::string(NORMKIT_FIXTURE_DIR) + "/bn2d_state.safetensors", &meta);
   EXPECT_EQ(meta.at("format"), "pt");
   normkit::BatchNorm2d<float> bn(3);
   normkit::load_state_dict(bn, file, "bn.");
@@ -272,8 +303,9 @@ TEST(SafetensorsTest, ReproducesLibtorchBatchNorm2dEvalOutput) {
   ASSERT_EQ(static_cast<std::size_t>(y.size()), want.size());
   double worst = 0;
   for (std::size_t i = 0; i < want.size(); ++i) {
-    worst = std::max(worst, std::fabs(static_cast<double>(y.data()[i]) - static_cast<double>(want[i])) /
-                                (1.0 + std::fabs(static_cast<double>(want[i]))));
+    worst =
+        std::max(worst, std::fabs(static_cast<double>(y.data()[i]) - static_cast<double>(want[i])) /
+                            (1.0 + std::fabs(static_cast<double>(want[i]))));
   }
   EXPECT_LT(worst, 1e-6);
   // Saving again gives PyTorch's bytes back for the bn.* entries.

@@ -3,12 +3,12 @@
 // the output against a float64 reference computed from the same float inputs must stay
 // within a few float ulps of the output, and finite input never gives NaN or inf. Prints the
 // table (the "report"); the comparison with PyTorch itself is accuracy_test (fixtures).
-#include <gtest/gtest.h>
-
 #include <cmath>
 #include <cstdio>
 #include <random>
 #include <vector>
+
+#include <gtest/gtest.h>
 
 #include <normkit/normkit.hpp>
 
@@ -48,15 +48,18 @@ TEST(StressTest, WorstErrorAcrossMeanAndStdGrid) {
   std::printf("%-12s %10s %10s %12s %12s\n", "module", "mean", "std", "worst err", "bound");
   unsigned seed = 1;
   const std::vector<std::pair<double, double>> regimes = {
-      {1, 1e-3}, {1, 1}, {1, 1e3}, {1e2, 1e-3}, {1e2, 1}, {1e2, 1e3}, {1e4, 1e-3}, {1e4, 1},
-      {1e4, 1e3}, {1e6, 1e-3}, {1e6, 1}, {1e6, 1e3}, {1e20, 1e19}, {1e-30, 1e-31}, {7, 0}};
+      {1, 1e-3},  {1, 1},      {1, 1e3},     {1e2, 1e-3},    {1e2, 1},
+      {1e2, 1e3}, {1e4, 1e-3}, {1e4, 1},     {1e4, 1e3},     {1e6, 1e-3},
+      {1e6, 1},   {1e6, 1e3},  {1e20, 1e19}, {1e-30, 1e-31}, {7, 0}};
   for (const auto& [mean, sd] : regimes) {
     const X x = make(mean, sd, seed++);
     const Result res[4] = {
         run(normkit::BatchNorm1d<float>(6), x, 6, [](long i) { return (i / 64) % 6; }),
         run(normkit::InstanceNorm1d<float>(6), x, 24, [](long i) { return i / 64; }),
-        run(normkit::GroupNorm<float>(normkit::GroupNormOptions(3, 6)), x, 12, [](long i) { return i / 128; }),
-        run(normkit::LayerNorm<float>(normkit::LayerNormOptions({64})), x, 24, [](long i) { return i / 64; })};
+        run(normkit::GroupNorm<float>(normkit::GroupNormOptions(3, 6)), x, 12,
+            [](long i) { return i / 128; }),
+        run(normkit::LayerNorm<float>(normkit::LayerNormOptions({64})), x, 24,
+            [](long i) { return i / 64; })};
     const char* names[4] = {"BatchNorm1d", "InstanceNorm1d", "GroupNorm", "LayerNorm"};
     for (int k = 0; k < 4; ++k) {
       // A few float ulps of the largest output, or of 1 (values near 0 in a unit-scale slice).

@@ -2,12 +2,12 @@
 // and 8 threads (fixed work items merged in a fixed order), and eval-mode forward on one
 // module from several threads at once is safe.
 #define EIGEN_USE_THREADS
-#include <gtest/gtest.h>
-
 #include <cstring>
 #include <random>
 #include <thread>
 #include <vector>
+
+#include <gtest/gtest.h>
 
 #include <normkit/normkit.hpp>
 
@@ -22,7 +22,9 @@ void fill(Tensor& t, unsigned seed, float offset = 0.0f) {
 
 template <class A, class B>
 bool same_bits(const A& a, const B& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(*a.data()) * static_cast<std::size_t>(a.size())) == 0;
+  return a.size() == b.size() &&
+         std::memcmp(a.data(), b.data(), sizeof(*a.data()) * static_cast<std::size_t>(a.size())) ==
+             0;
 }
 
 template <class Module, class Tensor>
@@ -49,13 +51,15 @@ TEST(ThreadingTest, BitwiseIdenticalForAnyThreadCount) {
   fill(x, 1, 3.0f);
   fill(dy, 2);
   check_threads(normkit::BatchNorm2d<float>(16), x, dy, "BatchNorm2d NCHW");
-  check_threads(normkit::InstanceNorm2d<float>(normkit::InstanceNormOptions(16).affine(true)), x, dy, "InstanceNorm2d");
+  check_threads(normkit::InstanceNorm2d<float>(normkit::InstanceNormOptions(16).affine(true)), x,
+                dy, "InstanceNorm2d");
   check_threads(normkit::GroupNorm<float>(normkit::GroupNormOptions(4, 16)), x, dy, "GroupNorm");
   check_threads(normkit::LayerNorm<float>(normkit::LayerNormOptions({48, 48})), x, dy, "LayerNorm");
   Eigen::Tensor<float, 4, Eigen::RowMajor> xl(8, 48, 48, 16), dyl(8, 48, 48, 16);
   fill(xl, 3, -2.0f);
   fill(dyl, 4);
-  check_threads(normkit::BatchNorm2d<float>(normkit::BatchNormOptions(16).channels_last(true)), xl, dyl, "BatchNorm2d NHWC");
+  check_threads(normkit::BatchNorm2d<float>(normkit::BatchNormOptions(16).channels_last(true)), xl,
+                dyl, "BatchNorm2d NHWC");
   Eigen::Tensor<double, 2, Eigen::ColMajor> xb(4096, 64), dyb(4096, 64);
   fill(xb, 5);
   fill(dyb, 6);
@@ -65,9 +69,14 @@ TEST(ThreadingTest, BitwiseIdenticalForAnyThreadCount) {
   Eigen::Tensor<float, 2, Eigen::RowMajor> xf(4, 30000), dyf(4, 30000);
   fill(xf, 9, 50.0f);
   fill(dyf, 10);
-  check_threads(normkit::LayerNorm<float>(normkit::LayerNormOptions({30000})), xf, dyf, "LayerNorm fused vs two-pass");
-  check_threads(normkit::BatchNorm1d<float>(4), Eigen::Tensor<float, 3, Eigen::RowMajor>(xf.reshape(Eigen::array<Eigen::Index, 3>{1, 4, 30000})),
-                Eigen::Tensor<float, 3, Eigen::RowMajor>(dyf.reshape(Eigen::array<Eigen::Index, 3>{1, 4, 30000})), "BatchNorm1d fused vs two-pass");
+  check_threads(normkit::LayerNorm<float>(normkit::LayerNormOptions({30000})), xf, dyf,
+                "LayerNorm fused vs two-pass");
+  check_threads(normkit::BatchNorm1d<float>(4),
+                Eigen::Tensor<float, 3, Eigen::RowMajor>(
+                    xf.reshape(Eigen::array<Eigen::Index, 3>{1, 4, 30000})),
+                Eigen::Tensor<float, 3, Eigen::RowMajor>(
+                    dyf.reshape(Eigen::array<Eigen::Index, 3>{1, 4, 30000})),
+                "BatchNorm1d fused vs two-pass");
   // Few slots, long reductions: the path that splits one slot across threads.
   Eigen::Tensor<float, 3, Eigen::RowMajor> xs(2, 2, 300000), dys(2, 2, 300000);
   fill(xs, 7, 100.0f);

@@ -3,17 +3,17 @@
 #ifndef NORMKIT_BATCH_NORM_HPP_
 #define NORMKIT_BATCH_NORM_HPP_
 
-#include <cstdint>  // std::int64_t
-#include <optional> // std::optional
-#include <string>   // std::string
-#include <vector>   // std::vector
+#include <cstdint>   // std::int64_t
+#include <optional>  // std::optional
+#include <string>    // std::string
+#include <vector>    // std::vector
 
 #include <normkit/config.hpp>
-#include <normkit/error.hpp>
-#include <normkit/options.hpp>
 #include <normkit/detail/channel_norm.hpp>
 #include <normkit/detail/module.hpp>
 #include <normkit/detail/tensor.hpp>
+#include <normkit/error.hpp>
+#include <normkit/options.hpp>
 
 namespace normkit {
 
@@ -46,20 +46,27 @@ class BatchNormFuncOptions {
 ///         value_error for one value per channel in training, or evaluation without
 ///         running statistics. Nothing is modified when it throws.
 template <class X, class Y, class Device = Eigen::DefaultDevice>
-void batch_norm(const X& x, Y& y, const BatchNormFuncOptions<detail::scalar_of<X>>& options,
-                SavedStats* saved = nullptr, const Device& device = Device()) {
-  static_assert(detail::tensor_traits<X>::rank >= 2, "normkit::batch_norm: expected input of rank >= 2 (N, C, *)");
+void batch_norm(const X& x,
+                Y& y,
+                const BatchNormFuncOptions<detail::scalar_of<X>>& options,
+                SavedStats* saved = nullptr,
+                const Device& device = Device()) {
+  static_assert(detail::tensor_traits<X>::rank >= 2,
+                "normkit::batch_norm: expected input of rank >= 2 (N, C, *)");
   const detail::Shape sh = detail::logical_shape(x, options.channels_last(), "batch_norm");
   detail::ChannelNormArgs<detail::scalar_of<X>> a = detail::batch_norm_args(options);
   detail::channel_norm_check("batch_norm", detail::ChannelNormKind::batch, sh, a);
   auto* y_ptr = detail::prepare_output(x, y, "batch_norm");
-  detail::channel_norm_forward(detail::ChannelNormKind::batch, sh, x.data(), y_ptr, a, saved, device);
+  detail::channel_norm_forward(detail::ChannelNormKind::batch, sh, x.data(), y_ptr, a, saved,
+                               device);
 }
 
 /// Allocating form of batch_norm: returns y.
 template <class X>
 auto batch_norm(const X& x, const BatchNormFuncOptions<detail::scalar_of<X>>& options) {
-  Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
+  Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
+                detail::tensor_traits<X>::layout>
+      y;
   batch_norm(x, y, options);
   return y;
 }
@@ -69,10 +76,14 @@ auto batch_norm(const X& x, const BatchNormFuncOptions<detail::scalar_of<X>>& op
 /// running statistics: dx = dy*w*r. dweight_c = sum(dy*(x - mean)*r), dbias_c = sum(dy).
 /// dx, dweight and dbias may each be absent (not computed).
 template <class X, class DY, class DX, class Device = Eigen::DefaultDevice>
-void batch_norm_backward(const X& x, const DY& dy, DX& dx, const SavedStats& saved,
+void batch_norm_backward(const X& x,
+                         const DY& dy,
+                         DX& dx,
+                         const SavedStats& saved,
                          VectorRef<const detail::scalar_of<X>> weight,
                          VectorRef<detail::scalar_of<X>> grad_weight,
-                         VectorRef<detail::scalar_of<X>> grad_bias, bool channels_last = false,
+                         VectorRef<detail::scalar_of<X>> grad_bias,
+                         bool channels_last = false,
                          const Device& device = Device()) {
   const detail::Shape sh = detail::logical_shape(x, channels_last, "batch_norm_backward");
   detail::check_grad_args("batch_norm_backward", detail::ChannelNormKind::batch, sh, x, dy, saved,
@@ -102,7 +113,9 @@ class BatchNorm : public detail::ModuleBase<Scalar> {
   /// 1-D tensor type of the parameters and running statistics.
   using Vector = Eigen::Tensor<Scalar, 1>;
   /// Class name as in PyTorch (e.g. "BatchNorm2d"), used in error messages.
-  static constexpr const char* kName = Dim == 1 ? "BatchNorm1d" : Dim == 2 ? "BatchNorm2d" : "BatchNorm3d";
+  static constexpr const char* kName = Dim == 1   ? "BatchNorm1d"
+                                       : Dim == 2 ? "BatchNorm2d"
+                                                  : "BatchNorm3d";
 
   /// @throws value_error for negative num_features or eps, or momentum outside [0, 1].
   explicit BatchNorm(const BatchNormOptions& options) : options_(options) {
@@ -129,7 +142,8 @@ class BatchNorm : public detail::ModuleBase<Scalar> {
   template <class X, class Y, class Device = Eigen::DefaultDevice, detail::if_tensor<Y> = 0>
   void forward(const X& x, Y&& y, const Device& device = Device()) {
     constexpr int R = detail::tensor_traits<X>::rank;
-    static_assert(std::is_same<detail::scalar_of<X>, Scalar>::value, "BatchNorm: input scalar type differs from the module's");
+    static_assert(std::is_same<detail::scalar_of<X>, Scalar>::value,
+                  "BatchNorm: input scalar type differs from the module's");
     static_assert(Dim != 1 || R == 2 || R == 3, "BatchNorm1d: expected 2D or 3D input");
     static_assert(Dim != 2 || R == 4, "BatchNorm2d: expected 4D input");
     static_assert(Dim != 3 || R == 5, "BatchNorm3d: expected 5D input");
@@ -142,20 +156,27 @@ class BatchNorm : public detail::ModuleBase<Scalar> {
     double factor = options_.momentum().value_or(0.0);
     if (this->training_ && tracking) {
       ++nbt;
-      if (!options_.momentum()) factor = 1.0 / static_cast<double>(nbt);
+      if (!options_.momentum())
+        factor = 1.0 / static_cast<double>(nbt);
     }
     BatchNormFuncOptions<Scalar> f;
-    f.training(this->training_ || !tracking).momentum(factor).eps(options_.eps())
+    f.training(this->training_ || !tracking)
+        .momentum(factor)
+        .eps(options_.eps())
         .channels_last(options_.channels_last());
-    if (options_.affine()) f.weight(weight_).bias(bias_);
-    if (tracking) f.running_mean(running_mean_).running_var(running_var_);
+    if (options_.affine())
+      f.weight(weight_).bias(bias_);
+    if (tracking)
+      f.running_mean(running_mean_).running_var(running_var_);
     detail::ChannelNormArgs<Scalar> a = detail::batch_norm_args(f);
     a.update_running = this->training_ && tracking;
     detail::channel_norm_check(kName, detail::ChannelNormKind::batch, sh, a);
     auto* y_ptr = detail::prepare_output(x, y, kName);
     SavedStats saved;
-    detail::channel_norm_forward(detail::ChannelNormKind::batch, sh, x.data(), y_ptr, a, &saved, device);
-    if (this->training_ && tracking) num_batches_tracked_ = nbt;
+    detail::channel_norm_forward(detail::ChannelNormKind::batch, sh, x.data(), y_ptr, a, &saved,
+                                 device);
+    if (this->training_ && tracking)
+      num_batches_tracked_ = nbt;
     // Inference (requires_grad() false) writes nothing to the module: concurrent eval
     // forwards are then pure reads (ThreadSanitizer-checked in threading_test).
     if (this->requires_grad_) {
@@ -186,11 +207,12 @@ class BatchNorm : public detail::ModuleBase<Scalar> {
     const detail::Shape sh = detail::logical_shape(x, options_.channels_last(), kName);
     detail::prepare_output(x, g.input, kName);
     VectorRef<const Scalar> w;
-    if (options_.affine()) w = VectorRef<const Scalar>(weight_);
-    detail::channel_norm_backward(detail::ChannelNormKind::batch, sh, x.data(), dy.data(),
-                                  g.input.data(), this->saved_, w,
-                                  options_.affine() ? VectorRef<Scalar>(g.weight) : VectorRef<Scalar>(),
-                                  options_.affine() ? VectorRef<Scalar>(g.bias) : VectorRef<Scalar>(), device);
+    if (options_.affine())
+      w = VectorRef<const Scalar>(weight_);
+    detail::channel_norm_backward(
+        detail::ChannelNormKind::batch, sh, x.data(), dy.data(), g.input.data(), this->saved_, w,
+        options_.affine() ? VectorRef<Scalar>(g.weight) : VectorRef<Scalar>(),
+        options_.affine() ? VectorRef<Scalar>(g.bias) : VectorRef<Scalar>(), device);
     return g;
   }
 
@@ -214,10 +236,14 @@ class BatchNorm : public detail::ModuleBase<Scalar> {
   void set_bias(const Vector& v) { set_checked(bias_, v, "bias", options_.affine()); }
   /// Sets running_mean.
   /// @throws shape_error unless v has num_features elements (0 without track_running_stats).
-  void set_running_mean(const Vector& v) { set_checked(running_mean_, v, "running_mean", options_.track_running_stats()); }
+  void set_running_mean(const Vector& v) {
+    set_checked(running_mean_, v, "running_mean", options_.track_running_stats());
+  }
   /// Sets running_var.
   /// @throws shape_error unless v has num_features elements (0 without track_running_stats).
-  void set_running_var(const Vector& v) { set_checked(running_var_, v, "running_var", options_.track_running_stats()); }
+  void set_running_var(const Vector& v) {
+    set_checked(running_var_, v, "running_var", options_.track_running_stats());
+  }
   /// Sets the counter (e.g. from a checkpoint); with momentum none the next training update
   /// uses f = 1/(n + 1).
   void set_num_batches_tracked(std::int64_t n) { num_batches_tracked_ = n; }

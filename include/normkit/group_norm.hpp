@@ -7,8 +7,6 @@
 #include <vector>  // std::vector
 
 #include <normkit/config.hpp>
-#include <normkit/error.hpp>
-#include <normkit/options.hpp>
 #include <normkit/detail/channel_norm.hpp>
 #include <normkit/detail/elementwise.hpp>
 #include <normkit/detail/fused.hpp>
@@ -17,6 +15,8 @@
 #include <normkit/detail/plan.hpp>
 #include <normkit/detail/reduction.hpp>
 #include <normkit/detail/tensor.hpp>
+#include <normkit/error.hpp>
+#include <normkit/options.hpp>
 
 namespace normkit {
 
@@ -71,19 +71,27 @@ inline GroupPlans group_plans(const Shape& sh, Index G) {
 }
 
 template <class T>
-void group_norm_check(const char* who, const Shape& sh, Index G, const VectorRef<const T>& w,
+void group_norm_check(const char* who,
+                      const Shape& sh,
+                      Index G,
+                      const VectorRef<const T>& w,
                       const VectorRef<const T>& b) {
-  if (G <= 0) throw_value(who, "Expected num groups to be greater than 0, got " + std::to_string(G));
+  if (G <= 0)
+    throw_value(who, "Expected num groups to be greater than 0, got " + std::to_string(G));
   const Index C = sh.dim[1];
   if (C % G != 0) {
-    throw_shape(who, "Expected number of channels in input to be divisible by num_groups, but got input of shape " +
-                         shape_str(sh) + " and num_groups=" + std::to_string(G));
+    throw_shape(who,
+                "Expected number of channels in input to be divisible by num_groups, but got input "
+                "of shape " +
+                    shape_str(sh) + " and num_groups=" + std::to_string(G));
   }
   auto check = [&](const VectorRef<const T>& v, const char* name) {
     if (v && v.size() != C) {
-      throw_shape(who, std::string("Expected ") + name +
-                           " to be a vector of size equal to the number of channels in input, but got " + name +
-                           " of shape [" + std::to_string(v.size()) + "] and input of shape " + shape_str(sh));
+      throw_shape(who,
+                  std::string("Expected ") + name +
+                      " to be a vector of size equal to the number of channels in input, but got " +
+                      name + " of shape [" + std::to_string(v.size()) + "] and input of shape " +
+                      shape_str(sh));
     }
   };
   check(w, "weight");
@@ -91,14 +99,23 @@ void group_norm_check(const char* who, const Shape& sh, Index G, const VectorRef
 }
 
 template <class T, class Device>
-void group_norm_forward(const Shape& sh, Index G, const T* x, T* y, const VectorRef<const T>& w,
-                        const VectorRef<const T>& b, double eps, SavedStats* saved, const Device& dev) {
+void group_norm_forward(const Shape& sh,
+                        Index G,
+                        const T* x,
+                        T* y,
+                        const VectorRef<const T>& w,
+                        const VectorRef<const T>& b,
+                        double eps,
+                        SavedStats* saved,
+                        const Device& dev) {
   const GroupPlans gp = group_plans(sh, G);
   const Index NG = gp.N * G;
   std::vector<acc_t> mean(static_cast<std::size_t>(NG)), rstd(mean.size()), center(mean.size());
   std::vector<T> ones, zeros;
-  if (!w) ones.assign(static_cast<std::size_t>(gp.C), T(1));
-  if (!b) zeros.assign(static_cast<std::size_t>(gp.C), T(0));
+  if (!w)
+    ones.assign(static_cast<std::size_t>(gp.C), T(1));
+  if (!b)
+    zeros.assign(static_cast<std::size_t>(gp.C), T(0));
   const T* gamma = w ? w.data() : ones.data();
   const T* beta = b ? b.data() : zeros.data();
   auto finish = [&](Index s, acc_t m, acc_t v) {
@@ -112,7 +129,9 @@ void group_norm_forward(const Shape& sh, Index G, const T* x, T* y, const Vector
     for (std::size_t s = 0; s < mean.size(); ++s) finish(static_cast<Index>(s), mean[s], rstd[s]);
     for_each_run(gp.stats_aux, op, dev);
   }
-  auto sslot = [&](Index n, Index g) { return n * gp.stats.logical_slot_stride[0] + g * gp.stats.logical_slot_stride[1]; };
+  auto sslot = [&](Index n, Index g) {
+    return n * gp.stats.logical_slot_stride[0] + g * gp.stats.logical_slot_stride[1];
+  };
   if (saved) {
     saved->mean = Eigen::Tensor<double, 1>(NG);
     saved->rstd = Eigen::Tensor<double, 1>(NG);
@@ -128,16 +147,26 @@ void group_norm_forward(const Shape& sh, Index G, const T* x, T* y, const Vector
 }
 
 template <class T, class Device>
-void group_norm_backward(const Shape& sh, Index G, const T* x, const T* dy, T* dx,
-                         const SavedStats& saved, const VectorRef<const T>& w,
-                         const VectorRef<T>& gw, const VectorRef<T>& gb, const Device& dev) {
+void group_norm_backward(const Shape& sh,
+                         Index G,
+                         const T* x,
+                         const T* dy,
+                         T* dx,
+                         const SavedStats& saved,
+                         const VectorRef<const T>& w,
+                         const VectorRef<T>& gw,
+                         const VectorRef<T>& gb,
+                         const Device& dev) {
   const GroupPlans gp = group_plans(sh, G);
   const Index NC = gp.N * gp.C;
-  auto aslot = [&](Index n, Index c) { return n * gp.apply.logical_slot_stride[0] + c * gp.apply.logical_slot_stride[1]; };
+  auto aslot = [&](Index n, Index c) {
+    return n * gp.apply.logical_slot_stride[0] + c * gp.apply.logical_slot_stride[1];
+  };
   const auto nc = static_cast<std::size_t>(NC);
   std::vector<acc_t> center(nc), s1(nc), s2(nc), A(nc), B(nc), Cc(nc);
   for (Index n = 0; n < gp.N; ++n) {
-    for (Index c = 0; c < gp.C; ++c) center[static_cast<std::size_t>(aslot(n, c))] = saved.mean(n * G + c / gp.Cg);
+    for (Index c = 0; c < gp.C; ++c)
+      center[static_cast<std::size_t>(aslot(n, c))] = saved.mean(n * G + c / gp.Cg);
   }
   // Per (n, c): sum dy and sum dy * (x - mean_ng) -- the same core as every other norm.
   reduce(gp.apply, GradSumsOp<T, false>{x, dy, center.data(), nullptr}, s1.data(), s2.data(), dev);
@@ -170,7 +199,10 @@ void group_norm_backward(const Shape& sh, Index G, const T* x, const T* dy, T* d
     for (Index c = 0; c < gp.C; ++c) gb.data()[c] = static_cast<T>(db[static_cast<std::size_t>(c)]);
   }
   if (dx) {
-    for_each_run(gp.apply, GradInputOp<T, false>{x, dy, dx, center.data(), A.data(), B.data(), Cc.data(), nullptr}, dev);
+    for_each_run(
+        gp.apply,
+        GradInputOp<T, false>{x, dy, dx, center.data(), A.data(), B.data(), Cc.data(), nullptr},
+        dev);
   }
 }
 
@@ -184,44 +216,60 @@ void group_norm_backward(const Shape& sh, Index G, const T* x, const T* dy, T* d
 /// @throws value_error for num_groups <= 0; shape_error if C is not divisible by
 ///         num_groups or weight/bias do not have C elements.
 template <class X, class Y, class Device = Eigen::DefaultDevice>
-void group_norm(const X& x, Y& y, const GroupNormFuncOptions<detail::scalar_of<X>>& options,
-                SavedStats* saved = nullptr, const Device& device = Device()) {
-  static_assert(detail::tensor_traits<X>::rank >= 2, "normkit::group_norm: expected input of rank >= 2 (N, C, *)");
+void group_norm(const X& x,
+                Y& y,
+                const GroupNormFuncOptions<detail::scalar_of<X>>& options,
+                SavedStats* saved = nullptr,
+                const Device& device = Device()) {
+  static_assert(detail::tensor_traits<X>::rank >= 2,
+                "normkit::group_norm: expected input of rank >= 2 (N, C, *)");
   const detail::Shape sh = detail::logical_shape(x, options.channels_last(), "group_norm");
-  detail::group_norm_check("group_norm", sh, options.num_groups(), options.weight(), options.bias());
+  detail::group_norm_check("group_norm", sh, options.num_groups(), options.weight(),
+                           options.bias());
   auto* y_ptr = detail::prepare_output(x, y, "group_norm");
-  if (sh.numel() == 0) return;
-  detail::group_norm_forward(sh, options.num_groups(), x.data(), y_ptr, options.weight(), options.bias(),
-                             options.eps(), saved, device);
+  if (sh.numel() == 0)
+    return;
+  detail::group_norm_forward(sh, options.num_groups(), x.data(), y_ptr, options.weight(),
+                             options.bias(), options.eps(), saved, device);
 }
 
 /// Allocating form of group_norm.
 template <class X>
 auto group_norm(const X& x, const GroupNormFuncOptions<detail::scalar_of<X>>& options) {
-  Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
+  Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
+                detail::tensor_traits<X>::layout>
+      y;
   group_norm(x, y, options);
   return y;
 }
 
 /// Gradients of group_norm from its saved statistics (SEMANTICS.md §8).
 template <class X, class DY, class DX, class Device = Eigen::DefaultDevice>
-void group_norm_backward(const X& x, const DY& dy, DX& dx, const SavedStats& saved, Index num_groups,
+void group_norm_backward(const X& x,
+                         const DY& dy,
+                         DX& dx,
+                         const SavedStats& saved,
+                         Index num_groups,
                          VectorRef<const detail::scalar_of<X>> weight,
                          VectorRef<detail::scalar_of<X>> grad_weight,
-                         VectorRef<detail::scalar_of<X>> grad_bias, bool channels_last = false,
+                         VectorRef<detail::scalar_of<X>> grad_bias,
+                         bool channels_last = false,
                          const Device& device = Device()) {
   const detail::Shape sh = detail::logical_shape(x, channels_last, "group_norm_backward");
-  detail::group_norm_check("group_norm_backward", sh, num_groups, weight, VectorRef<const detail::scalar_of<X>>());
+  detail::group_norm_check("group_norm_backward", sh, num_groups, weight,
+                           VectorRef<const detail::scalar_of<X>>());
   constexpr int R = detail::tensor_traits<X>::rank;
   for (int i = 0; i < R; ++i) {
     if (detail::dim(x, i) != detail::dim(dy, i)) {
-      detail::throw_shape("group_norm_backward", "expected grad_output of size " + detail::dims_str(x.dimensions(), R) +
-                                                     " but got " + detail::dims_str(dy.dimensions(), R));
+      detail::throw_shape("group_norm_backward",
+                          "expected grad_output of size " + detail::dims_str(x.dimensions(), R) +
+                              " but got " + detail::dims_str(dy.dimensions(), R));
     }
   }
   if (saved.mean.size() != sh.dim[0] * num_groups || saved.rstd.size() != saved.mean.size()) {
-    detail::throw_shape("group_norm_backward", "expected saved statistics of " + std::to_string(sh.dim[0] * num_groups) +
-                                                   " slots but got " + std::to_string(saved.mean.size()));
+    detail::throw_shape("group_norm_backward",
+                        "expected saved statistics of " + std::to_string(sh.dim[0] * num_groups) +
+                            " slots but got " + std::to_string(saved.mean.size()));
   }
   detail::check_size("group_norm_backward", "grad_weight", grad_weight, sh.dim[1]);
   detail::check_size("group_norm_backward", "grad_bias", grad_bias, sh.dim[1]);
@@ -231,15 +279,15 @@ void group_norm_backward(const X& x, const DY& dy, DX& dx, const SavedStats& sav
     for (Index c = 0; grad_bias && c < grad_bias.size(); ++c) grad_bias.data()[c] = 0;
     return;
   }
-  detail::group_norm_backward(sh, num_groups, x.data(), dy.data(), dx_ptr, saved, weight, grad_weight,
-                              grad_bias, device);
+  detail::group_norm_backward(sh, num_groups, x.data(), dy.data(), dx_ptr, saved, weight,
+                              grad_weight, grad_bias, device);
 }
 
 /// GroupNorm over (N, C, *) input, as torch.nn.GroupNorm; weight (1) and bias (0) of
 /// num_channels elements when affine. No running statistics: training and evaluation agree.
 /// @code
-/// normkit::GroupNorm<float> gn(normkit::GroupNormOptions(/*num_groups=*/32, /*num_channels=*/256));
-/// auto y = gn.forward(x);  // x: (N, 256, H, W)
+/// normkit::GroupNorm<float> gn(normkit::GroupNormOptions(/*num_groups=*/32,
+/// /*num_channels=*/256)); auto y = gn.forward(x);  // x: (N, 256, H, W)
 /// @endcode
 template <class Scalar>
 class GroupNorm : public detail::ModuleBase<Scalar> {
@@ -342,12 +390,18 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
  private:
   template <class X>
   detail::Shape shape(const X& x) const {
-    static_assert(std::is_same<detail::scalar_of<X>, Scalar>::value, "GroupNorm: input scalar type differs from the module's");
-    static_assert(detail::tensor_traits<X>::rank >= 2, "GroupNorm: expected input of rank >= 2 (N, C, *)");
+    static_assert(std::is_same<detail::scalar_of<X>, Scalar>::value,
+                  "GroupNorm: input scalar type differs from the module's");
+    static_assert(detail::tensor_traits<X>::rank >= 2,
+                  "GroupNorm: expected input of rank >= 2 (N, C, *)");
     return detail::logical_shape(x, options_.channels_last(), kName);
   }
-  VectorRef<const Scalar> wref() const { return options_.affine() ? VectorRef<const Scalar>(weight_) : VectorRef<const Scalar>(); }
-  VectorRef<const Scalar> bref() const { return options_.affine() ? VectorRef<const Scalar>(bias_) : VectorRef<const Scalar>(); }
+  VectorRef<const Scalar> wref() const {
+    return options_.affine() ? VectorRef<const Scalar>(weight_) : VectorRef<const Scalar>();
+  }
+  VectorRef<const Scalar> bref() const {
+    return options_.affine() ? VectorRef<const Scalar>(bias_) : VectorRef<const Scalar>();
+  }
   void set_checked(Vector& dst, const Vector& v, const char* name) {
     const Index want = options_.affine() ? options_.num_channels() : 0;
     if (v.size() != want) {

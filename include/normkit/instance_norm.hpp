@@ -7,11 +7,11 @@
 #include <string>   // std::string
 
 #include <normkit/config.hpp>
-#include <normkit/error.hpp>
-#include <normkit/options.hpp>
 #include <normkit/detail/channel_norm.hpp>
 #include <normkit/detail/module.hpp>
 #include <normkit/detail/tensor.hpp>
+#include <normkit/error.hpp>
+#include <normkit/options.hpp>
 
 namespace normkit {
 
@@ -52,20 +52,27 @@ ChannelNormArgs<T> instance_norm_args(const O<T>& o) {
 /// updated with the batch average of the per-instance mean and unbiased variance.
 /// @throws shape_error, value_error (one spatial element with input statistics).
 template <class X, class Y, class Device = Eigen::DefaultDevice>
-void instance_norm(const X& x, Y& y, const InstanceNormFuncOptions<detail::scalar_of<X>>& options,
-                   SavedStats* saved = nullptr, const Device& device = Device()) {
-  static_assert(detail::tensor_traits<X>::rank >= 2, "normkit::instance_norm: expected input of rank >= 2 (N, C, *)");
+void instance_norm(const X& x,
+                   Y& y,
+                   const InstanceNormFuncOptions<detail::scalar_of<X>>& options,
+                   SavedStats* saved = nullptr,
+                   const Device& device = Device()) {
+  static_assert(detail::tensor_traits<X>::rank >= 2,
+                "normkit::instance_norm: expected input of rank >= 2 (N, C, *)");
   const detail::Shape sh = detail::logical_shape(x, options.channels_last(), "instance_norm");
   const auto a = detail::instance_norm_args(options);
   detail::channel_norm_check("instance_norm", detail::ChannelNormKind::instance, sh, a);
   auto* y_ptr = detail::prepare_output(x, y, "instance_norm");
-  detail::channel_norm_forward(detail::ChannelNormKind::instance, sh, x.data(), y_ptr, a, saved, device);
+  detail::channel_norm_forward(detail::ChannelNormKind::instance, sh, x.data(), y_ptr, a, saved,
+                               device);
 }
 
 /// Allocating form of instance_norm.
 template <class X>
 auto instance_norm(const X& x, const InstanceNormFuncOptions<detail::scalar_of<X>>& options) {
-  Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
+  Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
+                detail::tensor_traits<X>::layout>
+      y;
   instance_norm(x, y, options);
   return y;
 }
@@ -73,10 +80,14 @@ auto instance_norm(const X& x, const InstanceNormFuncOptions<detail::scalar_of<X
 /// Gradients of instance_norm from its saved statistics (SEMANTICS.md §8); dweight and
 /// dbias sum over the batch.
 template <class X, class DY, class DX, class Device = Eigen::DefaultDevice>
-void instance_norm_backward(const X& x, const DY& dy, DX& dx, const SavedStats& saved,
+void instance_norm_backward(const X& x,
+                            const DY& dy,
+                            DX& dx,
+                            const SavedStats& saved,
                             VectorRef<const detail::scalar_of<X>> weight,
                             VectorRef<detail::scalar_of<X>> grad_weight,
-                            VectorRef<detail::scalar_of<X>> grad_bias, bool channels_last = false,
+                            VectorRef<detail::scalar_of<X>> grad_bias,
+                            bool channels_last = false,
                             const Device& device = Device()) {
   const detail::Shape sh = detail::logical_shape(x, channels_last, "instance_norm_backward");
   detail::check_grad_args("instance_norm_backward", detail::ChannelNormKind::instance, sh, x, dy,
@@ -103,7 +114,9 @@ class InstanceNorm : public detail::ModuleBase<Scalar> {
   /// 1-D tensor type of the parameters and running statistics.
   using Vector = Eigen::Tensor<Scalar, 1>;
   /// Class name as in PyTorch (e.g. "InstanceNorm2d"), used in error messages.
-  static constexpr const char* kName = Dim == 1 ? "InstanceNorm1d" : Dim == 2 ? "InstanceNorm2d" : "InstanceNorm3d";
+  static constexpr const char* kName = Dim == 1   ? "InstanceNorm1d"
+                                       : Dim == 2 ? "InstanceNorm2d"
+                                                  : "InstanceNorm3d";
 
   /// @throws value_error for negative num_features or eps, momentum outside [0, 1] or none.
   explicit InstanceNorm(const InstanceNormOptions& options) : options_(options) {
@@ -150,7 +163,8 @@ class InstanceNorm : public detail::ModuleBase<Scalar> {
     detail::channel_norm_check(kName, detail::ChannelNormKind::instance, sh, a);
     auto* y_ptr = detail::prepare_output(x, y, kName);
     SavedStats saved;
-    detail::channel_norm_forward(detail::ChannelNormKind::instance, sh, x.data(), y_ptr, a, &saved, device);
+    detail::channel_norm_forward(detail::ChannelNormKind::instance, sh, x.data(), y_ptr, a, &saved,
+                                 device);
     // Inference (requires_grad() false) writes nothing to the module: concurrent eval
     // forwards are then pure reads (ThreadSanitizer-checked in threading_test).
     if (this->requires_grad_) {
@@ -184,7 +198,8 @@ class InstanceNorm : public detail::ModuleBase<Scalar> {
     const detail::Shape sh = shape(x);
     detail::prepare_output(x, g.input, kName);
     VectorRef<const Scalar> w;
-    if (affine) w = VectorRef<const Scalar>(weight_);
+    if (affine)
+      w = VectorRef<const Scalar>(weight_);
     detail::channel_norm_backward(detail::ChannelNormKind::instance, sh, x.data(), dy.data(),
                                   g.input.data(), this->saved_, w,
                                   affine ? VectorRef<Scalar>(g.weight) : VectorRef<Scalar>(),
@@ -214,10 +229,14 @@ class InstanceNorm : public detail::ModuleBase<Scalar> {
   void set_bias(const Vector& v) { set_checked(bias_, v, "bias", options_.affine()); }
   /// Sets running_mean.
   /// @throws shape_error unless v has num_features elements (0 without track_running_stats).
-  void set_running_mean(const Vector& v) { set_checked(running_mean_, v, "running_mean", options_.track_running_stats()); }
+  void set_running_mean(const Vector& v) {
+    set_checked(running_mean_, v, "running_mean", options_.track_running_stats());
+  }
   /// Sets running_var.
   /// @throws shape_error unless v has num_features elements (0 without track_running_stats).
-  void set_running_var(const Vector& v) { set_checked(running_var_, v, "running_var", options_.track_running_stats()); }
+  void set_running_var(const Vector& v) {
+    set_checked(running_var_, v, "running_var", options_.track_running_stats());
+  }
   /// Sets the counter (e.g. from a checkpoint); forward ignores it.
   void set_num_batches_tracked(std::int64_t n) { num_batches_tracked_ = n; }
 
@@ -242,7 +261,8 @@ class InstanceNorm : public detail::ModuleBase<Scalar> {
   template <class X>
   detail::Shape shape(const X& x) const {
     constexpr int R = detail::tensor_traits<X>::rank;
-    static_assert(std::is_same<detail::scalar_of<X>, Scalar>::value, "InstanceNorm: input scalar type differs from the module's");
+    static_assert(std::is_same<detail::scalar_of<X>, Scalar>::value,
+                  "InstanceNorm: input scalar type differs from the module's");
     static_assert(R == Dim + 1 || R == Dim + 2,
                   "InstanceNorm: expected (C, *) or (N, C, *) input with Dim spatial dims");
     if constexpr (R == Dim + 1) {

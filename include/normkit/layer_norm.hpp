@@ -7,8 +7,6 @@
 #include <vector>  // std::vector
 
 #include <normkit/config.hpp>
-#include <normkit/error.hpp>
-#include <normkit/options.hpp>
 #include <normkit/detail/elementwise.hpp>
 #include <normkit/detail/fused.hpp>
 #include <normkit/detail/module.hpp>
@@ -16,6 +14,8 @@
 #include <normkit/detail/plan.hpp>
 #include <normkit/detail/reduction.hpp>
 #include <normkit/detail/tensor.hpp>
+#include <normkit/error.hpp>
+#include <normkit/options.hpp>
 
 namespace normkit {
 
@@ -57,11 +57,15 @@ inline Index product(const std::vector<Index>& v) {
 }
 
 template <class T>
-void layer_norm_check(const char* who, const Shape& sh, const std::vector<Index>& ns,
-                      const VectorRef<const T>& w, const VectorRef<const T>& b) {
+void layer_norm_check(const char* who,
+                      const Shape& sh,
+                      const std::vector<Index>& ns,
+                      const VectorRef<const T>& w,
+                      const VectorRef<const T>& b) {
   if (ns.empty()) {
-    throw_value(who, "Expected normalized_shape to be at least 1-dimensional, i.e., containing "
-                     "at least one element, but got normalized_shape = []");
+    throw_value(who,
+                "Expected normalized_shape to be at least 1-dimensional, i.e., containing "
+                "at least one element, but got normalized_shape = []");
   }
   const int D = static_cast<int>(ns.size());
   bool ok = sh.rank >= D;
@@ -77,8 +81,10 @@ void layer_norm_check(const char* who, const Shape& sh, const std::vector<Index>
   const Index n = product(ns);
   auto check = [&](const VectorRef<const T>& v, const char* name) {
     if (v && v.size() != n) {
-      throw_shape(who, std::string("Expected ") + name + " to be of same shape as normalized_shape, but got " +
-                           name + " of " + std::to_string(v.size()) + " elements and normalized_shape = " + list_str(ns));
+      throw_shape(who, std::string("Expected ") + name +
+                           " to be of same shape as normalized_shape, but got " + name + " of " +
+                           std::to_string(v.size()) +
+                           " elements and normalized_shape = " + list_str(ns));
     }
   };
   check(w, "weight");
@@ -142,8 +148,15 @@ inline std::vector<Index> slot_map(const Shape& sh, const Plan& p, int first, in
 }
 
 template <class T, class Device>
-void layer_norm_forward(const Shape& sh, int D, const T* x, T* y, const VectorRef<const T>& w,
-                        const VectorRef<const T>& b, double eps, SavedStats* saved, const Device& dev) {
+void layer_norm_forward(const Shape& sh,
+                        int D,
+                        const T* x,
+                        T* y,
+                        const VectorRef<const T>& w,
+                        const VectorRef<const T>& b,
+                        double eps,
+                        SavedStats* saved,
+                        const Device& dev) {
   const LayerPlans lp = layer_plans(sh, D, false);
   const auto rows = static_cast<std::size_t>(lp.rows);
   std::vector<acc_t> mean(rows), rstd(rows), center(rows);
@@ -161,8 +174,10 @@ void layer_norm_forward(const Shape& sh, int D, const T* x, T* y, const VectorRe
   if (w || b) {
     // The caller's weight/bias are read in place; a missing one is replaced by ones/zeros.
     std::vector<T> fill;
-    if (!w || !b) fill.assign(static_cast<std::size_t>(lp.n), w ? T(0) : T(1));
-    go(AuxAffineOp<T>{x, y, mean.data(), rstd.data(), w ? w.data() : fill.data(), b ? b.data() : fill.data()});
+    if (!w || !b)
+      fill.assign(static_cast<std::size_t>(lp.n), w ? T(0) : T(1));
+    go(AuxAffineOp<T>{x, y, mean.data(), rstd.data(), w ? w.data() : fill.data(),
+                      b ? b.data() : fill.data()});
   } else {
     std::vector<acc_t> zero(rows, 0.0);
     go(AffineOp<T>{x, y, mean.data(), rstd.data(), zero.data()});
@@ -180,8 +195,15 @@ void layer_norm_forward(const Shape& sh, int D, const T* x, T* y, const VectorRe
 }
 
 template <class T, class Device>
-void layer_norm_backward(const Shape& sh, int D, const T* x, const T* dy, T* dx, const SavedStats& saved,
-                         const VectorRef<const T>& w, const VectorRef<T>& gw, const VectorRef<T>& gb,
+void layer_norm_backward(const Shape& sh,
+                         int D,
+                         const T* x,
+                         const T* dy,
+                         T* dx,
+                         const SavedStats& saved,
+                         const VectorRef<const T>& w,
+                         const VectorRef<T>& gw,
+                         const VectorRef<T>& gb,
                          const Device& dev) {
   const bool params = gw || gb;
   const LayerPlans lp = layer_plans(sh, D, params);
@@ -216,9 +238,11 @@ void layer_norm_backward(const Shape& sh, int D, const T* x, const T* dy, T* dx,
     };
     if (w) {
       gamma.resize(static_cast<std::size_t>(lp.n));
-      for (Index i = 0; i < lp.n; ++i) gamma[static_cast<std::size_t>(i)] = static_cast<acc_t>(w.data()[i]);
+      for (Index i = 0; i < lp.n; ++i)
+        gamma[static_cast<std::size_t>(i)] = static_cast<acc_t>(w.data()[i]);
       go(GradSumsOp<T, true>{x, dy, mean.data(), gamma.data()},
-         GradInputOp<T, true>{x, dy, dx, mean.data(), rstd.data(), B.data(), C.data(), gamma.data()});
+         GradInputOp<T, true>{x, dy, dx, mean.data(), rstd.data(), B.data(), C.data(),
+                              gamma.data()});
     } else {
       go(GradSumsOp<T, false>{x, dy, mean.data(), nullptr},
          GradInputOp<T, false>{x, dy, dx, mean.data(), rstd.data(), B.data(), C.data(), nullptr});
@@ -227,12 +251,15 @@ void layer_norm_backward(const Shape& sh, int D, const T* x, const T* dy, T* dx,
   if (params) {
     const auto n = static_cast<std::size_t>(lp.n);
     std::vector<acc_t> dg(n), dbv(n);
-    reduce(lp.params, RowStatGradOp<T>{x, dy, mean.data(), rstd.data()}, dg.data(), dbv.data(), dev);
+    reduce(lp.params, RowStatGradOp<T>{x, dy, mean.data(), rstd.data()}, dg.data(), dbv.data(),
+           dev);
     const std::vector<Index> map = slot_map(sh, lp.params, lp.lead, sh.rank);
     for (std::size_t p = 0; p < n; ++p) {
       const auto s = static_cast<std::size_t>(map[p]);
-      if (gw) gw.data()[p] = static_cast<T>(dg[s]);
-      if (gb) gb.data()[p] = static_cast<T>(dbv[s]);
+      if (gw)
+        gw.data()[p] = static_cast<T>(dg[s]);
+      if (gb)
+        gb.data()[p] = static_cast<T>(dbv[s]);
     }
   }
 }
@@ -246,20 +273,27 @@ void layer_norm_backward(const Shape& sh, int D, const T* x, const T* dy, T* dx,
 /// @throws value_error for an empty normalized_shape; shape_error when the trailing dims
 ///         differ from normalized_shape or weight/bias have the wrong size.
 template <class X, class Y, class Device = Eigen::DefaultDevice>
-void layer_norm(const X& x, Y& y, const LayerNormFuncOptions<detail::scalar_of<X>>& options,
-                SavedStats* saved = nullptr, const Device& device = Device()) {
+void layer_norm(const X& x,
+                Y& y,
+                const LayerNormFuncOptions<detail::scalar_of<X>>& options,
+                SavedStats* saved = nullptr,
+                const Device& device = Device()) {
   const detail::Shape sh = detail::logical_shape(x, false, "layer_norm");
-  detail::layer_norm_check("layer_norm", sh, options.normalized_shape(), options.weight(), options.bias());
+  detail::layer_norm_check("layer_norm", sh, options.normalized_shape(), options.weight(),
+                           options.bias());
   auto* y_ptr = detail::prepare_output(x, y, "layer_norm");
-  if (sh.numel() == 0) return;
-  detail::layer_norm_forward(sh, static_cast<int>(options.normalized_shape().size()), x.data(), y_ptr,
-                             options.weight(), options.bias(), options.eps(), saved, device);
+  if (sh.numel() == 0)
+    return;
+  detail::layer_norm_forward(sh, static_cast<int>(options.normalized_shape().size()), x.data(),
+                             y_ptr, options.weight(), options.bias(), options.eps(), saved, device);
 }
 
 /// Allocating form of layer_norm.
 template <class X>
 auto layer_norm(const X& x, const LayerNormFuncOptions<detail::scalar_of<X>>& options) {
-  Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
+  Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
+                detail::tensor_traits<X>::layout>
+      y;
   layer_norm(x, y, options);
   return y;
 }
@@ -267,11 +301,15 @@ auto layer_norm(const X& x, const LayerNormFuncOptions<detail::scalar_of<X>>& op
 /// Gradients of layer_norm from its saved statistics: dx = r * (g - mean(g) - xhat *
 /// mean(g * xhat)) with g = dy * weight; dweight = sum over rows of dy * xhat, dbias = sum dy.
 template <class X, class DY, class DX, class Device = Eigen::DefaultDevice>
-void layer_norm_backward(const X& x, const DY& dy, DX& dx, const SavedStats& saved,
+void layer_norm_backward(const X& x,
+                         const DY& dy,
+                         DX& dx,
+                         const SavedStats& saved,
                          const std::vector<Index>& normalized_shape,
                          VectorRef<const detail::scalar_of<X>> weight,
                          VectorRef<detail::scalar_of<X>> grad_weight,
-                         VectorRef<detail::scalar_of<X>> grad_bias, const Device& device = Device()) {
+                         VectorRef<detail::scalar_of<X>> grad_bias,
+                         const Device& device = Device()) {
   using T = detail::scalar_of<X>;
   const char* who = "layer_norm_backward";
   const detail::Shape sh = detail::logical_shape(x, false, who);
@@ -279,15 +317,16 @@ void layer_norm_backward(const X& x, const DY& dy, DX& dx, const SavedStats& sav
   constexpr int R = detail::tensor_traits<X>::rank;
   for (int i = 0; i < R; ++i) {
     if (detail::dim(x, i) != detail::dim(dy, i)) {
-      detail::throw_shape(who, "expected grad_output of size " + detail::dims_str(x.dimensions(), R) +
-                                   " but got " + detail::dims_str(dy.dimensions(), R));
+      detail::throw_shape(who, "expected grad_output of size " +
+                                   detail::dims_str(x.dimensions(), R) + " but got " +
+                                   detail::dims_str(dy.dimensions(), R));
     }
   }
   const Index n = detail::product(normalized_shape);
   const Index rows = n == 0 ? 0 : sh.numel() / n;
   if (n != 0 && (saved.mean.size() != rows || saved.rstd.size() != rows)) {
-    detail::throw_shape(who, "expected saved statistics of " + std::to_string(rows) + " rows but got " +
-                                 std::to_string(saved.mean.size()));
+    detail::throw_shape(who, "expected saved statistics of " + std::to_string(rows) +
+                                 " rows but got " + std::to_string(saved.mean.size()));
   }
   detail::check_size(who, "grad_weight", grad_weight, n);
   detail::check_size(who, "grad_bias", grad_bias, n);
@@ -297,8 +336,8 @@ void layer_norm_backward(const X& x, const DY& dy, DX& dx, const SavedStats& sav
     for (Index i = 0; grad_bias && i < grad_bias.size(); ++i) grad_bias.data()[i] = 0;
     return;
   }
-  detail::layer_norm_backward(sh, static_cast<int>(normalized_shape.size()), x.data(), dy.data(), dx_ptr,
-                              saved, weight, grad_weight, grad_bias, device);
+  detail::layer_norm_backward(sh, static_cast<int>(normalized_shape.size()), x.data(), dy.data(),
+                              dx_ptr, saved, weight, grad_weight, grad_bias, device);
 }
 
 /// LayerNorm over the trailing dims equal to normalized_shape, as torch.nn.LayerNorm.
@@ -338,14 +377,15 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
   /// @throws shape_error when the trailing dims differ from normalized_shape.
   template <class X, class Y, class Device = Eigen::DefaultDevice, detail::if_tensor<Y> = 0>
   void forward(const X& x, Y&& y, const Device& device = Device()) {
-    static_assert(std::is_same<detail::scalar_of<X>, Scalar>::value, "LayerNorm: input scalar type differs from the module's");
+    static_assert(std::is_same<detail::scalar_of<X>, Scalar>::value,
+                  "LayerNorm: input scalar type differs from the module's");
     const detail::Shape sh = detail::logical_shape(x, false, kName);
     detail::layer_norm_check(kName, sh, options_.normalized_shape(), wref(), bref());
     auto* y_ptr = detail::prepare_output(x, y, kName);
     SavedStats saved;
     if (sh.numel() != 0) {
-      detail::layer_norm_forward(sh, static_cast<int>(options_.normalized_shape().size()), x.data(), y_ptr,
-                                 wref(), bref(), options_.eps(), &saved, device);
+      detail::layer_norm_forward(sh, static_cast<int>(options_.normalized_shape().size()), x.data(),
+                                 y_ptr, wref(), bref(), options_.eps(), &saved, device);
     }
     // Inference (requires_grad() false) writes nothing to the module: concurrent eval
     // forwards are then pure reads (ThreadSanitizer-checked in threading_test).
@@ -384,10 +424,11 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
     const detail::Shape sh = detail::logical_shape(x, false, kName);
     detail::prepare_output(x, g.input, kName);
     if (sh.numel() != 0) {
-      detail::layer_norm_backward(sh, static_cast<int>(options_.normalized_shape().size()), x.data(),
-                                  dy.data(), g.input.data(), this->saved_, wref(),
-                                  g.weight.size() ? VectorRef<Scalar>(g.weight) : VectorRef<Scalar>(),
-                                  g.bias.size() ? VectorRef<Scalar>(g.bias) : VectorRef<Scalar>(), device);
+      detail::layer_norm_backward(
+          sh, static_cast<int>(options_.normalized_shape().size()), x.data(), dy.data(),
+          g.input.data(), this->saved_, wref(),
+          g.weight.size() ? VectorRef<Scalar>(g.weight) : VectorRef<Scalar>(),
+          g.bias.size() ? VectorRef<Scalar>(g.bias) : VectorRef<Scalar>(), device);
     }
     return g;
   }
@@ -401,25 +442,32 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
   /// Sets weight.
   /// @throws shape_error unless v has prod(normalized_shape) elements (0 without
   ///         elementwise_affine).
-  void set_weight(const Vector& v) { set_checked(weight_, v, "weight", options_.elementwise_affine()); }
+  void set_weight(const Vector& v) {
+    set_checked(weight_, v, "weight", options_.elementwise_affine());
+  }
   /// Sets bias.
   /// @throws shape_error unless v has prod(normalized_shape) elements (0 without the bias).
-  void set_bias(const Vector& v) { set_checked(bias_, v, "bias", options_.elementwise_affine() && options_.bias()); }
+  void set_bias(const Vector& v) {
+    set_checked(bias_, v, "bias", options_.elementwise_affine() && options_.bias());
+  }
   /// weight = 1, bias = 0 (when present).
   void reset_parameters() {
     const Index n = detail::product(options_.normalized_shape());
     if (options_.elementwise_affine()) {
       weight_ = detail::filled<Scalar>(n, Scalar(1));
-      if (options_.bias()) bias_ = detail::filled<Scalar>(n, Scalar(0));
+      if (options_.bias())
+        bias_ = detail::filled<Scalar>(n, Scalar(0));
     }
   }
 
  private:
   VectorRef<const Scalar> wref() const {
-    return options_.elementwise_affine() ? VectorRef<const Scalar>(weight_) : VectorRef<const Scalar>();
+    return options_.elementwise_affine() ? VectorRef<const Scalar>(weight_)
+                                         : VectorRef<const Scalar>();
   }
   VectorRef<const Scalar> bref() const {
-    return options_.elementwise_affine() && options_.bias() ? VectorRef<const Scalar>(bias_) : VectorRef<const Scalar>();
+    return options_.elementwise_affine() && options_.bias() ? VectorRef<const Scalar>(bias_)
+                                                            : VectorRef<const Scalar>();
   }
   void set_checked(Vector& dst, const Vector& v, const char* name, bool exists) {
     const Index want = exists ? detail::product(options_.normalized_shape()) : 0;

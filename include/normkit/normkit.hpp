@@ -5,13 +5,13 @@
 
 // The umbrella header: every module and free function. Pulls in
 // <unsupported/Eigen/CXX11/Tensor>.
-#include <normkit/version.hpp>
+#include <normkit/batch_norm.hpp>
 #include <normkit/config.hpp>
 #include <normkit/error.hpp>
-#include <normkit/options.hpp>
-#include <normkit/batch_norm.hpp>
+#include <normkit/group_norm.hpp>
 #include <normkit/instance_norm.hpp>
 #include <normkit/layer_norm.hpp>
-#include <normkit/group_norm.hpp>
+#include <normkit/options.hpp>
+#include <normkit/version.hpp>
 
 #endif  // NORMKIT_NORMKIT_HPP_

@@ -17,19 +17,21 @@
 
 /// Declares an option in the style of libtorch's TORCH_ARG: `opts.name(value)` sets and
 /// returns *this, `opts.name()` reads.
-#define NORMKIT_ARG(T, name)                     \
- public:                                         \
-  auto& name(const T& new_##name) & {            \
-    name##_ = new_##name;                        \
-    return *this;                                \
-  }                                              \
-  auto&& name(const T& new_##name) && {          \
-    name##_ = new_##name;                        \
-    return std::move(*this);                     \
-  }                                              \
-  const T& name() const noexcept { return name##_; } \
-                                                 \
- private:                                        \
+#define NORMKIT_ARG(T, name)           \
+ public:                               \
+  auto& name(const T& new_##name)& {   \
+    name##_ = new_##name;              \
+    return *this;                      \
+  }                                    \
+  auto&& name(const T& new_##name)&& { \
+    name##_ = new_##name;              \
+    return std::move(*this);           \
+  }                                    \
+  const T& name() const noexcept {     \
+    return name##_;                    \
+  }                                    \
+                                       \
+ private:                              \
   T name##_
 
 namespace normkit {
@@ -147,7 +149,8 @@ inline void check_momentum(const char* who, const std::optional<double>& m) {
   }
 }
 inline void check_features(const char* who, const char* name, Index n) {
-  if (n < 0) throw_option(who, std::string("expected ") + name + " >= 0, but got " + std::to_string(n));
+  if (n < 0)
+    throw_option(who, std::string("expected ") + name + " >= 0, but got " + std::to_string(n));
 }
 
 inline void validate(const char* who, const BatchNormOptions& o) {
@@ -160,29 +163,33 @@ inline void validate(const char* who, const InstanceNormOptions& o) {
   check_eps(who, o.eps());
   check_momentum(who, o.momentum());
   if (!o.momentum()) {
-    throw_option(who, "momentum = none (cumulative average) is not supported by InstanceNorm; "
-                      "expected a number in [0, 1]");
+    throw_option(who,
+                 "momentum = none (cumulative average) is not supported by InstanceNorm; "
+                 "expected a number in [0, 1]");
   }
 }
 inline void validate(const char* who, const LayerNormOptions& o) {
   if (o.normalized_shape().empty()) {
-    throw_option(who, "Expected normalized_shape to be at least 1-dimensional, i.e., containing "
-                      "at least one element, but got normalized_shape = []");
+    throw_option(who,
+                 "Expected normalized_shape to be at least 1-dimensional, i.e., containing "
+                 "at least one element, but got normalized_shape = []");
   }
   for (Index d : o.normalized_shape()) {
-    if (d < 0) throw_option(who, "expected normalized_shape extents >= 0, but got " + std::to_string(d));
+    if (d < 0)
+      throw_option(who, "expected normalized_shape extents >= 0, but got " + std::to_string(d));
   }
   check_eps(who, o.eps());
 }
 inline void validate(const char* who, const GroupNormOptions& o) {
   if (o.num_groups() <= 0) {
-    throw_option(who, "Expected num groups to be greater than 0, got " + std::to_string(o.num_groups()));
+    throw_option(who,
+                 "Expected num groups to be greater than 0, got " + std::to_string(o.num_groups()));
   }
   check_features(who, "num_channels", o.num_channels());
   if (o.num_channels() % o.num_groups() != 0) {
     throw_option(who, "num_channels must be divisible by num_groups, but got num_channels = " +
-                          std::to_string(o.num_channels()) + " and num_groups = " +
-                          std::to_string(o.num_groups()));
+                          std::to_string(o.num_channels()) +
+                          " and num_groups = " + std::to_string(o.num_groups()));
   }
   check_eps(who, o.eps());
 }

@@ -43,10 +43,14 @@ using StateDict = std::vector<std::pair<std::string, StateTensor>>;
 
 /// Bytes per element of a safetensors dtype name, or 0 when the name is unknown.
 inline std::size_t dtype_size(const std::string& dtype) {
-  if (dtype == "F64" || dtype == "I64" || dtype == "U64") return 8;
-  if (dtype == "F32" || dtype == "I32" || dtype == "U32") return 4;
-  if (dtype == "F16" || dtype == "BF16" || dtype == "I16" || dtype == "U16") return 2;
-  if (dtype == "I8" || dtype == "U8" || dtype == "BOOL" || dtype == "F8_E4M3" || dtype == "F8_E5M2") return 1;
+  if (dtype == "F64" || dtype == "I64" || dtype == "U64")
+    return 8;
+  if (dtype == "F32" || dtype == "I32" || dtype == "U32")
+    return 4;
+  if (dtype == "F16" || dtype == "BF16" || dtype == "I16" || dtype == "U16")
+    return 2;
+  if (dtype == "I8" || dtype == "U8" || dtype == "BOOL" || dtype == "F8_E4M3" || dtype == "F8_E5M2")
+    return 1;
   return 0;
 }
 
@@ -132,7 +136,8 @@ std::vector<StateSpec> state_specs(const M& m) {
     const std::vector<std::int64_t> flat{static_cast<std::int64_t>(product(o.normalized_shape()))};
     if (o.elementwise_affine()) {
       out.push_back({"weight", ns, flat, false});
-      if (o.bias()) out.push_back({"bias", ns, flat, false});
+      if (o.bias())
+        out.push_back({"bias", ns, flat, false});
     }
   } else if constexpr (is_group_norm<M>::value) {
     const auto& o = m.options();
@@ -159,10 +164,13 @@ std::vector<StateSpec> state_specs(const M& m) {
 
 template <class M>
 const typename M::Vector& state_vector(const M& m, const std::string& name) {
-  if (name == "weight") return m.weight();
+  if (name == "weight")
+    return m.weight();
   if constexpr (!is_layer_norm<M>::value && !is_group_norm<M>::value) {
-    if (name == "running_mean") return m.running_mean();
-    if (name == "running_var") return m.running_var();
+    if (name == "running_mean")
+      return m.running_mean();
+    if (name == "running_var")
+      return m.running_var();
   }
   return m.bias();
 }
@@ -175,8 +183,10 @@ void set_state_vector(M& m, const std::string& name, const typename M::Vector& v
     m.set_bias(v);
   } else {
     if constexpr (!is_layer_norm<M>::value && !is_group_norm<M>::value) {
-      if (name == "running_mean") m.set_running_mean(v);
-      if (name == "running_var") m.set_running_var(v);
+      if (name == "running_mean")
+        m.set_running_mean(v);
+      if (name == "running_var")
+        m.set_running_var(v);
     }
   }
 }
@@ -213,8 +223,8 @@ StateDict state_dict(const M& m, const std::string& prefix = "") {
       }
     } else {
       const auto& v = detail::state_vector(m, s.name);
-      out.emplace_back(prefix + s.name,
-                       detail::make_state_tensor(v.data(), static_cast<std::size_t>(v.size()), s.shape));
+      out.emplace_back(prefix + s.name, detail::make_state_tensor(
+                                            v.data(), static_cast<std::size_t>(v.size()), s.shape));
     }
   }
   return out;
@@ -238,7 +248,8 @@ void load_state_dict(M& m, const StateDict& dict, const std::string& prefix = ""
   std::vector<const StateTensor*> found(specs.size(), nullptr);
   std::vector<std::string> unexpected, missing;
   for (const auto& kv : dict) {
-    if (kv.first.compare(0, prefix.size(), prefix) != 0) continue;
+    if (kv.first.compare(0, prefix.size(), prefix) != 0)
+      continue;
     const std::string local = kv.first.substr(prefix.size());
     bool known = false;
     for (std::size_t i = 0; i < specs.size(); ++i) {
@@ -247,10 +258,12 @@ void load_state_dict(M& m, const StateDict& dict, const std::string& prefix = ""
         known = true;
       }
     }
-    if (!known) unexpected.push_back(kv.first);
+    if (!known)
+      unexpected.push_back(kv.first);
   }
   for (std::size_t i = 0; i < specs.size(); ++i) {
-    if (!found[i] && !specs[i].integer) missing.push_back(prefix + specs[i].name);
+    if (!found[i] && !specs[i].integer)
+      missing.push_back(prefix + specs[i].name);
   }
   if (!missing.empty() || !unexpected.empty()) {
     std::string msg = who + "error(s) in loading state_dict:";
@@ -259,8 +272,10 @@ void load_state_dict(M& m, const StateDict& dict, const std::string& prefix = ""
       for (std::size_t i = 0; i < keys.size(); ++i) r += (i ? ", \"" : "\"") + keys[i] + "\"";
       return r;
     };
-    if (!missing.empty()) msg += " missing key(s): " + list(missing) + ".";
-    if (!unexpected.empty()) msg += " unexpected key(s): " + list(unexpected) + ".";
+    if (!missing.empty())
+      msg += " missing key(s): " + list(missing) + ".";
+    if (!unexpected.empty())
+      msg += " unexpected key(s): " + list(unexpected) + ".";
     throw shape_error(msg);
   }
 
@@ -270,15 +285,18 @@ void load_state_dict(M& m, const StateDict& dict, const std::string& prefix = ""
   std::int64_t nbt = 0;
   for (std::size_t i = 0; i < specs.size(); ++i) {
     const StateTensor* t = found[i];
-    if (!t) continue;
+    if (!t)
+      continue;
     const detail::StateSpec& s = specs[i];
     const std::string key = prefix + s.name;
     if (t->shape != s.shape && t->shape != s.alt_shape) {
       throw shape_error(who + "size mismatch for " + key + ": copying a param with shape " +
-                        detail::shape_str(t->shape) + " from checkpoint, the shape in current module is " +
+                        detail::shape_str(t->shape) +
+                        " from checkpoint, the shape in current module is " +
                         detail::shape_str(s.shape));
     }
-    const bool ok_dtype = s.integer ? (t->dtype == "I64" || t->dtype == "I32") : (t->dtype == "F32" || t->dtype == "F64");
+    const bool ok_dtype = s.integer ? (t->dtype == "I64" || t->dtype == "I32")
+                                    : (t->dtype == "F32" || t->dtype == "F64");
     if (!ok_dtype) {
       throw value_error(who + "unsupported dtype " + t->dtype + " for " + key + " (expected " +
                         (s.integer ? "I64" : "F32 or F64") + ")");
@@ -291,8 +309,9 @@ void load_state_dict(M& m, const StateDict& dict, const std::string& prefix = ""
     }
     if (s.integer) {
       set_nbt = true;
-      nbt = t->dtype == "I64" ? detail::load_le<std::int64_t>(t->bytes.data())
-                              : static_cast<std::int64_t>(detail::load_le<std::int32_t>(t->bytes.data()));
+      nbt = t->dtype == "I64"
+                ? detail::load_le<std::int64_t>(t->bytes.data())
+                : static_cast<std::int64_t>(detail::load_le<std::int32_t>(t->bytes.data()));
     } else {
       vectors.emplace_back(s.name, detail::decode_floats<Scalar>(*t, static_cast<Index>(n)));
     }
@@ -300,7 +319,8 @@ void load_state_dict(M& m, const StateDict& dict, const std::string& prefix = ""
   // The setters check sizes that were checked above, so none of these throws.
   for (const auto& nv : vectors) detail::set_state_vector(m, nv.first, nv.second);
   if constexpr (!detail::is_layer_norm<M>::value && !detail::is_group_norm<M>::value) {
-    if (set_nbt) m.set_num_batches_tracked(nbt);
+    if (set_nbt)
+      m.set_num_batches_tracked(nbt);
   }
 }
 
@@ -332,7 +352,8 @@ StateTensor make_state_tensor(const std::vector<T>& values, std::vector<std::int
 /// The entry named key, or nullptr.
 inline const StateTensor* find_state(const StateDict& dict, const std::string& key) {
   for (const auto& kv : dict) {
-    if (kv.first == key) return &kv.second;
+    if (kv.first == key)
+      return &kv.second;
   }
   return nullptr;
 }

@@ -7,8 +7,6 @@
 // Runs a few malformed-input checks on the parser, then parses every *.txt in
 // the directory and prints the case count per file, module and dtype. Exits
 // non-zero on any parse error (or when the directory holds no fixture files).
-#include "fixture.hpp"
-
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -19,6 +17,8 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "fixture.hpp"
 
 namespace {
 
@@ -51,8 +51,9 @@ int check_parser() {
     const auto& c = cs.at(0);
     const auto& x = c.steps.at(0).at("x");
     bool ok = cs.size() == 1 && c.module == "BatchNorm1d" && !c.opt_momentum().has_value() &&
-              c.opt_bool("affine") && c.opt_int("num_features") == 2 && c.opt_double("eps") == 1e-5 &&
-              c.has_tag("nan") && c.init_at("running_var").values.at(1) == 1.5 &&
+              c.opt_bool("affine") && c.opt_int("num_features") == 2 &&
+              c.opt_double("eps") == 1e-5 && c.has_tag("nan") &&
+              c.init_at("running_var").values.at(1) == 1.5 &&
               c.init_ints.at("num_batches_tracked") == 2 && x.dims == std::vector<long>{2, 2} &&
               x.values[0] == 0.5 && x.values[1] == -3.0 && std::isnan(x.values[2]) &&
               std::isinf(x.values[3]) && x.values[3] < 0 && c.steps[0].train &&
@@ -127,7 +128,8 @@ int main(int argc, char** argv) {
   std::vector<fs::path> files;
   try {
     for (const auto& e : fs::directory_iterator(argv[1]))
-      if (e.is_regular_file() && e.path().extension() == ".txt") files.push_back(e.path());
+      if (e.is_regular_file() && e.path().extension() == ".txt")
+        files.push_back(e.path());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;

@@ -11,10 +11,15 @@ namespace normkit_test {
 /// Normalizes groups of elements given by a slot function: slot(i) in [0, slots).
 /// Returns (x - mean) / sqrt(var + eps) in double (biased variance, two passes).
 template <class T, class SlotFn>
-std::vector<double> reference_normalize(const T* x, long n, long slots, SlotFn slot, double eps,
+std::vector<double> reference_normalize(const T* x,
+                                        long n,
+                                        long slots,
+                                        SlotFn slot,
+                                        double eps,
                                         std::vector<double>* mean_out = nullptr,
                                         std::vector<double>* var_out = nullptr) {
-  std::vector<double> sum(static_cast<std::size_t>(slots), 0.0), cnt(sum.size(), 0.0), m2(sum.size(), 0.0);
+  std::vector<double> sum(static_cast<std::size_t>(slots), 0.0), cnt(sum.size(), 0.0),
+      m2(sum.size(), 0.0);
   for (long i = 0; i < n; ++i) {
     sum[static_cast<std::size_t>(slot(i))] += static_cast<double>(x[i]);
     cnt[static_cast<std::size_t>(slot(i))] += 1;
@@ -28,9 +33,11 @@ std::vector<double> reference_normalize(const T* x, long n, long slots, SlotFn s
   std::vector<double> y(static_cast<std::size_t>(n));
   for (long i = 0; i < n; ++i) {
     const auto s = static_cast<std::size_t>(slot(i));
-    y[static_cast<std::size_t>(i)] = (static_cast<double>(x[i]) - mean[s]) / std::sqrt(m2[s] / cnt[s] + eps);
+    y[static_cast<std::size_t>(i)] =
+        (static_cast<double>(x[i]) - mean[s]) / std::sqrt(m2[s] / cnt[s] + eps);
   }
-  if (mean_out) *mean_out = mean;
+  if (mean_out)
+    *mean_out = mean;
   if (var_out) {
     var_out->resize(sum.size());
     for (std::size_t s = 0; s < sum.size(); ++s) (*var_out)[s] = m2[s] / cnt[s];

@@ -4,14 +4,14 @@
 #ifndef NORMKIT_TESTS_STATE_HPP_
 #define NORMKIT_TESTS_STATE_HPP_
 
-#include <gtest/gtest.h>
-
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include <gtest/gtest.h>
 
 #include <normkit/normkit.hpp>
 
@@ -21,8 +21,9 @@ namespace normkit_test {
 template <class M, class = void>
 struct has_running_stats : std::false_type {};
 template <class M>
-struct has_running_stats<M, std::void_t<decltype(std::declval<const M&>().running_mean()),
-                                        decltype(std::declval<const M&>().num_batches_tracked())>>
+struct has_running_stats<M,
+                         std::void_t<decltype(std::declval<const M&>().running_mean()),
+                                     decltype(std::declval<const M&>().num_batches_tracked())>>
     : std::true_type {};
 template <class M>
 inline constexpr bool has_running_stats_v = has_running_stats<M>::value;
@@ -36,16 +37,19 @@ struct Blob {
 template <class T>
 Blob blob_of(const T& t) {
   Blob b;
-  for (std::size_t i = 0; i < static_cast<std::size_t>(T::NumDimensions); ++i) b.dims.push_back(t.dimensions()[i]);
+  for (std::size_t i = 0; i < static_cast<std::size_t>(T::NumDimensions); ++i)
+    b.dims.push_back(t.dimensions()[i]);
   const auto n = static_cast<std::size_t>(t.size()) * sizeof(typename T::Scalar);
   b.bytes.resize(n);
-  if (n) std::memcpy(b.bytes.data(), t.data(), n);
+  if (n)
+    std::memcpy(b.bytes.data(), t.data(), n);
   return b;
 }
 
 template <class V>
 Blob blob_of_value(const V& v) {
-  static_assert(std::is_trivially_copyable<V>::value, "blob_of_value: trivially copyable values only");
+  static_assert(std::is_trivially_copyable<V>::value,
+                "blob_of_value: trivially copyable values only");
   Blob b;
   b.bytes.resize(sizeof(V));
   std::memcpy(b.bytes.data(), &v, sizeof(V));
@@ -90,13 +94,14 @@ State snapshot_tensors(const std::vector<std::string>& names, const T&... t) {
 /// Success iff both snapshots have the same parts with bit-identical contents.
 inline ::testing::AssertionResult same_state(const State& before, const State& after) {
   if (before.parts.size() != after.parts.size()) {
-    return ::testing::AssertionFailure() << "state has " << after.parts.size() << " parts, was "
-                                         << before.parts.size();
+    return ::testing::AssertionFailure()
+           << "state has " << after.parts.size() << " parts, was " << before.parts.size();
   }
   for (std::size_t i = 0; i < before.parts.size(); ++i) {
     const auto& [name, b] = before.parts[i];
     const Blob& a = after.parts[i].second;
-    if (a.dims != b.dims) return ::testing::AssertionFailure() << name << ": dims changed";
+    if (a.dims != b.dims)
+      return ::testing::AssertionFailure() << name << ": dims changed";
     if (a.bytes.size() != b.bytes.size() ||
         (!a.bytes.empty() && std::memcmp(a.bytes.data(), b.bytes.data(), a.bytes.size()) != 0)) {
       return ::testing::AssertionFailure() << name << ": contents changed";

@@ -4,13 +4,13 @@
 //   bn.weight, bn.bias, bn.running_mean, bn.running_var (F32 [3]), bn.num_batches_tracked (I64 [])
 //   input (F32 [2, 3, 4, 5]), output (F32 [2, 3, 4, 5]) = bn.eval()(input)
 // Usage: write_fixture <out.safetensors>
-#include <torch/torch.h>
-
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <string>
 #include <vector>
+
+#include <torch/torch.h>
 
 namespace {
 
@@ -22,20 +22,26 @@ struct Entry {
 
 Entry entry(const std::string& name, const torch::Tensor& t) {
   torch::Tensor c = t.contiguous().cpu();
-  Entry e{name, c.scalar_type() == torch::kFloat ? "F32" : c.scalar_type() == torch::kLong ? "I64" : "?",
-          c.sizes().vec(), std::string(static_cast<const char*>(c.data_ptr()), c.numel() * c.element_size())};
+  Entry e{name,
+          c.scalar_type() == torch::kFloat  ? "F32"
+          : c.scalar_type() == torch::kLong ? "I64"
+                                            : "?",
+          c.sizes().vec(),
+          std::string(static_cast<const char*>(c.data_ptr()), c.numel() * c.element_size())};
   TORCH_CHECK(e.dtype != "?", "unsupported dtype for ", name);
   return e;
 }
 
 void write(const std::string& path, const std::vector<Entry>& entries) {
-  std::string h = "{\"__metadata__\":{\"format\":\"pt\",\"writer\":\"normkit tools/safetensors (libtorch " +
-                  std::string(TORCH_VERSION) + ")\"}";
+  std::string h =
+      "{\"__metadata__\":{\"format\":\"pt\",\"writer\":\"normkit tools/safetensors (libtorch " +
+      std::string(TORCH_VERSION) + ")\"}";
   size_t pos = 0;
   for (const Entry& e : entries) {
     h += ",\"" + e.name + "\":{\"dtype\":\"" + e.dtype + "\",\"shape\":[";
     for (size_t i = 0; i < e.shape.size(); ++i) h += (i ? "," : "") + std::to_string(e.shape[i]);
-    h += "],\"data_offsets\":[" + std::to_string(pos) + "," + std::to_string(pos + e.bytes.size()) + "]}";
+    h += "],\"data_offsets\":[" + std::to_string(pos) + "," + std::to_string(pos + e.bytes.size()) +
+         "]}";
     pos += e.bytes.size();
   }
   h += "}";
@@ -76,11 +82,14 @@ int main(int argc, char** argv) {
     output = bn->forward(input);
   }
   std::vector<Entry> entries;
-  for (const auto& item : bn->named_parameters()) entries.push_back(entry("bn." + item.key(), item.value().detach()));
-  for (const auto& item : bn->named_buffers()) entries.push_back(entry("bn." + item.key(), item.value()));
+  for (const auto& item : bn->named_parameters())
+    entries.push_back(entry("bn." + item.key(), item.value().detach()));
+  for (const auto& item : bn->named_buffers())
+    entries.push_back(entry("bn." + item.key(), item.value()));
   entries.push_back(entry("input", input));
   entries.push_back(entry("output", output));
   write(argv[1], entries);
-  for (const Entry& e : entries) std::printf("%s %s %zu bytes\n", e.name.c_str(), e.dtype.c_str(), e.bytes.size());
+  for (const Entry& e : entries)
+    std::printf("%s %s %zu bytes\n", e.name.c_str(), e.dtype.c_str(), e.bytes.size());
   return 0;
 }

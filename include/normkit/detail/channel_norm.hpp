@@ -6,7 +6,7 @@
 
 #include <algorithm>  // std::fill
 #include <string>     // std::string, std::to_string
-#include <vector>  // std::vector
+#include <vector>     // std::vector
 
 #include <normkit/config.hpp>
 #include <normkit/detail/elementwise.hpp>
@@ -69,13 +69,15 @@ inline void check_channels(const char* who, const char* what, Index expected, co
 template <class V>
 void check_size(const char* who, const char* name, const V& v, Index n) {
   if (v && v.size() != n) {
-    throw_shape(who, std::string(name) + " should contain " + std::to_string(n) +
-                         " elements not " + std::to_string(v.size()));
+    throw_shape(who, std::string(name) + " should contain " + std::to_string(n) + " elements not " +
+                         std::to_string(v.size()));
   }
 }
 
 template <class T>
-void channel_norm_check(const char* who, ChannelNormKind kind, const Shape& sh,
+void channel_norm_check(const char* who,
+                        ChannelNormKind kind,
+                        const Shape& sh,
                         const ChannelNormArgs<T>& a) {
   const Index C = sh.dim[1];
   check_size(who, "running_mean", a.running_mean, C);
@@ -103,22 +105,28 @@ inline Plan channel_plan(ChannelNormKind kind, const Shape& sh) {
   std::array<AxisSpec, kMaxAxes> ax{};
   for (int i = 0; i < sh.rank; ++i) {
     const bool key = i == 1 || (i == 0 && kind == ChannelNormKind::instance);
-    ax[static_cast<std::size_t>(i)] = AxisSpec{sh.dim[static_cast<std::size_t>(i)],
-                                               sh.stride[static_cast<std::size_t>(i)],
-                                               key ? Role::key : Role::reduce, 0};
+    ax[static_cast<std::size_t>(i)] =
+        AxisSpec{sh.dim[static_cast<std::size_t>(i)], sh.stride[static_cast<std::size_t>(i)],
+                 key ? Role::key : Role::reduce, 0};
   }
   return make_plan(ax.data(), sh.rank);
 }
 
 /// Plan slot of logical slot l (batch: l = c; instance: l = n * C + c).
 inline Index plan_slot(ChannelNormKind kind, const Plan& p, Index l, Index C) {
-  if (kind == ChannelNormKind::batch) return l * p.logical_slot_stride[1];
+  if (kind == ChannelNormKind::batch)
+    return l * p.logical_slot_stride[1];
   return (l / C) * p.logical_slot_stride[0] + (l % C) * p.logical_slot_stride[1];
 }
 
 template <class T, class Device>
-void channel_norm_forward(ChannelNormKind kind, const Shape& sh, const T* x, T* y,
-                          const ChannelNormArgs<T>& a, SavedStats* saved, const Device& dev) {
+void channel_norm_forward(ChannelNormKind kind,
+                          const Shape& sh,
+                          const T* x,
+                          T* y,
+                          const ChannelNormArgs<T>& a,
+                          SavedStats* saved,
+                          const Device& dev) {
   const Index N = sh.dim[0], C = sh.dim[1];
   const Index slots = kind == ChannelNormKind::batch ? C : N * C;
   const Plan p = channel_plan(kind, sh);
@@ -200,17 +208,23 @@ void channel_norm_forward(ChannelNormKind kind, const Shape& sh, const T* x, T* 
 }
 
 template <class X, class DY, class T>
-void check_grad_args(const char* who, ChannelNormKind kind, const Shape& sh, const X& x,
-                     const DY& dy, const SavedStats& saved, const VectorRef<const T>& weight,
-                     const VectorRef<T>& gw, const VectorRef<T>& gb) {
+void check_grad_args(const char* who,
+                     ChannelNormKind kind,
+                     const Shape& sh,
+                     const X& x,
+                     const DY& dy,
+                     const SavedStats& saved,
+                     const VectorRef<const T>& weight,
+                     const VectorRef<T>& gw,
+                     const VectorRef<T>& gb) {
   static_assert(tensor_traits<X>::rank == tensor_traits<DY>::rank &&
                     tensor_traits<X>::layout == tensor_traits<DY>::layout,
                 "normkit: grad_output must have the input's rank and storage order");
   constexpr int R = tensor_traits<X>::rank;
   for (int i = 0; i < R; ++i) {
     if (dim(x, i) != dim(dy, i)) {
-      throw_shape(who, "expected grad_output of size " + dims_str(x.dimensions(), R) +
-                           " but got " + dims_str(dy.dimensions(), R));
+      throw_shape(who, "expected grad_output of size " + dims_str(x.dimensions(), R) + " but got " +
+                           dims_str(dy.dimensions(), R));
     }
   }
   const Index C = sh.dim[1];
@@ -225,9 +239,16 @@ void check_grad_args(const char* who, ChannelNormKind kind, const Shape& sh, con
 }
 
 template <class T, class Device>
-void channel_norm_backward(ChannelNormKind kind, const Shape& sh, const T* x, const T* dy, T* dx,
-                           const SavedStats& saved, const VectorRef<const T>& weight,
-                           const VectorRef<T>& gw, const VectorRef<T>& gb, const Device& dev) {
+void channel_norm_backward(ChannelNormKind kind,
+                           const Shape& sh,
+                           const T* x,
+                           const T* dy,
+                           T* dx,
+                           const SavedStats& saved,
+                           const VectorRef<const T>& weight,
+                           const VectorRef<T>& gw,
+                           const VectorRef<T>& gb,
+                           const Device& dev) {
   const Index C = sh.dim[1];
   const Index slots = kind == ChannelNormKind::batch ? C : sh.dim[0] * C;
   const Plan p = channel_plan(kind, sh);
@@ -241,7 +262,8 @@ void channel_norm_backward(ChannelNormKind kind, const Shape& sh, const T* x, co
   const acc_t m = static_cast<acc_t>(p.per_slot);
   std::vector<acc_t> gs(n);  // gamma per slot
   for (Index l = 0; l < slots; ++l) {
-    gs[static_cast<std::size_t>(plan_slot(kind, p, l, C))] = weight ? static_cast<acc_t>(weight.data()[l % C]) : acc_t{1};
+    gs[static_cast<std::size_t>(plan_slot(kind, p, l, C))] =
+        weight ? static_cast<acc_t>(weight.data()[l % C]) : acc_t{1};
   }
   // dx = a * dy + b * (x - mean) + c per slot, from the slot's sum(dy) and sum(dy * (x - mean)).
   auto finish = [&](Index si, acc_t sum_dy, acc_t sum_dyx) {
@@ -263,8 +285,10 @@ void channel_norm_backward(ChannelNormKind kind, const Shape& sh, const T* x, co
     fused_slots<T>(p, p, rop, finish, aop, dev);  // dx while the slot is in cache
   } else {
     reduce(p, rop, s1.data(), s2.data(), dev);
-    for (Index s = 0; s < slots; ++s) finish(s, s1[static_cast<std::size_t>(s)], s2[static_cast<std::size_t>(s)]);
-    if (dx) for_each_run(p, aop, dev);
+    for (Index s = 0; s < slots; ++s)
+      finish(s, s1[static_cast<std::size_t>(s)], s2[static_cast<std::size_t>(s)]);
+    if (dx)
+      for_each_run(p, aop, dev);
   }
   std::vector<acc_t> dw(static_cast<std::size_t>(C), 0.0), db(dw.size(), 0.0);
   for (Index l = 0; l < slots; ++l) {

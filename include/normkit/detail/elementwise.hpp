@@ -28,7 +28,8 @@ namespace detail {
 
 template <class Op, class Device>
 void for_each_run(const Plan& p, const Op& op, const Device& dev) {
-  if (p.numel == 0) return;
+  if (p.numel == 0)
+    return;
   Odometer outer;
   for (int i = 0; i + 1 < p.rank; ++i) outer.add(p.axes[static_cast<std::size_t>(i)]);
   const Index L = p.inner().extent;
@@ -91,12 +92,15 @@ void for_each_run(const Plan& p, const Op& op, const Device& dev) {
 /// Whether a coefficient can take the float path: finite with ample headroom, so that no
 /// product overflows and a denormal (x - mean) contributes below 2^-49 (found by the fuzzer:
 /// denormal inputs with eps = 0 give rstd ~ 5e44, beyond float). NaN fails (double path).
-NORMKIT_ALWAYS_INLINE bool fits_float(acc_t v) { return std::abs(v) <= 0x1p100; }
+NORMKIT_ALWAYS_INLINE bool fits_float(acc_t v) {
+  return std::abs(v) <= 0x1p100;
+}
 
 template <class T>
 struct SplitMean {
   T hi, lo;
-  explicit SplitMean(acc_t m) : hi(static_cast<T>(m)), lo(static_cast<T>(m - static_cast<acc_t>(hi))) {}
+  explicit SplitMean(acc_t m)
+      : hi(static_cast<T>(m)), lo(static_cast<T>(m - static_cast<acc_t>(hi))) {}
   NORMKIT_ALWAYS_INLINE T centred(T x) const { return (x - hi) - lo; }
 };
 
@@ -197,8 +201,8 @@ struct AuxAffineOp {
   const T* beta;
 
   template <bool kColumn, int AuxMode>
-  NORMKIT_ALWAYS_INLINE void run(Index off, Index len, Index slot, Index aux,
-                                 Index aux_step) const {
+  NORMKIT_ALWAYS_INLINE void run(
+      Index off, Index len, Index slot, Index aux, Index aux_step) const {
     const T* xp = x + off;
     T* yp = y + off;
     if constexpr (kColumn && AuxMode == 0) {
@@ -222,7 +226,8 @@ struct AuxAffineOp {
           return;
         }
       }
-      for (Index j = 0; j < len; ++j) yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - m) * a + b);
+      for (Index j = 0; j < len; ++j)
+        yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - m) * a + b);
     } else if constexpr (!kColumn && AuxMode == 1) {
       (void)aux_step;
       if constexpr (std::is_same<T, float>::value) {
@@ -247,7 +252,8 @@ struct AuxAffineOp {
         const Index s = kColumn ? slot + j : slot;
         const Index k = aux + j * aux_step;
         yp[j] = static_cast<T>((static_cast<acc_t>(xp[j]) - mean[s]) * rstd[s] *
-                                   static_cast<acc_t>(gamma[k]) + static_cast<acc_t>(beta[k]));
+                                   static_cast<acc_t>(gamma[k]) +
+                               static_cast<acc_t>(beta[k]));
       }
     }
   }
@@ -267,8 +273,8 @@ struct GradInputOp {
   const acc_t* weight;  // per aux index (kWeighted only)
 
   template <bool kColumn, int AuxMode>
-  NORMKIT_ALWAYS_INLINE void run(Index off, Index len, Index slot, Index aux,
-                                 Index aux_step) const {
+  NORMKIT_ALWAYS_INLINE void run(
+      Index off, Index len, Index slot, Index aux, Index aux_step) const {
     const T* xp = x + off;
     const T* gp = dy + off;
     T* op = dx + off;
@@ -276,9 +282,11 @@ struct GradInputOp {
       (void)aux, (void)aux_step;
       if constexpr (std::is_same<T, float>::value) {
         // Float arithmetic with the split mean, as AffineOp (NB at SplitMean).
-        if (fits_float(mean[slot]) && fits_float(a[slot]) && fits_float(b[slot]) && fits_float(c[slot])) {
+        if (fits_float(mean[slot]) && fits_float(a[slot]) && fits_float(b[slot]) &&
+            fits_float(c[slot])) {
           const SplitMean<T> m(mean[slot]);
-          const T aa = static_cast<T>(a[slot]), bb = static_cast<T>(b[slot]), cc = static_cast<T>(c[slot]);
+          const T aa = static_cast<T>(a[slot]), bb = static_cast<T>(b[slot]),
+                  cc = static_cast<T>(c[slot]);
           for (Index j = 0; j < len; ++j) op[j] = aa * gp[j] + bb * m.centred(xp[j]) + cc;
           return;
         }

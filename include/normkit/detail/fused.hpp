@@ -32,12 +32,14 @@ inline constexpr Index kFuseElements = Index{1} << 17;
 /// Whether fused_slots() applies to this pair of plans on this device.
 template <class T, class Device>
 bool can_fuse(const Plan& ps, const Plan& pa, const Device& dev) {
-  if (ps.numel == 0 || ps.column_mode() || pa.column_mode() || ps.per_slot > kFuseElements) return false;
+  if (ps.numel == 0 || ps.column_mode() || pa.column_mode() || ps.per_slot > kFuseElements)
+    return false;
   const int threads = device_threads(dev);
   const bool parallel = threads > 1 && ps.numel >= kMinParallelElements;
   Index groups = 1;
   for (int i = 0; i + 1 < ps.rank; ++i) {
-    if (ps.axes[static_cast<std::size_t>(i)].role == Role::key) groups *= ps.axes[static_cast<std::size_t>(i)].extent;
+    if (ps.axes[static_cast<std::size_t>(i)].role == Role::key)
+      groups *= ps.axes[static_cast<std::size_t>(i)].extent;
   }
   return !(parallel && groups < Index{2} * threads);
 }
@@ -46,8 +48,12 @@ bool can_fuse(const Plan& ps, const Plan& pa, const Device& dev) {
 /// group by slot group: `finish(slot, s1, s2)` turns a slot's two sums (op's, same blocks and
 /// order as reduce()) into the coefficients the apply op reads. Call only when can_fuse().
 template <class T, class ReduceOp, class Finish, class ApplyOp, class Device>
-void fused_slots(const Plan& ps, const Plan& pa, const ReduceOp& rop, Finish&& finish,
-                 const ApplyOp& apply, const Device& dev) {
+void fused_slots(const Plan& ps,
+                 const Plan& pa,
+                 const ReduceOp& rop,
+                 Finish&& finish,
+                 const ApplyOp& apply,
+                 const Device& dev) {
   const reduction_impl::Nest ns = reduction_impl::split(ps);
   const reduction_impl::Nest na = reduction_impl::split(pa);
   NORMKIT_ASSERT(ns.T == na.T);
@@ -72,7 +78,8 @@ void fused_slots(const Plan& ps, const Plan& pa, const ReduceOp& rop, Finish&& f
       NORMKIT_ASSERT(ko.slot == s);
       ro.seek(0);
       for (Index r = 0; r < na.R; ++r, ro.next()) {
-        apply.template run<false, kAux>(ko.offset + ro.offset, na.L, ko.slot, ko.aux + ro.aux, na.aux_step);
+        apply.template run<false, kAux>(ko.offset + ro.offset, na.L, ko.slot, ko.aux + ro.aux,
+                                        na.aux_step);
       }
     }
   };
@@ -104,18 +111,25 @@ void fused_slots(const Plan& ps, const Plan& pa, const ReduceOp& rop, Finish&& f
 /// Forward: moments over `ps`, then apply over `pa`, per slot while it is in cache.
 /// `finish(slot, mean, var)`. Returns false (doing nothing) when fusion does not apply.
 template <class T, class Finish, class ApplyOp, class Device>
-bool fused_forward(const Plan& ps, const Plan& pa, const T* x, acc_t* center, Finish&& finish,
-                   const ApplyOp& apply, const Device& dev) {
-  if (!can_fuse<T>(ps, pa, dev)) return false;
+bool fused_forward(const Plan& ps,
+                   const Plan& pa,
+                   const T* x,
+                   acc_t* center,
+                   Finish&& finish,
+                   const ApplyOp& apply,
+                   const Device& dev) {
+  if (!can_fuse<T>(ps, pa, dev))
+    return false;
   slot_centers(ps, x, center);
   const Index n = ps.per_slot;
-  fused_slots<T>(ps, pa, MomentsOp<T>{x, center},
-                 [&](Index s, acc_t s1, acc_t s2) {
-                   acc_t mean, var;
-                   finish_moments(center[s], s1, s2, n, mean, var);
-                   finish(s, mean, var);
-                 },
-                 apply, dev);
+  fused_slots<T>(
+      ps, pa, MomentsOp<T>{x, center},
+      [&](Index s, acc_t s1, acc_t s2) {
+        acc_t mean, var;
+        finish_moments(center[s], s1, s2, n, mean, var);
+        finish(s, mean, var);
+      },
+      apply, dev);
   return true;
 }
 

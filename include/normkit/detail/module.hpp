@@ -95,11 +95,13 @@ class ModuleBase {
     using Map = Eigen::TensorMap<const Eigen::Tensor<Scalar, R, L>>;
     check_same(dy, who);
     if (!x_saved_) {
-      throw_value(who, "backward(dy) needs the input of the last forward, which was not kept "
-                       "(requires_grad() was false during that forward); call backward(x, dy)");
+      throw_value(who,
+                  "backward(dy) needs the input of the last forward, which was not kept "
+                  "(requires_grad() was false during that forward); call backward(x, dy)");
     }
     std::array<Index, R> d{};
-    for (int i = 0; i < R; ++i) d[static_cast<std::size_t>(i)] = saved_dims_[static_cast<std::size_t>(i)];
+    for (int i = 0; i < R; ++i)
+      d[static_cast<std::size_t>(i)] = saved_dims_[static_cast<std::size_t>(i)];
     return Map(saved_x_.data(), d);
   }
 
@@ -108,15 +110,18 @@ class ModuleBase {
   void check_same(const DY& dy, const char* who) const {
     constexpr int R = tensor_traits<DY>::rank;
     if (!has_forward_) {
-      throw_value(who, "backward needs a preceding forward with requires_grad() true "
-                       "(none since construction or set_requires_grad(false))");
+      throw_value(who,
+                  "backward needs a preceding forward with requires_grad() true "
+                  "(none since construction or set_requires_grad(false))");
     }
     std::string got = dims_str(dy.dimensions(), R);
     std::string want = dims_str(saved_dims_, saved_rank_);
     bool same = saved_rank_ == R;
-    for (int i = 0; same && i < R; ++i) same = saved_dims_[static_cast<std::size_t>(i)] == dim(dy, i);
+    for (int i = 0; same && i < R; ++i)
+      same = saved_dims_[static_cast<std::size_t>(i)] == dim(dy, i);
     if (!same) {
-      throw_shape(who, "expected grad_output of size " + want + " (the last forward's input) but got " + got);
+      throw_shape(who, "expected grad_output of size " + want +
+                           " (the last forward's input) but got " + got);
     }
     if (saved_layout_ != tensor_traits<DY>::layout) {
       throw_shape(who, std::string("expected grad_output in ") +

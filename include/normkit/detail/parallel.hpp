@@ -25,9 +25,10 @@ template <class Device, class = void>
 struct has_parallel_for : std::false_type {};
 
 template <class Device>
-struct has_parallel_for<Device, std::void_t<decltype(std::declval<const Device&>().parallelFor(
-                                    Index{}, Eigen::TensorOpCost{},
-                                    std::function<void(Index, Index)>{}))>> : std::true_type {};
+struct has_parallel_for<Device,
+                        std::void_t<decltype(std::declval<const Device&>().parallelFor(
+                            Index{}, Eigen::TensorOpCost{}, std::function<void(Index, Index)>{}))>>
+    : std::true_type {};
 
 /// Number of threads a device offers (1 for devices without a pool).
 template <class Device>
@@ -58,7 +59,8 @@ void parallel_for(const Device& d, Index n, double bytes_per_item, bool worth_it
     (void)bytes_per_item;
     (void)worth_it;
   }
-  if (n > 0) f(Index{0}, n);
+  if (n > 0)
+    f(Index{0}, n);
 }
 
 }  // namespace detail

@@ -39,7 +39,7 @@ enum class Role : unsigned char { reduce, key };
 /// One logical axis as a norm describes it.
 struct AxisSpec {
   Index extent = 1;
-  Index stride = 0;      // memory stride, in elements
+  Index stride = 0;  // memory stride, in elements
   Role role = Role::reduce;
   Index aux_stride = 0;  // step of the auxiliary index (0: the axis does not move it)
 };
@@ -81,13 +81,13 @@ inline Plan make_plan(const AxisSpec* spec, int n) {
     } else {
       p.per_slot *= s.extent;
     }
-    if (s.extent != 1) order[static_cast<std::size_t>(m++)] = a;
+    if (s.extent != 1)
+      order[static_cast<std::size_t>(m++)] = a;
   }
   // Outer to inner: decreasing stride. Stable, so equal strides (only possible for
   // zero-size tensors, which callers never plan) keep their logical order.
-  std::stable_sort(order.begin(), order.begin() + m, [&](int a, int b) {
-    return spec[a].stride > spec[b].stride;
-  });
+  std::stable_sort(order.begin(), order.begin() + m,
+                   [&](int a, int b) { return spec[a].stride > spec[b].stride; });
   // Slot strides in memory order: innermost key axis first.
   Index slot_stride = 1;
   std::array<Index, kMaxAxes> sstride{};
@@ -158,7 +158,8 @@ struct Odometer {
       offset += a.stride;
       slot += a.slot_stride;
       aux += a.aux_stride;
-      if (++j < a.extent) return;
+      if (++j < a.extent)
+        return;
       offset -= a.extent * a.stride;
       slot -= a.extent * a.slot_stride;
       aux -= a.extent * a.aux_stride;

@@ -94,8 +94,15 @@ void row_block(const Nest& n, const Op& op, Index t, Index block, acc_t& s1, acc
 
 // Column mode: rows of block `block` for column tile `tile` of slot group t.
 template <int AuxMode, class Op>
-void col_block(const Nest& n, const Op& op, Index t, Index tile, Index block, Index tile_w,
-               Index rows_per_block, acc_t* s1, acc_t* s2) {
+void col_block(const Nest& n,
+               const Op& op,
+               Index t,
+               Index tile,
+               Index block,
+               Index tile_w,
+               Index rows_per_block,
+               acc_t* s1,
+               acc_t* s2) {
   Odometer ko = n.ko, ro = n.ro;
   ko.seek(t);
   const Index c0 = tile * tile_w;
@@ -123,7 +130,8 @@ struct Scratch {
   std::array<acc_t, 256> small{};
   std::vector<acc_t> big;
   acc_t* get(Index n) {
-    if (n <= static_cast<Index>(small.size())) return small.data();
+    if (n <= static_cast<Index>(small.size()))
+      return small.data();
     big.resize(static_cast<std::size_t>(n));
     return big.data();
   }
@@ -278,7 +286,8 @@ struct MomentsOp {
   };
 
   template <int AuxMode>
-  NORMKIT_ALWAYS_INLINE void row(Index off, Index len, Index slot, Index, Index, RowState& st) const {
+  NORMKIT_ALWAYS_INLINE void row(
+      Index off, Index len, Index slot, Index, Index, RowState& st) const {
     const T* xp = x + off;
     const acc_t c = center[slot];
     simd::d8 cv;
@@ -316,8 +325,8 @@ struct MomentsOp {
     s2 = simd::hsum(a2) + st.t2;
   }
   template <int AuxMode>
-  NORMKIT_ALWAYS_INLINE void col(Index off, Index len, Index slot, Index, Index, acc_t* s1,
-                                 acc_t* s2) const {
+  NORMKIT_ALWAYS_INLINE void col(
+      Index off, Index len, Index slot, Index, Index, acc_t* s1, acc_t* s2) const {
     const T* xp = x + off;
     const acc_t* c = center + slot;
     for (Index j = 0; j < len; ++j) {
@@ -359,8 +368,8 @@ struct GradSumsOp {
   };
 
   template <int AuxMode>
-  NORMKIT_ALWAYS_INLINE void row(Index off, Index len, Index slot, Index aux, Index aux_step,
-                                 RowState& st) const {
+  NORMKIT_ALWAYS_INLINE void row(
+      Index off, Index len, Index slot, Index aux, Index aux_step, RowState& st) const {
     const T* xp = x + off;
     const T* gp = dy + off;
     const acc_t c = center[slot];
@@ -372,8 +381,10 @@ struct GradSumsOp {
       for (; i + 8 <= len; i += 8) {
         simd::d8 g, xv;
         simd::load(g, gp + i);
-        if constexpr (kWeighted && AuxMode == 1) simd::load(wv, weight + aux + i);
-        if constexpr (kWeighted) g = g * wv;
+        if constexpr (kWeighted && AuxMode == 1)
+          simd::load(wv, weight + aux + i);
+        if constexpr (kWeighted)
+          g = g * wv;
         simd::load(xv, xp + i);
         xv -= cv;
         st.a1 += g;
@@ -391,8 +402,8 @@ struct GradSumsOp {
     s2 = simd::hsum(st.a2) + st.t2;
   }
   template <int AuxMode>
-  NORMKIT_ALWAYS_INLINE void col(Index off, Index len, Index slot, Index aux, Index aux_step,
-                                 acc_t* s1, acc_t* s2) const {
+  NORMKIT_ALWAYS_INLINE void col(
+      Index off, Index len, Index slot, Index aux, Index aux_step, acc_t* s1, acc_t* s2) const {
     const T* xp = x + off;
     const T* gp = dy + off;
     const acc_t* c = center + slot;
@@ -419,8 +430,8 @@ struct RowStatGradOp {
   };
 
   template <int AuxMode>
-  NORMKIT_ALWAYS_INLINE void row(Index off, Index len, Index, Index aux, Index aux_step,
-                                 RowState& st) const {
+  NORMKIT_ALWAYS_INLINE void row(
+      Index off, Index len, Index, Index aux, Index aux_step, RowState& st) const {
     const T* xp = x + off;
     const T* gp = dy + off;
     for (Index i = 0; i < len; ++i) {
@@ -435,8 +446,8 @@ struct RowStatGradOp {
     s2 = lane_sum(st.a2);
   }
   template <int AuxMode>
-  NORMKIT_ALWAYS_INLINE void col(Index off, Index len, Index, Index aux, Index aux_step,
-                                 acc_t* s1, acc_t* s2) const {
+  NORMKIT_ALWAYS_INLINE void col(
+      Index off, Index len, Index, Index aux, Index aux_step, acc_t* s1, acc_t* s2) const {
     const T* xp = x + off;
     const T* gp = dy + off;
     if constexpr (AuxMode == 0) {

@@ -14,13 +14,19 @@ namespace detail {
 /// buffer may be null: each given one is updated on its own, as ATen does. The callers run
 /// every check before this, so a rejected call never gets here.
 template <class T>
-void update_running_stats(T* running_mean, T* running_var, const double* batch_mean,
-                          const double* batch_var, Index channels, double f) {
+void update_running_stats(T* running_mean,
+                          T* running_var,
+                          const double* batch_mean,
+                          const double* batch_var,
+                          Index channels,
+                          double f) {
   for (Index c = 0; running_mean && c < channels; ++c) {
-    running_mean[c] = static_cast<T>(f * batch_mean[c] + (1 - f) * static_cast<double>(running_mean[c]));
+    running_mean[c] =
+        static_cast<T>(f * batch_mean[c] + (1 - f) * static_cast<double>(running_mean[c]));
   }
   for (Index c = 0; running_var && c < channels; ++c) {
-    running_var[c] = static_cast<T>(f * batch_var[c] + (1 - f) * static_cast<double>(running_var[c]));
+    running_var[c] =
+        static_cast<T>(f * batch_var[c] + (1 - f) * static_cast<double>(running_var[c]));
   }
 }
 

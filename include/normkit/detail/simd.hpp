@@ -30,11 +30,15 @@ NORMKIT_ALWAYS_INLINE void load(d8& out, const float* p) {
   std::memcpy(&f, p, sizeof f);
   out = __builtin_convertvector(f, d8);
 }
-NORMKIT_ALWAYS_INLINE void load(d8& out, const double* p) { std::memcpy(&out, p, sizeof out); }
+NORMKIT_ALWAYS_INLINE void load(d8& out, const double* p) {
+  std::memcpy(&out, p, sizeof out);
+}
 NORMKIT_ALWAYS_INLINE void splat(d8& out, double v) {
   out = d8{v, v, v, v, v, v, v, v};
 }
-NORMKIT_ALWAYS_INLINE void zero(d8& out) { out = d8{0, 0, 0, 0, 0, 0, 0, 0}; }
+NORMKIT_ALWAYS_INLINE void zero(d8& out) {
+  out = d8{0, 0, 0, 0, 0, 0, 0, 0};
+}
 #else
 struct d8 {
   double v[8];
@@ -64,7 +68,9 @@ inline void load(d8& out, const T* p) {
 inline void splat(d8& out, double v) {
   for (double& e : out.v) e = v;
 }
-inline void zero(d8& out) { splat(out, 0.0); }
+inline void zero(d8& out) {
+  splat(out, 0.0);
+}
 #endif
 
 /// Fixed-order horizontal sum (a tree, the same on every target).

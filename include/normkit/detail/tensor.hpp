@@ -13,8 +13,8 @@
 #include <vector>       // std::vector
 
 #include <normkit/config.hpp>
-#include <normkit/error.hpp>
 #include <normkit/detail/plan.hpp>
+#include <normkit/error.hpp>
 
 namespace normkit {
 namespace detail {
@@ -102,9 +102,12 @@ Shape logical_shape(const X& x, bool channels_last, const char* who, bool batche
   // Overflow guard: the product of extents must fit Eigen::Index.
   Index numel = 1;
   for (int i = 0; i < R; ++i) {
-    if (d[static_cast<std::size_t>(i)] < 0) throw_shape(who, "negative extent in input of size " + dims_str(d, R));
-    if (d[static_cast<std::size_t>(i)] != 0 && numel > std::numeric_limits<Index>::max() / d[static_cast<std::size_t>(i)]) {
-      throw_shape(who, "input of size " + dims_str(d, R) + " has more elements than Eigen::Index holds");
+    if (d[static_cast<std::size_t>(i)] < 0)
+      throw_shape(who, "negative extent in input of size " + dims_str(d, R));
+    if (d[static_cast<std::size_t>(i)] != 0 &&
+        numel > std::numeric_limits<Index>::max() / d[static_cast<std::size_t>(i)]) {
+      throw_shape(who,
+                  "input of size " + dims_str(d, R) + " has more elements than Eigen::Index holds");
     }
     numel *= d[static_cast<std::size_t>(i)];
   }
@@ -125,8 +128,10 @@ Shape logical_shape(const X& x, bool channels_last, const char* who, bool batche
   sh.rank = R;
   for (int i = 0; i < R; ++i) {
     int phys = i;
-    if (channels_last && batched && R >= 3) phys = i == 0 ? 0 : (i == 1 ? R - 1 : i - 1);
-    if (channels_last && !batched && R >= 2) phys = i == 0 ? R - 1 : i - 1;  // (spatial..., C)
+    if (channels_last && batched && R >= 3)
+      phys = i == 0 ? 0 : (i == 1 ? R - 1 : i - 1);
+    if (channels_last && !batched && R >= 2)
+      phys = i == 0 ? R - 1 : i - 1;  // (spatial..., C)
     sh.dim[static_cast<std::size_t>(i)] = d[static_cast<std::size_t>(phys)];
     sh.stride[static_cast<std::size_t>(i)] = st[static_cast<std::size_t>(phys)];
   }

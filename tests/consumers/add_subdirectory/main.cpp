@@ -27,7 +27,8 @@ int main() {
     const double m = kN * kH * kW;
     const double mean = sum / m, var = sq / m - mean * mean;
     std::printf("channel %d: mean %.3g var %.6f\n", c, mean, var);
-    if (!(std::fabs(mean) < 1e-5) || !(std::fabs(var - 1.0) < 1e-3)) ++bad;
+    if (!(std::fabs(mean) < 1e-5) || !(std::fabs(var - 1.0) < 1e-3))
+      ++bad;
   }
   std::printf("normkit %d.%d.%d: %s\n", NORMKIT_VERSION_MAJOR, NORMKIT_VERSION_MINOR,
               NORMKIT_VERSION_PATCH, bad ? "FAILED" : "ok");
