@@ -173,8 +173,8 @@ class BatchNorm : public detail::ModuleBase<Scalar> {
     detail::channel_norm_check(kName, detail::ChannelNormKind::batch, sh, a);
     auto* y_ptr = detail::prepare_output(x, y, kName);
     SavedStats saved;
-    detail::channel_norm_forward(detail::ChannelNormKind::batch, sh, x.data(), y_ptr, a, &saved,
-                                 device);
+    detail::channel_norm_forward(detail::ChannelNormKind::batch, sh, x.data(), y_ptr, a,
+                                 this->requires_grad_ ? &saved : nullptr, device);
     if (this->training_ && tracking)
       num_batches_tracked_ = nbt;
     // Inference (requires_grad() false) writes nothing to the module: concurrent eval

@@ -324,7 +324,7 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
     SavedStats saved;
     if (sh.numel() != 0) {
       detail::group_norm_forward(sh, options_.num_groups(), x.data(), y_ptr, wref(), bref(),
-                                 options_.eps(), &saved, device);
+                                 options_.eps(), this->requires_grad_ ? &saved : nullptr, device);
     }
     // Inference (requires_grad() false) writes nothing to the module: concurrent eval
     // forwards are then pure reads (ThreadSanitizer-checked in threading_test).

@@ -163,8 +163,8 @@ class InstanceNorm : public detail::ModuleBase<Scalar> {
     detail::channel_norm_check(kName, detail::ChannelNormKind::instance, sh, a);
     auto* y_ptr = detail::prepare_output(x, y, kName);
     SavedStats saved;
-    detail::channel_norm_forward(detail::ChannelNormKind::instance, sh, x.data(), y_ptr, a, &saved,
-                                 device);
+    detail::channel_norm_forward(detail::ChannelNormKind::instance, sh, x.data(), y_ptr, a,
+                                 this->requires_grad_ ? &saved : nullptr, device);
     // Inference (requires_grad() false) writes nothing to the module: concurrent eval
     // forwards are then pure reads (ThreadSanitizer-checked in threading_test).
     if (this->requires_grad_) {

@@ -385,7 +385,8 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
     SavedStats saved;
     if (sh.numel() != 0) {
       detail::layer_norm_forward(sh, static_cast<int>(options_.normalized_shape().size()), x.data(),
-                                 y_ptr, wref(), bref(), options_.eps(), &saved, device);
+                                 y_ptr, wref(), bref(), options_.eps(),
+                                 this->requires_grad_ ? &saved : nullptr, device);
     }
     // Inference (requires_grad() false) writes nothing to the module: concurrent eval
     // forwards are then pure reads (ThreadSanitizer-checked in threading_test).
