@@ -13,6 +13,7 @@
 #include <normkit/detail/parallel.hpp>
 #include <normkit/detail/plan.hpp>
 #include <normkit/detail/reduction.hpp>
+#include <normkit/detail/simd.hpp>
 
 namespace normkit {
 namespace detail {
@@ -101,7 +102,6 @@ struct SplitMean {
   T hi, lo;
   explicit SplitMean(acc_t m)
       : hi(static_cast<T>(m)), lo(static_cast<T>(m - static_cast<acc_t>(hi))) {}
-  NORMKIT_ALWAYS_INLINE T centred(T x) const { return (x - hi) - lo; }
 };
 
 /// y = (x - mean[s]) * scale[s] + shift[s]: normalize and affine folded per slot.
@@ -147,8 +147,10 @@ struct AffineOp {
       if constexpr (std::is_same<T, float>::value) {
         if (fits_float(mean[slot]) && fits_float(scale[slot]) && fits_float(shift[slot])) {
           const SplitMean<T> m(mean[slot]);
+          const T hi = m.hi, lo = m.lo;
           const T a = static_cast<T>(scale[slot]), b = static_cast<T>(shift[slot]);
-          for (Index j = 0; j < len; ++j) yp[j] = m.centred(xp[j]) * a + b;
+          simd::map(
+              len, yp, [&](auto& o, const auto& v) { o = ((v - hi) - lo) * a + b; }, xp);
           return;
         }
       }
@@ -221,8 +223,9 @@ struct AuxAffineOp {
       if constexpr (std::is_same<T, float>::value) {
         if (fits_float(m) && fits_float(a) && fits_float(b)) {
           const SplitMean<T> mf(m);
-          const T af = static_cast<T>(a), bf = static_cast<T>(b);
-          for (Index j = 0; j < len; ++j) yp[j] = mf.centred(xp[j]) * af + bf;
+          const T hi = mf.hi, lo = mf.lo, af = static_cast<T>(a), bf = static_cast<T>(b);
+          simd::map(
+              len, yp, [&](auto& o, const auto& v) { o = ((v - hi) - lo) * af + bf; }, xp);
           return;
         }
       }
@@ -233,10 +236,13 @@ struct AuxAffineOp {
       if constexpr (std::is_same<T, float>::value) {
         if (fits_float(mean[slot]) && fits_float(rstd[slot])) {
           const SplitMean<T> m(mean[slot]);
-          const T r = static_cast<T>(rstd[slot]);
-          const T* g = gamma + aux;
-          const T* b = beta + aux;
-          for (Index j = 0; j < len; ++j) yp[j] = m.centred(xp[j]) * r * g[j] + b[j];
+          const T hi = m.hi, lo = m.lo, r = static_cast<T>(rstd[slot]);
+          simd::map(
+              len, yp,
+              [&](auto& o, const auto& v, const auto& g, const auto& b) {
+                o = ((v - hi) - lo) * r * g + b;
+              },
+              xp, gamma + aux, beta + aux);
           return;
         }
       }
@@ -285,9 +291,14 @@ struct GradInputOp {
         if (fits_float(mean[slot]) && fits_float(a[slot]) && fits_float(b[slot]) &&
             fits_float(c[slot])) {
           const SplitMean<T> m(mean[slot]);
-          const T aa = static_cast<T>(a[slot]), bb = static_cast<T>(b[slot]),
+          const T hi = m.hi, lo = m.lo, aa = static_cast<T>(a[slot]), bb = static_cast<T>(b[slot]),
                   cc = static_cast<T>(c[slot]);
-          for (Index j = 0; j < len; ++j) op[j] = aa * gp[j] + bb * m.centred(xp[j]) + cc;
+          simd::map(
+              len, op,
+              [&](auto& o, const auto& g, const auto& v) {
+                o = aa * g + bb * ((v - hi) - lo) + cc;
+              },
+              gp, xp);
           return;
         }
       }

@@ -138,8 +138,18 @@ struct Odometer {
     for (int i = 0; i < n; ++i) s *= ax[static_cast<std::size_t>(i)]->extent;
     return s;
   }
-  /// Positions at linear index `k` (row-major over the axes).
+  /// Positions at linear index 0 (no division).
+  void reset() {
+    offset = slot = aux = 0;
+    idx.fill(0);
+  }
+  /// Positions at linear index `k` (row-major over the axes). Costs a division per axis:
+  /// hot loops seek once per work range and step with next().
   void seek(Index k) {
+    if (k == 0) {
+      reset();
+      return;
+    }
     offset = slot = aux = 0;
     for (int i = n - 1; i >= 0; --i) {
       const LoopAxis& a = *ax[static_cast<std::size_t>(i)];

@@ -68,11 +68,11 @@ inline Nest split(const Plan& p) {
   return n;
 }
 
-// Row mode: the block-th block of slot group t, added into fresh s1, s2.
+// Row mode: the block-th block of the slot group at which `ko` stands, added into fresh
+// s1, s2.
 template <int AuxMode, class Op>
-void row_block(const Nest& n, const Op& op, Index t, Index block, acc_t& s1, acc_t& s2) {
-  Odometer ko = n.ko, ro = n.ro;
-  ko.seek(t);
+void row_block(const Nest& n, const Op& op, const Odometer& ko, Index block, acc_t& s1, acc_t& s2) {
+  Odometer ro = n.ro;
   const Index total = n.R * n.L;
   Index start = block * kBlockElements;
   const Index end = std::min(total, start + kBlockElements);
@@ -90,6 +90,21 @@ void row_block(const Nest& n, const Op& op, Index t, Index block, acc_t& s1, acc
     ro.next();
   }
   op.finish(st, s1, s2);
+}
+
+// Row mode: all blocks of the slot group at which `ko` stands, merged in block order.
+template <int AuxMode, class Op>
+void row_group(
+    const Nest& n, const Op& op, const Odometer& ko, Index blocks, acc_t& s1, acc_t& s2) {
+  acc_t a1 = 0, a2 = 0;
+  for (Index b = 0; b < blocks; ++b) {
+    acc_t p1, p2;
+    row_block<AuxMode>(n, op, ko, b, p1, p2);
+    a1 += p1;
+    a2 += p2;
+  }
+  s1 = a1;
+  s2 = a2;
 }
 
 // Column mode: rows of block `block` for column tile `tile` of slot group t.
@@ -145,17 +160,10 @@ void reduce(const Plan& p, const Op& op, acc_t* out1, acc_t* out2, const Device&
   if (!p.column_mode()) {
     const Index B = (n.R * n.L + kBlockElements - 1) / kBlockElements;
     auto groups = [&](Index first, Index last) {
-      for (Index t = first; t < last; ++t) {
-        acc_t a1 = 0, a2 = 0;
-        for (Index b = 0; b < B; ++b) {
-          acc_t p1, p2;
-          row_block<AuxMode>(n, op, t, b, p1, p2);
-          a1 += p1;
-          a2 += p2;
-        }
-        const Index s = slot_of_group(n, t);
-        out1[s] = a1;
-        out2[s] = a2;
+      Odometer ko = n.ko;
+      ko.seek(first);
+      for (Index t = first; t < last; ++t, ko.next()) {
+        row_group<AuxMode>(n, op, ko, B, out1[ko.slot], out2[ko.slot]);
       }
     };
     if (!parallel || B == 1 || n.T >= Index{4} * threads) {
@@ -164,8 +172,10 @@ void reduce(const Plan& p, const Op& op, acc_t* out1, acc_t* out2, const Device&
     }
     std::vector<acc_t> part(static_cast<std::size_t>(2 * n.T * B));
     parallel_for(dev, n.T * B, double(kBlockElements) * 4.0, true, [&](Index first, Index last) {
+      Odometer ko = n.ko;
       for (Index it = first; it < last; ++it) {
-        row_block<AuxMode>(n, op, it / B, it % B, part[static_cast<std::size_t>(2 * it)],
+        ko.seek(it / B);
+        row_block<AuxMode>(n, op, ko, it % B, part[static_cast<std::size_t>(2 * it)],
                            part[static_cast<std::size_t>(2 * it + 1)]);
       }
     });
