@@ -42,6 +42,7 @@ void check_threads(const Module& proto, const Tensor& x, const Tensor& dy, const
     EXPECT_TRUE(same_bits(y, y1)) << threads << " threads: forward differs";
     EXPECT_TRUE(same_bits(g.input, g1.input)) << threads << " threads: dx differs";
     EXPECT_TRUE(same_bits(g.weight, g1.weight)) << threads << " threads: dweight differs";
+    EXPECT_TRUE(same_bits(g.bias, g1.bias)) << threads << " threads: dbias differs";
   }
 }
 

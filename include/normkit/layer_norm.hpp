@@ -3,8 +3,9 @@
 #ifndef NORMKIT_LAYER_NORM_HPP_
 #define NORMKIT_LAYER_NORM_HPP_
 
-#include <string>  // std::string
-#include <vector>  // std::vector
+#include <algorithm>  // std::max, std::min, std::fill
+#include <string>     // std::string
+#include <vector>     // std::vector
 
 #include <normkit/config.hpp>
 #include <normkit/detail/elementwise.hpp>
@@ -13,6 +14,7 @@
 #include <normkit/detail/moments.hpp>
 #include <normkit/detail/plan.hpp>
 #include <normkit/detail/reduction.hpp>
+#include <normkit/detail/simd.hpp>
 #include <normkit/detail/tensor.hpp>
 #include <normkit/error.hpp>
 #include <normkit/options.hpp>
@@ -194,6 +196,293 @@ void layer_norm_forward(const Shape& sh,
   }
 }
 
+// NB: LayerNorm backward in one pass over memory. dx needs per-row sums (a row is short
+// and stays in L1), dweight/dbias need per-position sums over rows. Done as two passes
+// (rows, then positions) they read x and dy twice: 5B of traffic against the 3B of reading
+// x, dy and writing dx once. Here each row is summed, then -- while it is in L1 -- its dx is
+// written and its contribution added to dweight/dbias accumulators of the row's block
+// (kLnRowBlock elements of rows). Block partials are merged in block order, whatever the
+// thread count (one thread merges as it goes, several keep each block's partial and merge
+// after), so results are bitwise identical for any thread count. Taken whenever the shape
+// allows (rows contiguous, n <= kLnOnePassMaxN), never depending on the device: the
+// grouping of the sums differs from the two-pass fallback (last bits of dweight).
+inline constexpr Index kLnRowBlock = Index{1} << 16;
+inline constexpr Index kLnOnePassMaxN = Index{1} << 14;
+inline constexpr Index kLnFloatRows = 4;
+
+/// Whether layer_norm_backward_one_pass applies to this LayerNorm stats plan.
+inline bool layer_norm_one_pass_ok(const LayerPlans& lp) {
+  if (lp.stats.column_mode() || lp.n > kLnOnePassMaxN)
+    return false;
+  const reduction_impl::Nest ns = reduction_impl::split(lp.stats);
+  return ns.R == 1 && ns.L == lp.n && ns.aux_step == 1;
+}
+
+template <class T, bool kWeighted>
+struct LnBackwardRow {
+  const T* x;
+  const T* dy;
+  T* dx;
+  const acc_t* gamma;  // per position (kWeighted)
+  const T* gamma_t;    // the same, in T (kWeighted); ones when not weighted (float)
+  Index n;
+  bool want_dg;
+
+  /// Double path: dg += (g * (x - m)) * r; db += g, as RowStatGradOp; dx = (r * w) * g +
+  /// B * (x - m) + C, as GradInputOp.
+  NORMKIT_ALWAYS_INLINE void run(
+      Index off, acc_t m, acc_t r, acc_t B, acc_t C, acc_t* pg, acc_t* pb) const {
+    // Locals: the stores to pg/pb would otherwise make the compiler reload members.
+    const T* const xp = x + off;
+    const T* const gp = dy + off;
+    T* const op = dx + off;
+    const acc_t* const w = gamma;
+    const Index len = n;
+    const bool dg_too = want_dg;
+    simd::d8 mv, rv, Bv, Cv;
+    simd::splat(mv, m);
+    simd::splat(rv, r);
+    simd::splat(Bv, B);
+    simd::splat(Cv, C);
+    Index j = 0;
+    for (; j + 8 <= len; j += 8) {
+      simd::d8 xd, g, acc;
+      simd::load(xd, xp + j);
+      xd -= mv;
+      simd::load(g, gp + j);
+      if (dg_too) {
+        simd::load(acc, pg + j);
+        acc += g * xd * rv;
+        simd::store(pg + j, acc);
+      }
+      simd::load(acc, pb + j);
+      acc += g;
+      simd::store(pb + j, acc);
+      simd::d8 a = rv;
+      if constexpr (kWeighted) {
+        simd::d8 wv;
+        simd::load(wv, w + j);
+        a = a * wv;
+      }
+      const simd::d8 out = a * g + Bv * xd + Cv;
+      simd::store(op + j, out);
+    }
+    for (; j < len; ++j) {
+      const acc_t xd = static_cast<acc_t>(xp[j]) - m;
+      const acc_t g = static_cast<acc_t>(gp[j]);
+      if (dg_too)
+        pg[j] += g * xd * r;
+      pb[j] += g;
+      const acc_t a = kWeighted ? r * w[j] : r;
+      op[j] = static_cast<T>(a * g + B * xd + C);
+    }
+  }
+
+  /// Float path (float input, coefficients fit_float): one sweep writes dx = (r * w) * g +
+  /// B * xc + C with xc = x - mean through the split mean, and adds g * (xc * r) and g to
+  /// float accumulators fg, fb (flushed to double every kLnFloatRows rows by the caller).
+  struct FloatCoefs {
+    float hi, lo, r, b, c;
+    FloatCoefs(acc_t m, acc_t r_, acc_t B, acc_t C)
+        : hi(SplitMean<float>(m).hi),
+          lo(SplitMean<float>(m).lo),
+          r(static_cast<float>(r_)),
+          b(static_cast<float>(B)),
+          c(static_cast<float>(C)) {}
+  };
+  static NORMKIT_ALWAYS_INLINE auto float_body(const FloatCoefs& k) {
+    return [k](auto& o, auto& ag, auto& ab, const auto& xv, const auto& g, const auto& wv) {
+      const auto xc = (xv - k.hi) - k.lo;
+      o = (k.r * wv) * g + k.b * xc + k.c;
+      ag += g * (xc * k.r);
+      ab += g;
+    };
+  }
+  NORMKIT_ALWAYS_INLINE void run_float(Index off, const FloatCoefs& k, float* fg, float* fb) const {
+    simd::map_acc(n, dx + off, fg, fb, float_body(k), x + off, dy + off, gamma_t);
+  }
+
+  /// run_float on this row interleaved with the next row's backward sums (`sums`' row at
+  /// noff, slot nslot, into st: the same operations as sums.row): the next row streams in
+  /// from memory while this one is computed from L1.
+  template <class Sums>
+  NORMKIT_ALWAYS_INLINE void run_float_pipelined(Index off,
+                                                 const FloatCoefs& k,
+                                                 float* fg,
+                                                 float* fb,
+                                                 const Sums& sums,
+                                                 Index noff,
+                                                 Index nslot,
+                                                 typename Sums::RowState& st) const {
+#if defined(__GNUC__) || defined(__clang__)
+    const Index len = n, n16 = n - n % 16;
+    const float* const xp = x + off;
+    const float* const gp = dy + off;
+    float* const op = dx + off;
+    const float* const wt = gamma_t;
+    const float* const nxp = x + noff;
+    const float* const ngp = dy + noff;
+    simd::d8 ncv, nwv;
+    simd::splat(ncv, sums.center[nslot]);
+    simd::splat(nwv, acc_t{1});
+    const auto body = float_body(k);
+    for (Index j = 0; j < n16; j += 16) {
+      sums.template step8<1>(nxp, ngp, ncv, nwv, 0, j, st.a1, st.a2);
+      sums.template step8<1>(nxp, ngp, ncv, nwv, 0, j + 8, st.b1, st.b2);
+      simd::f16 xv, g, wv, ag, ab, o;
+      std::memcpy(&xv, xp + j, sizeof xv);
+      std::memcpy(&g, gp + j, sizeof g);
+      std::memcpy(&wv, wt + j, sizeof wv);
+      std::memcpy(&ag, fg + j, sizeof ag);
+      std::memcpy(&ab, fb + j, sizeof ab);
+      body(o, ag, ab, xv, g, wv);
+      std::memcpy(op + j, &o, sizeof o);
+      std::memcpy(fg + j, &ag, sizeof ag);
+      std::memcpy(fb + j, &ab, sizeof ab);
+    }
+    sums.template row<1>(noff + n16, len - n16, nslot, n16, 1, st);
+    for (Index j = n16; j < len; ++j) body(op[j], fg[j], fb[j], xp[j], gp[j], wt[j]);
+#else
+    run_float(off, k, fg, fb);
+    sums.template row<1>(noff, n, nslot, 0, 1, st);
+#endif
+  }
+};
+
+/// dx and the per-position sums dg[p] = sum dy * xhat, db[p] = sum dy in one pass (see NB).
+template <class T, bool kWeighted, class Device>
+void layer_norm_backward_one_pass(const LayerPlans& lp,
+                                  const T* x,
+                                  const T* dy,
+                                  T* dx,
+                                  const acc_t* mean,
+                                  const acc_t* rstd,
+                                  const acc_t* gamma,
+                                  const T* gamma_t,
+                                  bool want_dg,
+                                  acc_t* dg,
+                                  acc_t* db,
+                                  const Device& dev) {
+  const reduction_impl::Nest ns = reduction_impl::split(lp.stats);
+  const Index n = lp.n, rows = lp.rows;
+  const Index rpb = std::max(Index{1}, kLnRowBlock / n);
+  const Index blocks = (rows + rpb - 1) / rpb;
+  const acc_t m = static_cast<acc_t>(n);
+  const GradSumsOp<T, kWeighted> sums{x, dy, mean, gamma};
+  const auto un = static_cast<std::size_t>(n);
+  // NB: for float input the per-position sums of a block run in float over kLnFloatRows
+  // rows at a time and are then added to the block's double accumulators: 4 float terms
+  // add at most ~2 float ulps of their magnitude, and the double work per element drops
+  // 4x (it bounded this loop). dx is computed as the float forward apply is (SplitMean).
+  std::vector<T> ones;
+  const T* w_t = gamma_t;
+  if (std::is_same<T, float>::value && !w_t) {
+    ones.assign(un, T(1));
+    w_t = ones.data();
+  }
+  const LnBackwardRow<T, kWeighted> row{x, dy, dx, gamma, w_t, n, want_dg};
+  using RowState = typename GradSumsOp<T, kWeighted>::RowState;
+  // Block b's rows, accumulated into fresh pg, pb.
+  auto block = [&](Index b, acc_t* pg, acc_t* pb) {
+    std::fill(pg, pg + n, acc_t{0});
+    std::fill(pb, pb + n, acc_t{0});
+    constexpr bool kFloat = std::is_same<T, float>::value;
+    SmallBuffer<float, 1> fbuf(kFloat ? 2 * n + 64 : 0);
+    float* fg = fbuf.data();
+    float* fb = fg + n + 64;  // (offset: fg and fb do not alias in the 4 KiB sense)
+    Index pending = 0;        // rows in the float accumulators
+    auto clear = [&] {
+      std::fill(fg, fg + n, 0.0f);
+      std::fill(fb, fb + n, 0.0f);
+      pending = 0;
+    };
+    auto flush = [&] {
+      Index j = 0;
+      for (; j + 8 <= n; j += 8) {
+        simd::d8 a, p;
+        simd::load(a, fg + j);
+        simd::load(p, pg + j);
+        p += a;
+        simd::store(pg + j, p);
+        simd::load(a, fb + j);
+        simd::load(p, pb + j);
+        p += a;
+        simd::store(pb + j, p);
+      }
+      for (; j < n; ++j) {
+        pg[j] += static_cast<acc_t>(fg[j]);
+        pb[j] += static_cast<acc_t>(fb[j]);
+      }
+      clear();
+    };
+    if (kFloat)
+      clear();
+    const Index r0 = b * rpb, r1 = std::min(rows, r0 + rpb);
+    Odometer ko = ns.ko;
+    ko.seek(r0);
+    RowState cur{};
+    sums.template row<1>(ko.offset, n, ko.slot, 0, 1, cur);
+    for (Index t = r0; t < r1; ++t) {
+      const Index s = ko.slot, off = ko.offset;
+      acc_t s1, s2;
+      sums.finish(cur, s1, s2);
+      const acc_t mu = mean[s], r = rstd[s], B = -r * r * r * s2 / m, C = -r * s1 / m;
+      const bool more = t + 1 < r1;
+      Odometer nx = ko;
+      nx.next();
+      RowState nxt{};
+      bool next_done = false;
+      bool float_done = false;
+      if constexpr (kFloat) {
+        if (fits_float(mu) && fits_float(r) && fits_float(B) && fits_float(C)) {
+          const typename LnBackwardRow<T, kWeighted>::FloatCoefs k(mu, r, B, C);
+          if (more) {
+            row.run_float_pipelined(off, k, fg, fb, sums, nx.offset, nx.slot, nxt);
+            next_done = true;
+          } else {
+            row.run_float(off, k, fg, fb);
+          }
+          if (++pending == kLnFloatRows)
+            flush();
+          float_done = true;
+        }
+      }
+      if (!float_done)
+        row.run(off, mu, r, B, C, pg, pb);
+      if (more && !next_done)
+        sums.template row<1>(nx.offset, n, nx.slot, 0, 1, nxt);
+      cur = nxt;
+      ko = nx;
+    }
+    if (pending)
+      flush();
+  };
+  auto merge = [&](Index b, const acc_t* pg, const acc_t* pb) {
+    for (Index j = 0; j < n; ++j) {
+      dg[j] = b == 0 ? pg[j] : dg[j] + pg[j];
+      db[j] = b == 0 ? pb[j] : db[j] + pb[j];
+    }
+  };
+  const int threads = device_threads(dev);
+  const bool parallel = threads > 1 && blocks > 1 && lp.stats.numel >= kMinParallelElements;
+  if (!parallel) {
+    std::vector<acc_t> buf(2 * un);
+    for (Index b = 0; b < blocks; ++b) {
+      block(b, buf.data(), buf.data() + n);
+      merge(b, buf.data(), buf.data() + n);
+    }
+    return;
+  }
+  std::vector<acc_t> part(static_cast<std::size_t>(blocks) * 2 * un);
+  parallel_for(dev, blocks, double(rpb * n) * 3.0 * sizeof(T), true, [&](Index first, Index last) {
+    for (Index b = first; b < last; ++b) {
+      acc_t* p = part.data() + b * 2 * n;
+      block(b, p, p + n);
+    }
+  });
+  for (Index b = 0; b < blocks; ++b) merge(b, part.data() + b * 2 * n, part.data() + b * 2 * n + n);
+}
+
 template <class T, class Device>
 void layer_norm_backward(const Shape& sh,
                          int D,
@@ -216,8 +505,31 @@ void layer_norm_backward(const Shape& sh,
       rstd[static_cast<std::size_t>(map[static_cast<std::size_t>(l)])] = saved.rstd(l);
     }
   }
+  std::vector<acc_t> gamma;
+  if (w) {
+    gamma.resize(static_cast<std::size_t>(lp.n));
+    for (Index i = 0; i < lp.n; ++i)
+      gamma[static_cast<std::size_t>(i)] = static_cast<acc_t>(w.data()[i]);
+  }
+  if (dx && params && layer_norm_one_pass_ok(lp)) {
+    const auto n = static_cast<std::size_t>(lp.n);
+    std::vector<acc_t> dg(n), dbv(n);
+    if (w) {
+      layer_norm_backward_one_pass<T, true>(lp, x, dy, dx, mean.data(), rstd.data(), gamma.data(),
+                                            w.data(), bool(gw), dg.data(), dbv.data(), dev);
+    } else {
+      layer_norm_backward_one_pass<T, false>(lp, x, dy, dx, mean.data(), rstd.data(), nullptr,
+                                             nullptr, bool(gw), dg.data(), dbv.data(), dev);
+    }
+    for (std::size_t p = 0; p < n; ++p) {
+      if (gw)
+        gw.data()[p] = static_cast<T>(dg[p]);
+      if (gb)
+        gb.data()[p] = static_cast<T>(dbv[p]);
+    }
+    return;
+  }
   if (dx) {
-    std::vector<acc_t> gamma;
     const acc_t m = static_cast<acc_t>(lp.n);
     auto finish = [&](Index si, acc_t sum_g, acc_t sum_gx) {
       const auto s = static_cast<std::size_t>(si);
@@ -237,9 +549,6 @@ void layer_norm_backward(const Shape& sh,
       }
     };
     if (w) {
-      gamma.resize(static_cast<std::size_t>(lp.n));
-      for (Index i = 0; i < lp.n; ++i)
-        gamma[static_cast<std::size_t>(i)] = static_cast<acc_t>(w.data()[i]);
       go(GradSumsOp<T, true>{x, dy, mean.data(), gamma.data()},
          GradInputOp<T, true>{x, dy, dx, mean.data(), rstd.data(), B.data(), C.data(),
                               gamma.data()});

@@ -373,9 +373,33 @@ struct GradSumsOp {
   }
 
   struct RowState {
-    simd::d8 a1{}, a2{};
+    simd::d8 a1{}, a2{}, b1{}, b2{};  // two independent pairs hide the add latency
     acc_t t1 = 0, t2 = 0;
   };
+
+  /// Elements [k, k + 8) of a run at (xp, gp) whose first aux index is aux, shift splat in
+  /// cv, weight splat in wv (AuxMode 0). Public for callers that interleave it with other
+  /// work on the same accumulators (LayerNorm's one-pass backward): same operations as row().
+  template <int AuxMode>
+  NORMKIT_ALWAYS_INLINE void step8(const T* xp,
+                                   const T* gp,
+                                   const simd::d8& cv,
+                                   simd::d8& wv,
+                                   Index aux,
+                                   Index k,
+                                   simd::d8& s1,
+                                   simd::d8& s2) const {
+    simd::d8 g, xv;
+    simd::load(g, gp + k);
+    if constexpr (kWeighted && AuxMode == 1)
+      simd::load(wv, weight + aux + k);
+    if constexpr (kWeighted)
+      g = g * wv;
+    simd::load(xv, xp + k);
+    xv -= cv;
+    s1 += g;
+    s2 += g * xv;
+  }
 
   template <int AuxMode>
   NORMKIT_ALWAYS_INLINE void row(
@@ -388,18 +412,11 @@ struct GradSumsOp {
       simd::d8 cv, wv;
       simd::splat(cv, c);
       simd::splat(wv, kWeighted && AuxMode == 0 ? weight[aux] : acc_t{1});
-      for (; i + 8 <= len; i += 8) {
-        simd::d8 g, xv;
-        simd::load(g, gp + i);
-        if constexpr (kWeighted && AuxMode == 1)
-          simd::load(wv, weight + aux + i);
-        if constexpr (kWeighted)
-          g = g * wv;
-        simd::load(xv, xp + i);
-        xv -= cv;
-        st.a1 += g;
-        st.a2 += g * xv;
+      for (; i + 16 <= len; i += 16) {
+        step8<AuxMode>(xp, gp, cv, wv, aux, i, st.a1, st.a2);
+        step8<AuxMode>(xp, gp, cv, wv, aux, i + 8, st.b1, st.b2);
       }
+      for (; i + 8 <= len; i += 8) step8<AuxMode>(xp, gp, cv, wv, aux, i, st.a1, st.a2);
     }
     for (; i < len; ++i) {  // Scalar tail (and strided-aux runs).
       const acc_t g = static_cast<acc_t>(gp[i]) * w<AuxMode>(aux, aux_step, i);
@@ -408,8 +425,11 @@ struct GradSumsOp {
     }
   }
   void finish(const RowState& st, acc_t& s1, acc_t& s2) const {
-    s1 = simd::hsum(st.a1) + st.t1;
-    s2 = simd::hsum(st.a2) + st.t2;
+    simd::d8 a1 = st.a1, a2 = st.a2;
+    a1 += st.b1;
+    a2 += st.b2;
+    s1 = simd::hsum(a1) + st.t1;
+    s2 = simd::hsum(a2) + st.t2;
   }
   template <int AuxMode>
   NORMKIT_ALWAYS_INLINE void col(

@@ -46,6 +46,17 @@ NORMKIT_ALWAYS_INLINE void load(d8& out, const float* p) {
 NORMKIT_ALWAYS_INLINE void load(d8& out, const double* p) {
   std::memcpy(&out, p, sizeof out);
 }
+NORMKIT_ALWAYS_INLINE void store(float* p, const d8& v) {
+#if defined(__AVX512F__)
+  _mm256_storeu_ps(p, _mm512_maskz_cvtpd_ps(static_cast<__mmask8>(0xFF), v));
+#else
+  const f8 f = __builtin_convertvector(v, f8);
+  std::memcpy(p, &f, sizeof f);
+#endif
+}
+NORMKIT_ALWAYS_INLINE void store(double* p, const d8& v) {
+  std::memcpy(p, &v, sizeof v);
+}
 NORMKIT_ALWAYS_INLINE void splat(d8& out, double v) {
   out = d8{v, v, v, v, v, v, v, v};
 }
@@ -68,6 +79,11 @@ struct d8 {
     for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] * b.v[i];
     return r;
   }
+  friend d8 operator+(const d8& a, const d8& b) {
+    d8 r;
+    for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] + b.v[i];
+    return r;
+  }
   friend d8 operator-(const d8& a, const d8& b) {
     d8 r;
     for (int i = 0; i < 8; ++i) r.v[i] = a.v[i] - b.v[i];
@@ -77,6 +93,10 @@ struct d8 {
 template <class T>
 inline void load(d8& out, const T* p) {
   for (int i = 0; i < 8; ++i) out.v[i] = static_cast<double>(p[i]);
+}
+template <class T>
+inline void store(T* p, const d8& v) {
+  for (int i = 0; i < 8; ++i) p[i] = static_cast<T>(v.v[i]);
 }
 inline void splat(d8& out, double v) {
   for (double& e : out.v) e = v;
@@ -132,7 +152,44 @@ NORMKIT_ALWAYS_INLINE void map(
   }
   for (; j < len; ++j) f(y[j], a[j], b[j], c[j]);
 }
+/// f(o, p, q, a, b, c) over [0, len) with o in y, p in u and q in v read-modify-write
+/// (accumulators), a, b, c read only; vectors then scalars as map().
+template <class F>
+NORMKIT_ALWAYS_INLINE void map_acc(Index len,
+                                   float* y,
+                                   float* u,
+                                   float* v,
+                                   F&& f,
+                                   const float* a,
+                                   const float* b,
+                                   const float* c) {
+  Index j = 0;
+  for (; j + 16 <= len; j += 16) {
+    f16 va, vb, vc, vu, vv, r;
+    std::memcpy(&va, a + j, sizeof va);
+    std::memcpy(&vb, b + j, sizeof vb);
+    std::memcpy(&vc, c + j, sizeof vc);
+    std::memcpy(&vu, u + j, sizeof vu);
+    std::memcpy(&vv, v + j, sizeof vv);
+    f(r, vu, vv, va, vb, vc);
+    std::memcpy(y + j, &r, sizeof r);
+    std::memcpy(u + j, &vu, sizeof vu);
+    std::memcpy(v + j, &vv, sizeof vv);
+  }
+  for (; j < len; ++j) f(y[j], u[j], v[j], a[j], b[j], c[j]);
+}
 #else
+template <class F>
+inline void map_acc(Index len,
+                    float* y,
+                    float* u,
+                    float* v,
+                    F&& f,
+                    const float* a,
+                    const float* b,
+                    const float* c) {
+  for (Index j = 0; j < len; ++j) f(y[j], u[j], v[j], a[j], b[j], c[j]);
+}
 template <class F>
 inline void map(Index len, float* y, F&& f, const float* a) {
   for (Index j = 0; j < len; ++j) f(y[j], a[j]);
