@@ -288,7 +288,7 @@ void channel_norm_backward(ChannelNormKind kind,
     for (Index s = 0; s < slots; ++s)
       finish(s, s1[static_cast<std::size_t>(s)], s2[static_cast<std::size_t>(s)]);
     if (dx)
-      for_each_run(p, aop, dev);
+      apply_grad_input(p, aop, dev);
   }
   std::vector<acc_t> dw(static_cast<std::size_t>(C), 0.0), db(dw.size(), 0.0);
   for (Index l = 0; l < slots; ++l) {

@@ -132,7 +132,11 @@ struct AffineOp {
         const T* lo = hi + slots;
         const T* a = lo + slots;
         const T* b = a + slots;
-        for (Index j = 0; j < len; ++j) yp[j] = ((xp[j] - hi[j]) - lo[j]) * a[j] + b[j];
+        simd::map(
+            len, yp,
+            [](auto& o, const auto& v, const auto& h, const auto& l, const auto& av,
+               const auto& bv) { o = ((v - h) - l) * av + bv; },
+            xp, hi, lo, a, b);
         return;
       }
     }
@@ -277,6 +281,10 @@ struct GradInputOp {
   const acc_t* b;
   const acc_t* c;
   const acc_t* weight;  // per aux index (kWeighted only)
+  // Optional float tables for column mode ([hi | lo | a | b | c], `slots` each): see
+  // apply_grad_input().
+  const T* tables = nullptr;
+  Index slots = 0;
 
   template <bool kColumn, int AuxMode>
   NORMKIT_ALWAYS_INLINE void run(
@@ -284,6 +292,20 @@ struct GradInputOp {
     const T* xp = x + off;
     const T* gp = dy + off;
     T* op = dx + off;
+    if constexpr (kColumn && !kWeighted && std::is_same<T, float>::value) {
+      if (tables) {
+        const T* hi = tables + slot;
+        const T* lo = hi + slots;
+        simd::map(
+            len, op,
+            [](auto& o, const auto& g, const auto& v, const auto& h, const auto& l,
+               const auto& av, const auto& bv, const auto& cv) {
+              o = av * g + bv * ((v - h) - l) + cv;
+            },
+            gp, xp, hi, lo, lo + slots, lo + 2 * slots, lo + 3 * slots);
+        return;
+      }
+    }
     if constexpr (!kWeighted && !kColumn) {
       (void)aux, (void)aux_step;
       if constexpr (std::is_same<T, float>::value) {
@@ -327,6 +349,35 @@ struct GradInputOp {
     }
   }
 };
+
+/// Runs a GradInputOp over a plan; for float column-mode plans (unweighted) it first
+/// converts the per-slot coefficients to float tables, as apply_affine.
+template <class T, class Device>
+void apply_grad_input(const Plan& p, GradInputOp<T, false> op, const Device& dev) {
+  std::vector<T> tables;
+  if constexpr (std::is_same<T, float>::value) {
+    bool fit = p.column_mode() && p.numel >= 4 * p.slots;
+    for (Index s = 0; fit && s < p.slots; ++s) {
+      fit = fits_float(op.mean[s]) && fits_float(op.a[s]) && fits_float(op.b[s]) &&
+            fits_float(op.c[s]);
+    }
+    if (fit) {
+      const Index n = p.slots;
+      tables.resize(static_cast<std::size_t>(5 * n));
+      for (Index s = 0; s < n; ++s) {
+        const SplitMean<T> m(op.mean[s]);
+        tables[static_cast<std::size_t>(s)] = m.hi;
+        tables[static_cast<std::size_t>(n + s)] = m.lo;
+        tables[static_cast<std::size_t>(2 * n + s)] = static_cast<T>(op.a[s]);
+        tables[static_cast<std::size_t>(3 * n + s)] = static_cast<T>(op.b[s]);
+        tables[static_cast<std::size_t>(4 * n + s)] = static_cast<T>(op.c[s]);
+      }
+      op.tables = tables.data();
+      op.slots = n;
+    }
+  }
+  for_each_run(p, op, dev);
+}
 
 }  // namespace detail
 }  // namespace normkit

@@ -4,7 +4,9 @@
 #define NORMKIT_DETAIL_SIMD_HPP_
 // IWYU pragma: private, include <normkit/normkit.hpp>
 
+#include <cstddef>  // std::size_t
 #include <cstring>  // std::memcpy
+#include <utility>  // std::index_sequence
 
 #include <normkit/config.hpp>
 
@@ -115,43 +117,26 @@ inline void zero(d8& out) {
 #if defined(__GNUC__) || defined(__clang__)
 typedef float f16 __attribute__((vector_size(64)));
 
-template <class F>
-NORMKIT_ALWAYS_INLINE void map(Index len, float* y, F&& f, const float* a) {
+template <class F, class Ptrs, std::size_t... I>
+NORMKIT_ALWAYS_INLINE void map_impl(
+    Index len, float* y, F& f, const Ptrs& in, std::index_sequence<I...>) {
   Index j = 0;
   for (; j + 16 <= len; j += 16) {
-    f16 va, r;
-    std::memcpy(&va, a + j, sizeof va);
-    f(r, va);
+    f16 v[sizeof...(I)], r;
+    (std::memcpy(&v[I], in[I] + j, sizeof(f16)), ...);  // unrolled: v stays in registers
+    f(r, v[I]...);
     std::memcpy(y + j, &r, sizeof r);
   }
-  for (; j < len; ++j) f(y[j], a[j]);
+  for (; j < len; ++j) f(y[j], in[I][j]...);
 }
-template <class F>
-NORMKIT_ALWAYS_INLINE void map(Index len, float* y, F&& f, const float* a, const float* b) {
-  Index j = 0;
-  for (; j + 16 <= len; j += 16) {
-    f16 va, vb, r;
-    std::memcpy(&va, a + j, sizeof va);
-    std::memcpy(&vb, b + j, sizeof vb);
-    f(r, va, vb);
-    std::memcpy(y + j, &r, sizeof r);
-  }
-  for (; j < len; ++j) f(y[j], a[j], b[j]);
+
+/// y[j] = f(in[0][j], in[1][j], ...) for j < len (see NB above).
+template <class F, class... P>
+NORMKIT_ALWAYS_INLINE void map(Index len, float* y, F&& f, const P*... in) {
+  const float* const ptr[sizeof...(P)] = {in...};
+  map_impl(len, y, f, ptr, std::index_sequence_for<P...>{});
 }
-template <class F>
-NORMKIT_ALWAYS_INLINE void map(
-    Index len, float* y, F&& f, const float* a, const float* b, const float* c) {
-  Index j = 0;
-  for (; j + 16 <= len; j += 16) {
-    f16 va, vb, vc, r;
-    std::memcpy(&va, a + j, sizeof va);
-    std::memcpy(&vb, b + j, sizeof vb);
-    std::memcpy(&vc, c + j, sizeof vc);
-    f(r, va, vb, vc);
-    std::memcpy(y + j, &r, sizeof r);
-  }
-  for (; j < len; ++j) f(y[j], a[j], b[j], c[j]);
-}
+
 /// f(o, p, q, a, b, c) over [0, len) with o in y, p in u and q in v read-modify-write
 /// (accumulators), a, b, c read only; vectors then scalars as map().
 template <class F>
@@ -190,17 +175,9 @@ inline void map_acc(Index len,
                     const float* c) {
   for (Index j = 0; j < len; ++j) f(y[j], u[j], v[j], a[j], b[j], c[j]);
 }
-template <class F>
-inline void map(Index len, float* y, F&& f, const float* a) {
-  for (Index j = 0; j < len; ++j) f(y[j], a[j]);
-}
-template <class F>
-inline void map(Index len, float* y, F&& f, const float* a, const float* b) {
-  for (Index j = 0; j < len; ++j) f(y[j], a[j], b[j]);
-}
-template <class F>
-inline void map(Index len, float* y, F&& f, const float* a, const float* b, const float* c) {
-  for (Index j = 0; j < len; ++j) f(y[j], a[j], b[j], c[j]);
+template <class F, class... P>
+inline void map(Index len, float* y, F&& f, const P*... in) {
+  for (Index j = 0; j < len; ++j) f(y[j], in[j]...);
 }
 #endif
 
