@@ -2,6 +2,10 @@
 // and 8 threads (fixed work items merged in a fixed order), and eval-mode forward on one
 // module from several threads at once is safe.
 #define EIGEN_USE_THREADS
+// The default threshold (1 Mi elements) would leave most shapes below single-threaded:
+// lowered here so that every parallel path (split slots, fused vs two-pass, partial
+// merges) runs on tensors small enough for a unit test.
+#define NORMKIT_MIN_PARALLEL_ELEMENTS (1 << 16)
 #include <cstring>
 #include <random>
 #include <thread>

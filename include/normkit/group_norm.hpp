@@ -133,8 +133,8 @@ void group_norm_forward(const Shape& sh,
     return n * gp.stats.logical_slot_stride[0] + g * gp.stats.logical_slot_stride[1];
   };
   if (saved) {
-    saved->mean = Eigen::Tensor<double, 1>(NG);
-    saved->rstd = Eigen::Tensor<double, 1>(NG);
+    saved->mean.resize(NG);  // no allocation when the size is unchanged
+    saved->rstd.resize(NG);
     for (Index n = 0; n < gp.N; ++n) {
       for (Index g = 0; g < G; ++g) {
         const auto s = static_cast<std::size_t>(sslot(n, g));

@@ -186,8 +186,8 @@ void layer_norm_forward(const Shape& sh,
   }
   if (saved) {
     const std::vector<Index> map = slot_map(sh, lp.stats, 0, lp.lead);
-    saved->mean = Eigen::Tensor<double, 1>(lp.rows);
-    saved->rstd = Eigen::Tensor<double, 1>(lp.rows);
+    saved->mean.resize(lp.rows);  // no allocation when the size is unchanged
+    saved->rstd.resize(lp.rows);
     for (Index l = 0; l < lp.rows; ++l) {
       saved->mean(l) = mean[static_cast<std::size_t>(map[static_cast<std::size_t>(l)])];
       saved->rstd(l) = rstd[static_cast<std::size_t>(map[static_cast<std::size_t>(l)])];

@@ -142,7 +142,7 @@ void channel_norm_forward(ChannelNormKind kind,
   acc_t* cv = cm + C;
   if (p.numel == 0) {  // empty batch: empty output, statistics untouched (§2.4)
     if (saved) {
-      saved->mean = Eigen::Tensor<double, 1>(slots);
+      saved->mean.resize(slots);  // no allocation when the size is unchanged
       saved->mean.setZero();
       saved->rstd = saved->mean;
       saved->batch_stats = a.batch_stats;
@@ -196,8 +196,8 @@ void channel_norm_forward(ChannelNormKind kind,
     apply_affine(p, op, dev);
   }
   if (saved) {
-    saved->mean = Eigen::Tensor<double, 1>(slots);
-    saved->rstd = Eigen::Tensor<double, 1>(slots);
+    saved->mean.resize(slots);  // no allocation when the size is unchanged
+    saved->rstd.resize(slots);
     for (Index l = 0; l < slots; ++l) {
       const auto s = static_cast<std::size_t>(plan_slot(kind, p, l, C));
       saved->mean(l) = mean[s];

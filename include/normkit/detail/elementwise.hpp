@@ -298,10 +298,8 @@ struct GradInputOp {
         const T* lo = hi + slots;
         simd::map(
             len, op,
-            [](auto& o, const auto& g, const auto& v, const auto& h, const auto& l,
-               const auto& av, const auto& bv, const auto& cv) {
-              o = av * g + bv * ((v - h) - l) + cv;
-            },
+            [](auto& o, const auto& g, const auto& v, const auto& h, const auto& l, const auto& av,
+               const auto& bv, const auto& cv) { o = av * g + bv * ((v - h) - l) + cv; },
             gp, xp, hi, lo, lo + slots, lo + 2 * slots, lo + 3 * slots);
         return;
       }

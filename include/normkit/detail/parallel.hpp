@@ -4,6 +4,7 @@
 #define NORMKIT_DETAIL_PARALLEL_HPP_
 // IWYU pragma: private, include <normkit/normkit.hpp>
 
+#include <algorithm>    // std::min
 #include <functional>   // std::function
 #include <type_traits>  // std::void_t
 #include <utility>      // std::declval
@@ -41,17 +42,32 @@ int device_threads(const Device& d) {
   }
 }
 
-// NB: below this many elements a call runs inline even on a thread pool: waking threads
-// costs a few microseconds, about what 64 Ki floats take to stream from L2.
-inline constexpr Index kMinParallelElements = Index{1} << 16;
+// NB: below this many elements a call runs inline even on a thread pool. A parallel region
+// on Eigen's pool costs a thread wake-up and a barrier: measured 10-60 us on the 2-vCPU VM
+// (an empty parallelFor), about what 1 Mi floats take to stream. A 1 MB BatchNorm1d ran
+// 2x slower on 2 threads than on 1 with the old threshold of 64 Ki elements. Overridable
+// (tests lower it to exercise the parallel paths on small tensors).
+#ifndef NORMKIT_MIN_PARALLEL_ELEMENTS
+#define NORMKIT_MIN_PARALLEL_ELEMENTS (1 << 20)
+#endif
+inline constexpr Index kMinParallelElements = NORMKIT_MIN_PARALLEL_ELEMENTS;
 
 /// Runs f(first, last) over [0, n) work items, each moving about `bytes_per_item` bytes.
 template <class Device, class F>
 void parallel_for(const Device& d, Index n, double bytes_per_item, bool worth_it, F&& f) {
   if constexpr (has_parallel_for<Device>::value) {
     if (worth_it && n > 1 && d.numThreads() > 1) {
-      d.parallelFor(n, Eigen::TensorOpCost(bytes_per_item, 0, bytes_per_item),
-                    std::function<void(Index, Index)>(f));
+      // NB: one contiguous range of items per thread, the caller's thread taking the first.
+      // Handing Eigen all n items lets its cost model cut them into up to 4x more blocks
+      // than threads, and then it runs them all on the pool while the caller sleeps: two
+      // wake-ups per call (~10 us each on a 2-vCPU VM; a 1 MB BatchNorm1d ran slower on 2
+      // threads than on 1). Which thread runs an item never changes a result.
+      const Index parts = std::min<Index>(n, d.numThreads());
+      (void)bytes_per_item;
+      d.parallelFor(parts, Eigen::TensorOpCost(1e9, 1e9, 1e9),  // one part per block
+                    std::function<void(Index, Index)>([&](Index p0, Index p1) {
+                      for (Index q = p0; q < p1; ++q) f(q * n / parts, (q + 1) * n / parts);
+                    }));
       return;
     }
   } else {

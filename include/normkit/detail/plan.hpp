@@ -4,8 +4,7 @@
 #define NORMKIT_DETAIL_PLAN_HPP_
 // IWYU pragma: private, include <normkit/normkit.hpp>
 
-#include <algorithm>  // std::stable_sort
-#include <array>      // std::array
+#include <array>  // std::array
 
 #include <normkit/config.hpp>
 
@@ -86,8 +85,15 @@ inline Plan make_plan(const AxisSpec* spec, int n) {
   }
   // Outer to inner: decreasing stride. Stable, so equal strides (only possible for
   // zero-size tensors, which callers never plan) keep their logical order.
-  std::stable_sort(order.begin(), order.begin() + m,
-                   [&](int a, int b) { return spec[a].stride > spec[b].stride; });
+  // (Insertion sort: at most kMaxAxes entries, and std::stable_sort allocates a buffer --
+  // a visible share of a tiny tensor's call.)
+  for (int i = 1; i < m; ++i) {
+    const int a = order[static_cast<std::size_t>(i)];
+    int j = i;
+    for (; j > 0 && spec[order[static_cast<std::size_t>(j - 1)]].stride < spec[a].stride; --j)
+      order[static_cast<std::size_t>(j)] = order[static_cast<std::size_t>(j - 1)];
+    order[static_cast<std::size_t>(j)] = a;
+  }
   // Slot strides in memory order: innermost key axis first.
   Index slot_stride = 1;
   std::array<Index, kMaxAxes> sstride{};

@@ -313,8 +313,8 @@ NORMKIT_ALWAYS_INLINE void column_strip(
 }
 
 template <class Load8, class Scalar>
-NORMKIT_ALWAYS_INLINE void column_strips(Index rows, Index len, acc_t* s1, acc_t* s2,
-                                         Load8&& step8, Scalar&& step1) {
+NORMKIT_ALWAYS_INLINE void column_strips(
+    Index rows, Index len, acc_t* s1, acc_t* s2, Load8&& step8, Scalar&& step1) {
   constexpr Index kW = 8 * kStripVectors;
   Index j = 0;
   for (; j + kW <= len; j += kW) column_strip<kStripVectors>(0, rows, j, s1, s2, step8);
