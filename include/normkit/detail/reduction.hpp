@@ -43,6 +43,21 @@ inline constexpr Index kBlockElements = Index{1} << 14;
 // Column-mode runs are cut into tiles of at most this many slots (the partial sums of a
 // tile, 2 x 8 bytes per slot, stay in L1).
 inline constexpr Index kMaxColumnTile = 1024;
+// Runs of at most kShortRun elements get the run kPrefetchRuns ahead prefetched (row_block).
+inline constexpr Index kShortRun = 256;
+inline constexpr Index kPrefetchRuns = 4;
+
+/// Prefetches the cache lines of p[0, len) (a hint: never faults, no effect on results).
+template <class T>
+NORMKIT_ALWAYS_INLINE void prefetch_lines(const T* p, Index len) {
+#if defined(__GNUC__) || defined(__clang__)
+  constexpr Index kLine = 64 / static_cast<Index>(sizeof(T));
+  for (Index j = 0; j < len; j += kLine) __builtin_prefetch(p + j);
+  __builtin_prefetch(p + len - 1);
+#else
+  (void)p, (void)len;
+#endif
+}
 
 namespace reduction_impl {
 
@@ -81,8 +96,14 @@ void row_block(const Nest& n, const Op& op, const Odometer& ko, Index block, acc
   // The op's accumulators live across all runs of the block and are reduced once at its
   // end: short runs (7x7 feature maps) pay no per-run horizontal sum.
   typename Op::RowState st{};
+  // NB: short runs far apart (a (64, 512, 7, 7) BatchNorm channel: 64 runs of 196 bytes,
+  // 100 KB apart) defeat the hardware prefetchers, and the loop waits on each run's
+  // latency. The run kPrefetchRuns ahead is requested explicitly.
+  const bool prefetch = ro.n == 1 && n.L <= kShortRun;
   while (start < end) {
     const Index len = std::min(n.L - i0, end - start);
+    if (prefetch && ro.idx[0] + kPrefetchRuns < ro.ax[0]->extent)
+      op.prefetch(ko.offset + ro.offset + kPrefetchRuns * ro.ax[0]->stride, n.L);
     op.template row<AuxMode>(ko.offset + ro.offset + i0, len, ko.slot,
                              ko.aux + ro.aux + i0 * n.aux_step, n.aux_step, st);
     start += len;
@@ -387,6 +408,7 @@ struct MomentsOp {
     s1 = simd::hsum(a1) + st.t1;
     s2 = simd::hsum(a2) + st.t2;
   }
+  void prefetch(Index off, Index len) const { prefetch_lines(x + off, len); }
   static constexpr bool kColRows = true;
   /// `rows` rows `row_stride` apart, `len` columns from `off` (slots slot, slot + 1, ...).
   NORMKIT_ALWAYS_INLINE void col_rows(
@@ -506,6 +528,10 @@ struct GradSumsOp {
     s1 = simd::hsum(a1) + st.t1;
     s2 = simd::hsum(a2) + st.t2;
   }
+  void prefetch(Index off, Index len) const {
+    prefetch_lines(x + off, len);
+    prefetch_lines(dy + off, len);
+  }
   static constexpr bool kColRows = !kWeighted;
   /// As MomentsOp::col_rows (unweighted only).
   NORMKIT_ALWAYS_INLINE void col_rows(
@@ -558,6 +584,10 @@ struct RowStatGradOp {
     acc_t a1[kLanes] = {}, a2[kLanes] = {};
   };
   static constexpr bool kColRows = false;
+  void prefetch(Index off, Index len) const {
+    prefetch_lines(x + off, len);
+    prefetch_lines(dy + off, len);
+  }
 
   template <int AuxMode>
   NORMKIT_ALWAYS_INLINE void row(
