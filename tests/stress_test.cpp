@@ -72,3 +72,56 @@ TEST(StressTest, WorstErrorAcrossMeanAndStdGrid) {
 }
 
 }  // namespace
+
+namespace {
+
+// LayerNorm backward takes a one-pass path for float rows (float dx and float accumulators
+// of dweight/dbias over 4 rows, flushed to double) and a double path for rows whose
+// coefficients do not fit float (eps = 0 and a variance near 1e-70): the same call mixes
+// both. Float results are compared with the double module on the same (float) values.
+TEST(StressTest, LayerNormBackwardFloatPathsAgainstDouble) {
+  const Eigen::Index rows = 150, n = 200;  // several 4-row groups and a partial one
+  Eigen::Tensor<float, 2, Eigen::RowMajor> x(rows, n), dy(rows, n);
+  std::mt19937 gen(11);
+  std::normal_distribution<double> d(0.0, 1.0);
+  for (Eigen::Index r = 0; r < rows; ++r) {
+    // Offsets and scales vary by row; every 7th row is tiny (double path with eps = 0).
+    const double scale = r % 7 == 3 ? 1e-35 : std::pow(10.0, double(r % 5) - 2.0);
+    const double offset = r % 7 == 3 ? 0.0 : 1e3 * double(r % 3);
+    for (Eigen::Index j = 0; j < n; ++j) {
+      x(r, j) = static_cast<float>(offset + scale * d(gen));
+      dy(r, j) = static_cast<float>(d(gen));
+    }
+  }
+  normkit::LayerNorm<float> lf(normkit::LayerNormOptions({n}).eps(0.0));
+  normkit::LayerNorm<double> ld(normkit::LayerNormOptions({n}).eps(0.0));
+  Eigen::Tensor<float, 1> wf(n);
+  for (Eigen::Index j = 0; j < n; ++j) wf(j) = static_cast<float>(1.0 + 0.1 * d(gen));
+  lf.set_weight(wf);
+  ld.set_weight(wf.cast<double>());
+  lf.forward(x);
+  ld.forward(Eigen::Tensor<double, 2, Eigen::RowMajor>(x.cast<double>()));
+  const auto gf = lf.backward(dy);
+  const auto gd = ld.backward(Eigen::Tensor<double, 2, Eigen::RowMajor>(dy.cast<double>()));
+  for (Eigen::Index r = 0; r < rows; ++r) {
+    double scale = 0, err = 0;
+    for (Eigen::Index j = 0; j < n; ++j) {
+      scale = std::max(scale, std::abs(gd.input(r, j)));
+      err = std::max(err, std::abs(double(gf.input(r, j)) - gd.input(r, j)));
+      ASSERT_TRUE(std::isfinite(gf.input(r, j))) << "row " << r;
+    }
+    EXPECT_LE(err, 8 * 6e-8 * scale) << "dx, row " << r;  // a few float ulps of the row
+  }
+  // dweight/dbias: sums over rows; bound by the sum of magnitudes (cancellation-aware).
+  for (Eigen::Index j = 0; j < n; ++j) {
+    double mag_w = 0, mag_b = 0;
+    for (Eigen::Index r = 0; r < rows; ++r) {
+      mag_b += std::abs(double(dy(r, j)));
+      mag_w += std::abs(double(dy(r, j))) * 4.0;  // |xhat| <= sqrt(n) but ~1: generous
+    }
+    EXPECT_LE(std::abs(double(gf.weight(j)) - gd.weight(j)), 1e-6 * mag_w) << "dweight " << j;
+    EXPECT_LE(std::abs(double(gf.bias(j)) - gd.bias(j)), 1e-6 * mag_b) << "dbias " << j;
+  }
+}
+
+}  // namespace
