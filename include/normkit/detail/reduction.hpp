@@ -311,23 +311,23 @@ NORMKIT_ALWAYS_INLINE acc_t lane_sum(const acc_t* a) {
 // column still adds its rows in order, one accumulator per column: the same sums as col().
 // `step8(k, j, a, q)` accumulates row k, columns [j, j + 8) into a, q; `step1` one column.
 #if defined(__AVX512F__)
-inline constexpr int kStripVectors = 8;  // 64 columns: 16 of the 32 vector registers
+inline constexpr Index kStripVectors = 8;  // 64 columns: 16 of the 32 vector registers
 #else
-inline constexpr int kStripVectors = 2;  // 16 columns
+inline constexpr Index kStripVectors = 2;  // 16 columns
 #endif
 
-template <int kU, class Load8>
+template <Index kU, class Load8>
 NORMKIT_ALWAYS_INLINE void column_strip(
     Index k0, Index k1, Index j, acc_t* s1, acc_t* s2, Load8& step8) {
   simd::d8 a[kU], q[kU];
-  for (int u = 0; u < kU; ++u) {
+  for (Index u = 0; u < kU; ++u) {
     simd::load(a[u], s1 + j + 8 * u);
     simd::load(q[u], s2 + j + 8 * u);
   }
   for (Index k = k0; k < k1; ++k) {
-    for (int u = 0; u < kU; ++u) step8(k, j + 8 * u, a[u], q[u]);
+    for (Index u = 0; u < kU; ++u) step8(k, j + 8 * u, a[u], q[u]);
   }
-  for (int u = 0; u < kU; ++u) {
+  for (Index u = 0; u < kU; ++u) {
     simd::store(s1 + j + 8 * u, a[u]);
     simd::store(s2 + j + 8 * u, q[u]);
   }
