@@ -82,6 +82,12 @@ TEST(ThreadingTest, BitwiseIdenticalForAnyThreadCount) {
                 Eigen::Tensor<float, 3, Eigen::RowMajor>(
                     dyf.reshape(Eigen::array<Eigen::Index, 3>{1, 4, 30000})),
                 "BatchNorm1d fused vs two-pass");
+  // Many channels of short runs (the channel-block path of fused_slots; 3 threads cut the
+  // 64 channels into ranges that are not multiples of its 16-channel blocks).
+  Eigen::Tensor<float, 4, Eigen::RowMajor> xc(64, 64, 4, 4), dyc(64, 64, 4, 4);
+  fill(xc, 11, 1.0f);
+  fill(dyc, 12);
+  check_threads(normkit::BatchNorm2d<float>(64), xc, dyc, "BatchNorm2d short runs");
   // Few slots, long reductions: the path that splits one slot across threads.
   Eigen::Tensor<float, 3, Eigen::RowMajor> xs(2, 2, 300000), dys(2, 2, 300000);
   fill(xs, 7, 100.0f);
