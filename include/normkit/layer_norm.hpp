@@ -325,20 +325,11 @@ struct LnBackwardRow {
     simd::d8 ncv, nwv;
     simd::splat(ncv, sums.center[nslot]);
     simd::splat(nwv, acc_t{1});
-    const auto body = float_body(k);
+    auto body = float_body(k);
     for (Index j = 0; j < n16; j += 16) {
       sums.template step8<1>(nxp, ngp, ncv, nwv, 0, j, st.a1, st.a2);
       sums.template step8<1>(nxp, ngp, ncv, nwv, 0, j + 8, st.b1, st.b2);
-      simd::f16 xv, g, wv, ag, ab, o;
-      std::memcpy(&xv, xp + j, sizeof xv);
-      std::memcpy(&g, gp + j, sizeof g);
-      std::memcpy(&wv, wt + j, sizeof wv);
-      std::memcpy(&ag, fg + j, sizeof ag);
-      std::memcpy(&ab, fb + j, sizeof ab);
-      body(o, ag, ab, xv, g, wv);
-      std::memcpy(op + j, &o, sizeof o);
-      std::memcpy(fg + j, &ag, sizeof ag);
-      std::memcpy(fb + j, &ab, sizeof ab);
+      simd::acc16(j, op, fg, fb, body, xp, gp, wt);
     }
     sums.template row<1>(noff + n16, len - n16, nslot, n16, 1, st);
     for (Index j = n16; j < len; ++j) body(op[j], fg[j], fb[j], xp[j], gp[j], wt[j]);

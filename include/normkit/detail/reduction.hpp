@@ -58,6 +58,12 @@ NORMKIT_ALWAYS_INLINE void prefetch_lines(const T* p, Index len) {
   (void)p, (void)len;
 #endif
 }
+/// prefetch_lines of two arrays (x and dy of the backward ops).
+template <class T>
+NORMKIT_ALWAYS_INLINE void prefetch_lines(const T* a, const T* b, Index len) {
+  prefetch_lines(a, len);
+  prefetch_lines(b, len);
+}
 
 namespace reduction_impl {
 
@@ -528,10 +534,7 @@ struct GradSumsOp {
     s1 = simd::hsum(a1) + st.t1;
     s2 = simd::hsum(a2) + st.t2;
   }
-  void prefetch(Index off, Index len) const {
-    prefetch_lines(x + off, len);
-    prefetch_lines(dy + off, len);
-  }
+  void prefetch(Index off, Index len) const { prefetch_lines(x + off, dy + off, len); }
   static constexpr bool kColRows = !kWeighted;
   /// As MomentsOp::col_rows (unweighted only).
   NORMKIT_ALWAYS_INLINE void col_rows(
@@ -584,10 +587,7 @@ struct RowStatGradOp {
     acc_t a1[kLanes] = {}, a2[kLanes] = {};
   };
   static constexpr bool kColRows = false;
-  void prefetch(Index off, Index len) const {
-    prefetch_lines(x + off, len);
-    prefetch_lines(dy + off, len);
-  }
+  void prefetch(Index off, Index len) const { prefetch_lines(x + off, dy + off, len); }
 
   template <int AuxMode>
   NORMKIT_ALWAYS_INLINE void row(

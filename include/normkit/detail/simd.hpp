@@ -137,6 +137,28 @@ NORMKIT_ALWAYS_INLINE void map(Index len, float* y, F&& f, const P*... in) {
   map_impl(len, y, f, ptr, std::index_sequence_for<P...>{});
 }
 
+/// One 16-float chunk of map_acc() at j (for loops that interleave it with other work).
+template <class F>
+NORMKIT_ALWAYS_INLINE void acc16(
+    Index j, float* y, float* u, float* v, F& f, const float* a, const float* b, const float* c) {
+  f16 va, vb, vc, vu, vv, r;
+  std::memcpy(&va, a + j, sizeof va);
+  std::memcpy(&vb, b + j, sizeof vb);
+  std::memcpy(&vc, c + j, sizeof vc);
+  std::memcpy(&vu, u + j, sizeof vu);
+  std::memcpy(&vv, v + j, sizeof vv);
+  f(r, vu, vv, va, vb, vc);
+  std::memcpy(y + j, &r, sizeof r);
+  std::memcpy(u + j, &vu, sizeof vu);
+  std::memcpy(v + j, &vv, sizeof vv);
+}
+#else
+template <class F, class... P>
+inline void map(Index len, float* y, F&& f, const P*... in) {
+  for (Index j = 0; j < len; ++j) f(y[j], in[j]...);
+}
+#endif
+
 /// f(o, p, q, a, b, c) over [0, len) with o in y, p in u and q in v read-modify-write
 /// (accumulators), a, b, c read only; vectors then scalars as map().
 template <class F>
@@ -149,37 +171,11 @@ NORMKIT_ALWAYS_INLINE void map_acc(Index len,
                                    const float* b,
                                    const float* c) {
   Index j = 0;
-  for (; j + 16 <= len; j += 16) {
-    f16 va, vb, vc, vu, vv, r;
-    std::memcpy(&va, a + j, sizeof va);
-    std::memcpy(&vb, b + j, sizeof vb);
-    std::memcpy(&vc, c + j, sizeof vc);
-    std::memcpy(&vu, u + j, sizeof vu);
-    std::memcpy(&vv, v + j, sizeof vv);
-    f(r, vu, vv, va, vb, vc);
-    std::memcpy(y + j, &r, sizeof r);
-    std::memcpy(u + j, &vu, sizeof vu);
-    std::memcpy(v + j, &vv, sizeof vv);
-  }
+#if defined(__GNUC__) || defined(__clang__)
+  for (; j + 16 <= len; j += 16) acc16(j, y, u, v, f, a, b, c);
+#endif
   for (; j < len; ++j) f(y[j], u[j], v[j], a[j], b[j], c[j]);
 }
-#else
-template <class F>
-inline void map_acc(Index len,
-                    float* y,
-                    float* u,
-                    float* v,
-                    F&& f,
-                    const float* a,
-                    const float* b,
-                    const float* c) {
-  for (Index j = 0; j < len; ++j) f(y[j], u[j], v[j], a[j], b[j], c[j]);
-}
-template <class F, class... P>
-inline void map(Index len, float* y, F&& f, const P*... in) {
-  for (Index j = 0; j < len; ++j) f(y[j], in[j]...);
-}
-#endif
 
 /// Fixed-order horizontal sum (a tree, the same on every target).
 NORMKIT_ALWAYS_INLINE double hsum(const d8& a) {
