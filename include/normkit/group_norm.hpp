@@ -182,6 +182,22 @@ void group_norm_backward(const Shape& sh,
   const bool fuse = dx && !gp.apply.column_mode() && na.R == 1 && na.L <= kBlockElements &&
                     na.T == NC && gp.apply.logical_slot_stride[0] == gp.C &&
                     gp.apply.logical_slot_stride[1] == 1;
+  // dx coefficients of group (n, g) from its channels' sums.
+  auto coefficients = [&](Index n, Index g) {
+    const acc_t r = saved.rstd(n * G + g);
+    acc_t sdy = 0, sdyx = 0;
+    for (Index c = g * gp.Cg; c < (g + 1) * gp.Cg; ++c) {
+      const auto a = static_cast<std::size_t>(aslot(n, c));
+      sdy += gamma(c) * s1[a];
+      sdyx += gamma(c) * s2[a];
+    }
+    for (Index c = g * gp.Cg; c < (g + 1) * gp.Cg; ++c) {
+      const auto a = static_cast<std::size_t>(aslot(n, c));
+      A[a] = gamma(c) * r;
+      B[a] = m > 0 ? -r * r * r * sdyx / m : 0;
+      Cc[a] = m > 0 ? -r * sdy / m : 0;
+    }
+  };
   if (fuse) {
     const Index NG = gp.N * G, Cg = gp.Cg;
     const bool parallel = device_threads(dev) > 1 && sh.numel() >= kMinParallelElements;
@@ -190,72 +206,35 @@ void group_norm_backward(const Shape& sh,
                    Odometer ko = na.ko;
                    ko.seek(first * Cg);
                    for (Index q = first; q < last; ++q) {
-                     const Index g = q % G;
-                     const acc_t r = saved.rstd(q);
                      const Odometer start = ko;
-                     acc_t sdy = 0, sdyx = 0;
                      for (Index i = 0; i < Cg; ++i, ko.next()) {
                        const auto a = static_cast<std::size_t>(ko.slot);
                        reduction_impl::row_group<0>(na, rop, ko, 1, s1[a], s2[a]);
-                       sdy += gamma(g * Cg + i) * s1[a];
-                       sdyx += gamma(g * Cg + i) * s2[a];
                      }
+                     coefficients(q / G, q % G);
                      ko = start;
-                     for (Index i = 0; i < Cg; ++i, ko.next()) {
-                       const auto a = static_cast<std::size_t>(ko.slot);
-                       A[a] = gamma(g * Cg + i) * r;
-                       B[a] = m > 0 ? -r * r * r * sdyx / m : 0;
-                       Cc[a] = m > 0 ? -r * sdy / m : 0;
+                     for (Index i = 0; i < Cg; ++i, ko.next())
                        aop.template run<false, 0>(ko.offset, na.L, ko.slot, 0, 0);
-                     }
                    }
                  });
+  } else {
+    // Per (n, c): sum dy and sum dy * (x - mean_ng) -- the same core as every other norm.
+    reduce(gp.apply, rop, s1.data(), s2.data(), dev);
     for (Index n = 0; n < gp.N; ++n) {
-      for (Index c = 0; c < gp.C; ++c) {
-        const auto a = static_cast<std::size_t>(aslot(n, c));
-        dw[static_cast<std::size_t>(c)] += s2[a] * saved.rstd(n * G + c / gp.Cg);
-        db[static_cast<std::size_t>(c)] += s1[a];
-      }
+      for (Index g = 0; g < G; ++g) coefficients(n, g);
     }
-    if (gw) {
-      for (Index c = 0; c < gp.C; ++c)
-        gw.data()[c] = static_cast<T>(dw[static_cast<std::size_t>(c)]);
-    }
-    if (gb) {
-      for (Index c = 0; c < gp.C; ++c)
-        gb.data()[c] = static_cast<T>(db[static_cast<std::size_t>(c)]);
-    }
-    return;
+    if (dx)
+      for_each_run(gp.apply, aop, dev);
   }
-  // Per (n, c): sum dy and sum dy * (x - mean_ng) -- the same core as every other norm.
-  reduce(gp.apply, rop, s1.data(), s2.data(), dev);
   for (Index n = 0; n < gp.N; ++n) {
-    for (Index g = 0; g < G; ++g) {
-      const acc_t r = saved.rstd(n * G + g);
-      acc_t sdy = 0, sdyx = 0;
-      for (Index c = g * gp.Cg; c < (g + 1) * gp.Cg; ++c) {
-        const auto a = static_cast<std::size_t>(aslot(n, c));
-        sdy += gamma(c) * s1[a];
-        sdyx += gamma(c) * s2[a];
-        dw[static_cast<std::size_t>(c)] += s2[a] * r;
-        db[static_cast<std::size_t>(c)] += s1[a];
-      }
-      for (Index c = g * gp.Cg; c < (g + 1) * gp.Cg; ++c) {
-        const auto a = static_cast<std::size_t>(aslot(n, c));
-        A[a] = gamma(c) * r;
-        B[a] = m > 0 ? -r * r * r * sdyx / m : 0;
-        Cc[a] = m > 0 ? -r * sdy / m : 0;
-      }
+    for (Index c = 0; c < gp.C; ++c) {
+      const auto a = static_cast<std::size_t>(aslot(n, c));
+      dw[static_cast<std::size_t>(c)] += s2[a] * saved.rstd(n * G + c / gp.Cg);
+      db[static_cast<std::size_t>(c)] += s1[a];
     }
   }
-  if (gw) {
-    for (Index c = 0; c < gp.C; ++c) gw.data()[c] = static_cast<T>(dw[static_cast<std::size_t>(c)]);
-  }
-  if (gb) {
-    for (Index c = 0; c < gp.C; ++c) gb.data()[c] = static_cast<T>(db[static_cast<std::size_t>(c)]);
-  }
-  if (dx)
-    for_each_run(gp.apply, aop, dev);
+  store_grad(gw, dw.data());
+  store_grad(gb, db.data());
 }
 
 }  // namespace detail

@@ -512,12 +512,8 @@ void layer_norm_backward(const Shape& sh,
       layer_norm_backward_one_pass<T, false>(lp, x, dy, dx, mean.data(), rstd.data(), nullptr,
                                              nullptr, bool(gw), dg.data(), dbv.data(), dev);
     }
-    for (std::size_t p = 0; p < n; ++p) {
-      if (gw)
-        gw.data()[p] = static_cast<T>(dg[p]);
-      if (gb)
-        gb.data()[p] = static_cast<T>(dbv[p]);
-    }
+    store_grad(gw, dg.data());
+    store_grad(gb, dbv.data());
     return;
   }
   if (dx) {

@@ -297,12 +297,8 @@ void channel_norm_backward(ChannelNormKind kind,
     dw[c] += s2[s] * rstd[s];
     db[c] += s1[s];
   }
-  if (gw) {
-    for (Index c = 0; c < C; ++c) gw.data()[c] = static_cast<T>(dw[static_cast<std::size_t>(c)]);
-  }
-  if (gb) {
-    for (Index c = 0; c < C; ++c) gb.data()[c] = static_cast<T>(db[static_cast<std::size_t>(c)]);
-  }
+  store_grad(gw, dw.data());
+  store_grad(gb, db.data());
 }
 
 }  // namespace detail

@@ -208,6 +208,13 @@ class VectorRef {
   bool present_ = false;
 };
 
+/// out[i] = v[i] for the length of out (a parameter gradient from its double sums); nothing
+/// when out is absent.
+template <class T>
+void store_grad(const VectorRef<T>& out, const double* v) {
+  for (Index i = 0; out && i < out.size(); ++i) out.data()[i] = static_cast<T>(v[i]);
+}
+
 }  // namespace detail
 
 using detail::VectorRef;
