@@ -457,48 +457,61 @@ void expect_backward_errors(
     M m, const char* tag, const X& x, const BadDY& bad_dy, const char* want, const char* got) {
   SCOPED_TRACE(tag);
   const X dy = input<X::Layout>(x.dimension(0), x.dimension(1), x.dimension(2));
-  // Before any forward.
-  EXPECT_TRUE(RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "forward"}));
-  EXPECT_TRUE(RejectsUnchanged<value_error>(m, [&] { (void)m.backward(x, dy); }, {tag, "forward"}));
-  (void)m.forward(x);
-  const auto g0 = m.backward(dy);
-  // dy of another shape than the last forward's input.
+  // Nothing kept yet: backward(dy) names the form that works, backward(x, dy).
   EXPECT_TRUE(
-      RejectsUnchanged<shape_error>(m, [&] { (void)m.backward(bad_dy); }, {tag, want, got}));
+      RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "backward(x, dy)"}));
+  // backward(x, dy) needs no forward: the statistics the current mode's forward would use.
+  const auto gx = m.backward(x, dy);
+  (void)m.forward(x);
+  const bool training = m.is_training();
+  const auto g0 = training ? m.backward(dy) : m.backward(x, dy);
+  EXPECT_TRUE(bitwise_equal(g0.input, gx.input)) << "kept and recomputed statistics differ";
+  EXPECT_TRUE(bitwise_equal(g0.weight, gx.weight));
+  // dy of another shape than x (or than the kept input).
   EXPECT_TRUE(
       RejectsUnchanged<shape_error>(m, [&] { (void)m.backward(x, bad_dy); }, {tag, want, got}));
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(m, [&] { (void)m.backward(bad_dy, bad_dy); },
-                                            {tag, want, got}));
-  // dy in the other storage order.
-  constexpr int kLayout = static_cast<int>(X::Layout);
-  constexpr int kRow = static_cast<int>(Eigen::RowMajor);
-  using Other = Eigen::Tensor<typename X::Scalar, X::NumDimensions,
-                              kLayout == kRow ? Eigen::ColMajor : Eigen::RowMajor>;
-  const Other dy_other = input<Other::Layout>(x.dimension(0), x.dimension(1), x.dimension(2));
-  const char* order = kLayout == kRow ? "RowMajor" : "ColMajor";
-  EXPECT_TRUE(RejectsUnchanged<shape_error>(m, [&] { (void)m.backward(dy_other); }, {tag, order}));
+  if (training) {
+    EXPECT_TRUE(
+        RejectsUnchanged<shape_error>(m, [&] { (void)m.backward(bad_dy); }, {tag, want, got}));
+    // dy in the other storage order than the kept input.
+    constexpr int kLayout = static_cast<int>(X::Layout);
+    constexpr int kRow = static_cast<int>(Eigen::RowMajor);
+    using Other = Eigen::Tensor<typename X::Scalar, X::NumDimensions,
+                                kLayout == kRow ? Eigen::ColMajor : Eigen::RowMajor>;
+    const Other dy_other = input<Other::Layout>(x.dimension(0), x.dimension(1), x.dimension(2));
+    EXPECT_TRUE(RejectsUnchanged<shape_error>(m, [&] { (void)m.backward(dy_other); },
+                                              {tag, "other storage order"}));
+  }
   // A rejected forward does not replace what backward uses.
-  const auto g1 = m.backward(dy);
+  const auto g1 = training ? m.backward(dy) : m.backward(x, dy);
   EXPECT_TRUE(bitwise_equal(g0.input, g1.input));
-  // Input not kept.
+  // requires_grad(false): nothing is kept; backward(x, dy) still gives the same gradients.
   m.set_requires_grad(false);
   EXPECT_TRUE(
-      RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "requires_grad"}));
+      RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "backward(x, dy)"}));
   (void)m.forward(x);
   EXPECT_TRUE(
-      RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "requires_grad"}));
-  // Inference mode keeps nothing for backward (so concurrent eval forwards only read the
-  // module): the explicit-input form is refused too.
-  EXPECT_TRUE(
-      RejectsUnchanged<value_error>(m, [&] { (void)m.backward(x, dy); }, {tag, "requires_grad"}));
-  m.set_requires_grad(true);
-  EXPECT_TRUE(
-      RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "requires_grad"}));
-  (void)m.forward(x);
-  const auto g2 = m.backward(x, dy);  // the explicit-input form
+      RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "backward(x, dy)"}));
+  const auto g2 = m.backward(x, dy);
   EXPECT_TRUE(bitwise_equal(g0.input, g2.input));
   EXPECT_TRUE(bitwise_equal(g0.weight, g2.weight));
   EXPECT_TRUE(bitwise_equal(g0.bias, g2.bias));
+  m.set_requires_grad(true);
+  // keep_input(false): training forwards keep only their statistics.
+  m.set_keep_input(false);
+  (void)m.forward(x);
+  EXPECT_TRUE(
+      RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "backward(x, dy)"}));
+  const auto g3 = m.backward(x, dy);
+  EXPECT_TRUE(bitwise_equal(g0.input, g3.input));
+  m.set_keep_input(true);
+  // Switching mode forgets what the last training forward kept.
+  if (training) {
+    (void)m.forward(x);
+    m.eval();
+    EXPECT_TRUE(
+        RejectsUnchanged<value_error>(m, [&] { (void)m.backward(dy); }, {tag, "backward(x, dy)"}));
+  }
 }
 
 TEST(BatchNormErrors, BackwardMisuse) {
@@ -528,6 +541,9 @@ TEST(BatchNormErrors, BackwardMisuse) {
   const auto dy1 = input(1, 3);
   EXPECT_TRUE(RejectsUnchanged<shape_error>(b, [&] { (void)b.backward(dy1); },
                                             {"[normkit.BatchNorm1d]", "[4, 3]", "[1, 3]"}));
+  // backward(x, dy) with one value per channel in training is the forward's error.
+  EXPECT_TRUE(RejectsUnchanged<value_error>(b, [&] { (void)b.backward(x1, dy1); },
+                                            {"[normkit.BatchNorm1d]", "more than 1 value"}));
 }
 
 TEST(BatchNormErrors, SettersCheckSizes) {
@@ -666,7 +682,7 @@ TEST(InstanceNormErrors, OneSpatialElementWithInstanceStats) {
     EXPECT_TRUE(RejectsUnchanged<value_error>(in, [&] { (void)in.forward(x); },
                                               {"[normkit.InstanceNorm1d]", msg, "[2, 3, 1]"}));
     EXPECT_TRUE(RejectsUnchanged<value_error>(in, [&] { (void)in.forward(u); },
-                                              {"[normkit.InstanceNorm1d]", msg, "[1, 3, 1]"}));
+                                              {"[normkit.InstanceNorm1d]", msg, "[3, 1]"}));
     in.eval();
     if (tracking) {
       EXPECT_NO_THROW((void)in.forward(x));
@@ -675,7 +691,7 @@ TEST(InstanceNormErrors, OneSpatialElementWithInstanceStats) {
       EXPECT_TRUE(RejectsUnchanged<value_error>(in, [&] { (void)in.forward(x); },
                                                 {"[normkit.InstanceNorm1d]", msg, "[2, 3, 1]"}));
       EXPECT_TRUE(RejectsUnchanged<value_error>(in, [&] { (void)in.forward(u); },
-                                                {"[normkit.InstanceNorm1d]", msg, "[1, 3, 1]"}));
+                                                {"[normkit.InstanceNorm1d]", msg, "[3, 1]"}));
     }
   }
   normkit::InstanceNorm2d<double> in2(3);
@@ -688,7 +704,7 @@ TEST(InstanceNormErrors, OneSpatialElementWithInstanceStats) {
   const auto u4 = input<Eigen::ColMajor>(3, 1, 1, 1);
   EXPECT_TRUE(
       RejectsUnchanged<value_error>(in3, [&] { (void)in3.forward(u4); },
-                                    {"[normkit.InstanceNorm3d]", "spatial", "[1, 3, 1, 1, 1]"}));
+                                    {"[normkit.InstanceNorm3d]", "spatial", "[3, 1, 1, 1]"}));
   // N == 1 is fine.
   normkit::InstanceNorm1d<double> ok(3);
   EXPECT_NO_THROW((void)ok.forward(input(1, 3, 4)));

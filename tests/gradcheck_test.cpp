@@ -1,4 +1,4 @@
-// Finite-difference checks of every module's backward in float64 (SEMANTICS.md §8, §15.24):
+// Finite-difference checks of every module's backward in float64 (docs/semantics.md §8):
 // central differences of L = sum(y * dy) with step 1e-6 against m.backward(dy) for dx,
 // dweight and dbias; training and (for BatchNorm/InstanceNorm) evaluation with running
 // statistics, affine on and off, RowMajor and ColMajor, channels-last. Plus the exact
@@ -132,7 +132,9 @@ template <class M, class X>
 void gradcheck(const M& base, const X& x, const X& dy) {
   M a = base;
   (void)a.forward(x);
-  const auto g = a.backward(dy);
+  // A training forward keeps its input (backward(dy)); an evaluation forward keeps nothing,
+  // and backward(x, dy) recomputes what that mode uses.
+  const auto g = a.is_training() ? a.backward(dy) : a.backward(x, dy);
   const auto g2 = a.backward(x, dy);
   EXPECT_TRUE(normkit_test::same_state(
       normkit_test::snapshot_tensors({"dx", "dw", "db"}, g.input, g.weight, g.bias),
@@ -195,7 +197,7 @@ void check_running_stats_formula(const M& base,
                                      a.running_var())))
       << "eval forward moved the running statistics";
   EXPECT_EQ(a.num_batches_tracked(), base.num_batches_tracked());
-  const auto g = a.backward(dy);
+  const auto g = a.backward(x, dy);
   const Idx C = base.running_mean().size();
   std::vector<double> dw(static_cast<std::size_t>(C), 0.0), db(dw.size(), 0.0);
   for (Idx i = 0; i < x.size(); ++i) {
@@ -412,7 +414,7 @@ void bn_eps0_constant_channel(bool training_mode) {
   const Eigen::Tensor<double, 3, L> dy =
       random_tensor<L>(std::array<Idx, 3>{4, 2, 3}, g, -1.0, 1.0);
   const auto y = bn.forward(x);
-  const auto gr = bn.backward(dy);
+  const auto gr = bn.backward(x, dy);
   double sum_dy = 0;
   for (Idx n = 0; n < 4; ++n) {
     for (Idx l = 0; l < 3; ++l) {

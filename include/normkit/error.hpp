@@ -1,4 +1,4 @@
-// normkit — normalization layers over Eigen tensors
+// normkit/error.hpp: the exceptions normkit throws for bad input (all std::invalid_argument).
 // SPDX-License-Identifier: MIT
 #ifndef NORMKIT_ERROR_HPP_
 #define NORMKIT_ERROR_HPP_
@@ -9,7 +9,9 @@
 namespace normkit {
 
 /// Base of every exception normkit throws for bad input. Messages start with a stable
-/// tag naming the module, e.g. "[normkit.BatchNorm2d] expected 4D input (got 3D input)".
+/// tag naming the module or function, e.g. "[normkit.BatchNorm2d] Expected more than 1 value
+/// per channel when training, got input size [1, 3, 1, 1]". Outside the ABI namespace
+/// (config.hpp), so that translation units built with different flags catch each other's.
 class error : public std::invalid_argument {
  public:
   using std::invalid_argument::invalid_argument;

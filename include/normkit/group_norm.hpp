@@ -1,4 +1,5 @@
-// normkit — normalization layers over Eigen tensors
+// normkit/group_norm.hpp: GroupNorm and the functional group_norm, forward and backward
+// (statistics per (n, group) over the group's channels and positions, per-channel affine).
 // SPDX-License-Identifier: MIT
 #ifndef NORMKIT_GROUP_NORM_HPP_
 #define NORMKIT_GROUP_NORM_HPP_
@@ -7,18 +8,14 @@
 #include <vector>  // std::vector
 
 #include <normkit/config.hpp>
-#include <normkit/detail/channel_norm.hpp>
-#include <normkit/detail/elementwise.hpp>
-#include <normkit/detail/fused.hpp>
+#include <normkit/detail/exec.hpp>
+#include <normkit/detail/group_norm_impl.hpp>
 #include <normkit/detail/module.hpp>
-#include <normkit/detail/moments.hpp>
-#include <normkit/detail/plan.hpp>
-#include <normkit/detail/reduction.hpp>
 #include <normkit/detail/tensor.hpp>
 #include <normkit/error.hpp>
 #include <normkit/options.hpp>
 
-namespace normkit {
+NORMKIT_BEGIN_NAMESPACE
 
 /// Options of the functional group_norm (torch.nn.functional.group_norm).
 template <class Scalar>
@@ -38,217 +35,16 @@ class GroupNormFuncOptions {
   NORMKIT_ARG(bool, channels_last) = false;
 };
 
-namespace detail {
-
-// GroupNorm: statistics per (n, g) over the group's C/G channels and all spatial positions
-// (stats plan: keys N, G; reduced Cg, spatial), then a per-(n, c) folded apply (apply plan:
-// keys N, C), since gamma/beta are per channel.
-struct GroupPlans {
-  Plan stats, stats_aux, apply;  // stats_aux: the stats plan with aux = channel index
-  Index N, C, G, Cg;
-};
-
-inline GroupPlans group_plans(const Shape& sh, Index G) {
-  GroupPlans gp;
-  gp.N = sh.dim[0];
-  gp.C = sh.dim[1];
-  gp.G = G;
-  gp.Cg = gp.C / G;
-  std::array<AxisSpec, kMaxAxes> ax{};
-  ax[0] = AxisSpec{gp.N, sh.stride[0], Role::key, 0};
-  ax[1] = AxisSpec{G, gp.Cg * sh.stride[1], Role::key, 0};
-  ax[2] = AxisSpec{gp.Cg, sh.stride[1], Role::reduce, 0};
-  for (int i = 2; i < sh.rank; ++i) {
-    const auto u = static_cast<std::size_t>(i);
-    ax[u + 1] = AxisSpec{sh.dim[u], sh.stride[u], Role::reduce, 0};
-  }
-  gp.stats = make_plan(ax.data(), sh.rank + 1);
-  ax[1].aux_stride = gp.Cg;
-  ax[2].aux_stride = 1;
-  gp.stats_aux = make_plan(ax.data(), sh.rank + 1);
-  gp.apply = channel_plan(ChannelNormKind::instance, sh);
-  return gp;
-}
-
-template <class T>
-void group_norm_check(const char* who,
-                      const Shape& sh,
-                      Index G,
-                      const VectorRef<const T>& w,
-                      const VectorRef<const T>& b) {
-  if (G <= 0)
-    throw_value(who, "Expected num groups to be greater than 0, got " + std::to_string(G));
-  const Index C = sh.dim[1];
-  if (C % G != 0) {
-    throw_shape(who,
-                "Expected number of channels in input to be divisible by num_groups, but got input "
-                "of shape " +
-                    shape_str(sh) + " and num_groups=" + std::to_string(G));
-  }
-  auto check = [&](const VectorRef<const T>& v, const char* name) {
-    if (v && v.size() != C) {
-      throw_shape(who,
-                  std::string("Expected ") + name +
-                      " to be a vector of size equal to the number of channels in input, but got " +
-                      name + " of shape [" + std::to_string(v.size()) + "] and input of shape " +
-                      shape_str(sh));
-    }
-  };
-  check(w, "weight");
-  check(b, "bias");
-}
-
-template <class T, class Device>
-void group_norm_forward(const Shape& sh,
-                        Index G,
-                        const T* x,
-                        T* y,
-                        const VectorRef<const T>& w,
-                        const VectorRef<const T>& b,
-                        double eps,
-                        SavedStats* saved,
-                        const Device& dev) {
-  const GroupPlans gp = group_plans(sh, G);
-  const Index NG = gp.N * G;
-  std::vector<acc_t> mean(static_cast<std::size_t>(NG)), rstd(mean.size()), center(mean.size());
-  std::vector<T> ones, zeros;
-  if (!w)
-    ones.assign(static_cast<std::size_t>(gp.C), T(1));
-  if (!b)
-    zeros.assign(static_cast<std::size_t>(gp.C), T(0));
-  const T* gamma = w ? w.data() : ones.data();
-  const T* beta = b ? b.data() : zeros.data();
-  auto finish = [&](Index s, acc_t m, acc_t v) {
-    mean[static_cast<std::size_t>(s)] = m;
-    rstd[static_cast<std::size_t>(s)] = rstd_of(v, eps, false);
-  };
-  // Per-channel gamma/beta through the aux index (the channel) of the stats plan.
-  const AuxAffineOp<T> op{x, y, mean.data(), rstd.data(), gamma, beta};
-  if (!fused_forward(gp.stats, gp.stats_aux, x, center.data(), finish, op, dev)) {
-    moments(gp.stats, x, mean.data(), rstd.data(), center.data(), dev);
-    for (std::size_t s = 0; s < mean.size(); ++s) finish(static_cast<Index>(s), mean[s], rstd[s]);
-    for_each_run(gp.stats_aux, op, dev);
-  }
-  auto sslot = [&](Index n, Index g) {
-    return n * gp.stats.logical_slot_stride[0] + g * gp.stats.logical_slot_stride[1];
-  };
-  if (saved) {
-    saved->mean.resize(NG);  // no allocation when the size is unchanged
-    saved->rstd.resize(NG);
-    for (Index n = 0; n < gp.N; ++n) {
-      for (Index g = 0; g < G; ++g) {
-        const auto s = static_cast<std::size_t>(sslot(n, g));
-        saved->mean(n * G + g) = mean[s];
-        saved->rstd(n * G + g) = rstd[s];
-      }
-    }
-    saved->batch_stats = true;
-  }
-}
-
-template <class T, class Device>
-void group_norm_backward(const Shape& sh,
-                         Index G,
-                         const T* x,
-                         const T* dy,
-                         T* dx,
-                         const SavedStats& saved,
-                         const VectorRef<const T>& w,
-                         const VectorRef<T>& gw,
-                         const VectorRef<T>& gb,
-                         const Device& dev) {
-  const GroupPlans gp = group_plans(sh, G);
-  const Index NC = gp.N * gp.C;
-  auto aslot = [&](Index n, Index c) {
-    return n * gp.apply.logical_slot_stride[0] + c * gp.apply.logical_slot_stride[1];
-  };
-  const auto nc = static_cast<std::size_t>(NC);
-  std::vector<acc_t> center(nc), s1(nc), s2(nc), A(nc), B(nc), Cc(nc);
-  for (Index n = 0; n < gp.N; ++n) {
-    for (Index c = 0; c < gp.C; ++c)
-      center[static_cast<std::size_t>(aslot(n, c))] = saved.mean(n * G + c / gp.Cg);
-  }
-  const acc_t m = static_cast<acc_t>(gp.Cg * spatial_size(sh));
-  std::vector<acc_t> dw(static_cast<std::size_t>(gp.C), 0.0), db(dw.size(), 0.0);
-  auto gamma = [&](Index c) { return w ? static_cast<acc_t>(w.data()[c]) : acc_t{1}; };
-  const GradSumsOp<T, false> rop{x, dy, center.data(), nullptr};
-  const GradInputOp<T, false> aop{x, dy, dx, center.data(), A.data(), B.data(), Cc.data(), nullptr};
-  const reduction_impl::Nest na = reduction_impl::split(gp.apply);
-  // NB: fused per group (NCHW-like layouts whose (n, c) planes are single runs): the group's
-  // channel sums, its coefficients and its dx, while the group's Cg planes are in cache --
-  // 3B of traffic instead of 5B. The sums are reduce()'s (row_group, one block per plane);
-  // dweight/dbias are then accumulated in the same order as the two-pass path. Chosen by
-  // shape only.
-  const bool fuse = dx && !gp.apply.column_mode() && na.R == 1 && na.L <= kBlockElements &&
-                    na.T == NC && gp.apply.logical_slot_stride[0] == gp.C &&
-                    gp.apply.logical_slot_stride[1] == 1;
-  // dx coefficients of group (n, g) from its channels' sums.
-  auto coefficients = [&](Index n, Index g) {
-    const acc_t r = saved.rstd(n * G + g);
-    acc_t sdy = 0, sdyx = 0;
-    for (Index c = g * gp.Cg; c < (g + 1) * gp.Cg; ++c) {
-      const auto a = static_cast<std::size_t>(aslot(n, c));
-      sdy += gamma(c) * s1[a];
-      sdyx += gamma(c) * s2[a];
-    }
-    for (Index c = g * gp.Cg; c < (g + 1) * gp.Cg; ++c) {
-      const auto a = static_cast<std::size_t>(aslot(n, c));
-      A[a] = gamma(c) * r;
-      B[a] = m > 0 ? -r * r * r * sdyx / m : 0;
-      Cc[a] = m > 0 ? -r * sdy / m : 0;
-    }
-  };
-  if (fuse) {
-    const Index NG = gp.N * G, Cg = gp.Cg;
-    const bool parallel = device_threads(dev) > 1 && sh.numel() >= kMinParallelElements;
-    parallel_for(dev, NG, double(Cg * na.L) * 5.0 * sizeof(T), parallel,
-                 [&](Index first, Index last) {
-                   Odometer ko = na.ko;
-                   ko.seek(first * Cg);
-                   for (Index q = first; q < last; ++q) {
-                     const Odometer start = ko;
-                     for (Index i = 0; i < Cg; ++i, ko.next()) {
-                       const auto a = static_cast<std::size_t>(ko.slot);
-                       reduction_impl::row_group<0>(na, rop, ko, 1, s1[a], s2[a]);
-                     }
-                     coefficients(q / G, q % G);
-                     ko = start;
-                     for (Index i = 0; i < Cg; ++i, ko.next())
-                       aop.template run<false, 0>(ko.offset, na.L, ko.slot, 0, 0);
-                   }
-                 });
-  } else {
-    // Per (n, c): sum dy and sum dy * (x - mean_ng) -- the same core as every other norm.
-    reduce(gp.apply, rop, s1.data(), s2.data(), dev);
-    for (Index n = 0; n < gp.N; ++n) {
-      for (Index g = 0; g < G; ++g) coefficients(n, g);
-    }
-    if (dx)
-      for_each_run(gp.apply, aop, dev);
-  }
-  for (Index n = 0; n < gp.N; ++n) {
-    for (Index c = 0; c < gp.C; ++c) {
-      const auto a = static_cast<std::size_t>(aslot(n, c));
-      dw[static_cast<std::size_t>(c)] += s2[a] * saved.rstd(n * G + c / gp.Cg);
-      db[static_cast<std::size_t>(c)] += s1[a];
-    }
-  }
-  store_grad(gw, dw.data());
-  store_grad(gb, db.data());
-}
-
-}  // namespace detail
-
 /// Group normalization (Wu & He 2018), as F.group_norm: channels split into num_groups
 /// contiguous groups; y = (x - mean_ng) / sqrt(var_ng + eps) * weight_c + bias_c with the
 /// mean and biased variance of each (n, g) over its C/G channels and all spatial positions.
 /// Same in training and evaluation. Unlike PyTorch there is no "more than 1 value" guard
-/// (SEMANTICS.md Policy 2): a one-element group returns bias.
+/// (a deliberate difference, docs/semantics.md §11): a one-element group returns bias.
 /// @throws value_error for num_groups <= 0; shape_error if C is not divisible by
 ///         num_groups or weight/bias do not have C elements.
 template <class X, class Y, class Device = Eigen::DefaultDevice>
 void group_norm(const X& x,
-                Y& y,
+                Y&& y,
                 const GroupNormFuncOptions<detail::scalar_of<X>>& options,
                 SavedStats* saved = nullptr,
                 const Device& device = Device()) {
@@ -261,7 +57,17 @@ void group_norm(const X& x,
   if (sh.numel() == 0)
     return;
   detail::group_norm_forward(sh, options.num_groups(), x.data(), y_ptr, options.weight(),
-                             options.bias(), options.eps(), saved, device);
+                             options.bias(), options.eps(), saved,
+                             static_cast<detail::scalar_of<X>*>(nullptr), detail::make_exec(device));
+}
+
+/// group_norm on a device, without saved statistics.
+template <class X, class Y, class Device, detail::if_device<Device> = 0>
+void group_norm(const X& x,
+                Y&& y,
+                const GroupNormFuncOptions<detail::scalar_of<X>>& options,
+                const Device& device) {
+  group_norm(x, y, options, nullptr, device);
 }
 
 /// Allocating form of group_norm.
@@ -274,11 +80,11 @@ auto group_norm(const X& x, const GroupNormFuncOptions<detail::scalar_of<X>>& op
   return y;
 }
 
-/// Gradients of group_norm from its saved statistics (SEMANTICS.md §8).
+/// Gradients of group_norm from its saved statistics (docs/semantics.md §8).
 template <class X, class DY, class DX, class Device = Eigen::DefaultDevice>
 void group_norm_backward(const X& x,
                          const DY& dy,
-                         DX& dx,
+                         DX&& dx,
                          const SavedStats& saved,
                          Index num_groups,
                          VectorRef<const detail::scalar_of<X>> weight,
@@ -289,14 +95,7 @@ void group_norm_backward(const X& x,
   const detail::Shape sh = detail::logical_shape(x, channels_last, "group_norm_backward");
   detail::group_norm_check("group_norm_backward", sh, num_groups, weight,
                            VectorRef<const detail::scalar_of<X>>());
-  constexpr int R = detail::tensor_traits<X>::rank;
-  for (int i = 0; i < R; ++i) {
-    if (detail::dim(x, i) != detail::dim(dy, i)) {
-      detail::throw_shape("group_norm_backward",
-                          "expected grad_output of size " + detail::dims_str(x.dimensions(), R) +
-                              " but got " + detail::dims_str(dy.dimensions(), R));
-    }
-  }
+  detail::check_same_dims("group_norm_backward", "grad_output", x, dy);
   if (saved.mean.size() != sh.dim[0] * num_groups || saved.rstd.size() != saved.mean.size()) {
     detail::throw_shape("group_norm_backward",
                         "expected saved statistics of " + std::to_string(sh.dim[0] * num_groups) +
@@ -311,14 +110,28 @@ void group_norm_backward(const X& x,
     return;
   }
   detail::group_norm_backward(sh, num_groups, x.data(), dy.data(), dx_ptr, saved, weight,
-                              grad_weight, grad_bias, device);
+                              grad_weight, grad_bias, detail::make_exec(device));
+}
+
+/// group_norm_backward on a device (NCHW-like layout).
+template <class X, class DY, class DX, class Device, detail::if_device<Device> = 0>
+void group_norm_backward(const X& x,
+                         const DY& dy,
+                         DX&& dx,
+                         const SavedStats& saved,
+                         Index num_groups,
+                         VectorRef<const detail::scalar_of<X>> weight,
+                         VectorRef<detail::scalar_of<X>> grad_weight,
+                         VectorRef<detail::scalar_of<X>> grad_bias,
+                         const Device& device) {
+  group_norm_backward(x, dy, dx, saved, num_groups, weight, grad_weight, grad_bias, false, device);
 }
 
 /// GroupNorm over (N, C, *) input, as torch.nn.GroupNorm; weight (1) and bias (0) of
 /// num_channels elements when affine. No running statistics: training and evaluation agree.
 /// @code
-/// normkit::GroupNorm<float> gn(normkit::GroupNormOptions(/*num_groups=*/32,
-/// /*num_channels=*/256)); auto y = gn.forward(x);  // x: (N, 256, H, W)
+/// normkit::GroupNorm<float> gn{normkit::GroupNormOptions{/*num_groups=*/32, /*num_channels=*/256}};
+/// auto y = gn.forward(x);  // x: (N, 256, H, W)
 /// @endcode
 template <class Scalar>
 class GroupNorm : public detail::ModuleBase<Scalar> {
@@ -337,67 +150,82 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
   /// The options the module was constructed with.
   const GroupNormOptions& options() const { return options_; }
 
-  template <class X, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>
-  /// Normalizes x with the statistics of each (sample, group); same in training and evaluation.
-  /// Returns y; throws as the non-allocating forward.
+  /// Normalizes x with the statistics of each (sample, group); same in training and
+  /// evaluation. Returns y; throws as the non-allocating forward.
+  template <class X, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
   auto forward(const X& x, const Device& device = Device()) {
     Eigen::Tensor<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
     forward(x, y, device);
     return y;
   }
 
+  /// Non-allocating forward into y (a Tensor is resized, a TensorMap must match).
   /// @throws shape_error for a wrong channel count. The module is unchanged when it throws.
   template <class X, class Y, class Device = Eigen::DefaultDevice, detail::if_tensor<Y> = 0>
   void forward(const X& x, Y&& y, const Device& device = Device()) {
     const detail::Shape sh = shape(x);
     detail::check_channels(kName, "num_channels", options_.num_channels(), sh);
     auto* y_ptr = detail::prepare_output(x, y, kName);
+    const bool keep = this->keeps();
+    Scalar* copy = this->input_buffer(x);
     SavedStats saved;
     if (sh.numel() != 0) {
       detail::group_norm_forward(sh, options_.num_groups(), x.data(), y_ptr, wref(), bref(),
-                                 options_.eps(), this->requires_grad_ ? &saved : nullptr, device);
+                                 options_.eps(), keep ? &saved : nullptr, copy,
+                                 detail::make_exec(device));
     }
-    // Inference (requires_grad() false) writes nothing to the module: concurrent eval
-    // forwards are then pure reads (ThreadSanitizer-checked in threading_test).
-    if (this->requires_grad_) {
-      this->saved_ = std::move(saved);
-      this->remember_input(x);
-    }
+    if (keep)
+      this->commit(x, std::move(saved), this->keep_input_);
   }
 
-  template <class DY, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>
-  /// Gradients for the last forward, using its saved statistics and input copy.
-  /// @throws value_error before any forward or when the input was not kept; shape_error when dy's
-  ///         dims or storage order differ from the last input's.
+  /// Gradients for the last training forward from its kept input (keep_input()).
+  /// @throws value_error when no input is kept (then call backward(x, dy)); shape_error when
+  ///         dy differs from the kept input's dims.
+  template <class DY, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
   auto backward(const DY& dy, const Device& device = Device()) {
-    auto x = this->saved_input(dy, kName);
-    return backward(x, dy, device);
+    return backward(this->kept_input(dy, kName), dy, device);
   }
 
-  template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0>
-  /// Gradients for the last forward with its input x given again (no copy needed).
-  /// @throws value_error without a preceding forward with requires_grad() true; shape_error when
-  ///         x's or dy's dims or storage order differ from the last input's.
+  /// Gradients at x (the group statistics the last training forward kept for an input of
+  /// x's shape, else x's own).
+  template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0,
+            detail::if_device<Device> = 0>
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
-    this->check_same(x, kName);
-    this->check_same(dy, kName);
-    Gradients<Scalar, detail::tensor_traits<DY>::rank, detail::tensor_traits<DY>::layout> g;
-    const bool affine = options_.affine();
-    if (affine) {
-      g.weight.resize(options_.num_channels());
-      g.bias.resize(options_.num_channels());
+    Gradients<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> g;
+    backward(x, dy, g, device);
+    return g;
+  }
+
+  /// Non-allocating backward into caller-owned gradients.
+  template <class X, class DY, class G, class Device = Eigen::DefaultDevice,
+            detail::if_gradients<G> = 0>
+  void backward(const X& x, const DY& dy, G& g, const Device& device = Device()) {
+    const detail::Shape sh = shape(x);
+    detail::check_same_dims(kName, "grad_output", x, dy);
+    detail::check_channels(kName, "num_channels", options_.num_channels(), sh);
+    const detail::Exec ex = detail::make_exec(device);
+    SavedStats local;
+    const SavedStats* st = &this->saved_;
+    if (!this->kept_for(x) && sh.numel() != 0) {
+      detail::group_norm_stats(sh, options_.num_groups(), x.data(), options_.eps(), local, ex);
+      st = &local;
+    }
+    const Index C = options_.affine() ? options_.num_channels() : 0;
+    detail::prepare_gradients(g, x, C, C);
+    if (sh.numel() == 0) {
       g.weight.setZero();
       g.bias.setZero();
+      return;
     }
-    const detail::Shape sh = shape(x);
-    detail::prepare_output(x, g.input, kName);
-    if (sh.numel() != 0) {
-      detail::group_norm_backward(sh, options_.num_groups(), x.data(), dy.data(), g.input.data(),
-                                  this->saved_, wref(),
-                                  affine ? VectorRef<Scalar>(g.weight) : VectorRef<Scalar>(),
-                                  affine ? VectorRef<Scalar>(g.bias) : VectorRef<Scalar>(), device);
-    }
-    return g;
+    detail::group_norm_backward(sh, options_.num_groups(), x.data(), dy.data(), g.input.data(), *st,
+                                wref(), C ? VectorRef<Scalar>(g.weight) : VectorRef<Scalar>(),
+                                C ? VectorRef<Scalar>(g.bias) : VectorRef<Scalar>(), ex);
+  }
+
+  /// backward(dy) into caller-owned gradients.
+  template <class DY, class G, class Device = Eigen::DefaultDevice, detail::if_gradients<G> = 0>
+  void backward(const DY& dy, G& g, const Device& device = Device()) {
+    backward(this->kept_input(dy, kName), dy, g, device);
   }
 
   /// Per-channel scale, num_channels elements (init 1); empty when not affine.
@@ -446,6 +274,6 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
   Vector weight_, bias_;
 };
 
-}  // namespace normkit
+NORMKIT_END_NAMESPACE
 
 #endif  // NORMKIT_GROUP_NORM_HPP_

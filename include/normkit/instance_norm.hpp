@@ -1,4 +1,5 @@
-// normkit — normalization layers over Eigen tensors
+// normkit/instance_norm.hpp: InstanceNorm1d/2d/3d and the functional instance_norm, forward
+// and backward (statistics per (n, c) over the spatial axes).
 // SPDX-License-Identifier: MIT
 #ifndef NORMKIT_INSTANCE_NORM_HPP_
 #define NORMKIT_INSTANCE_NORM_HPP_
@@ -7,26 +8,35 @@
 #include <string>   // std::string
 
 #include <normkit/config.hpp>
+#include <normkit/detail/channel_module.hpp>
 #include <normkit/detail/channel_norm.hpp>
+#include <normkit/detail/exec.hpp>
 #include <normkit/detail/module.hpp>
 #include <normkit/detail/tensor.hpp>
 #include <normkit/error.hpp>
 #include <normkit/options.hpp>
 
-namespace normkit {
+NORMKIT_BEGIN_NAMESPACE
 
 /// Options of the functional instance_norm (torch.nn.functional.instance_norm).
 template <class Scalar>
 class InstanceNormFuncOptions {
+  /// Per-channel scale (C elements); not set = 1.
   NORMKIT_ARG(VectorRef<const Scalar>, weight);
+  /// Per-channel shift (C elements); not set = 0.
   NORMKIT_ARG(VectorRef<const Scalar>, bias);
+  /// Running mean (C elements), updated with the batch average of per-instance means.
   NORMKIT_ARG(VectorRef<Scalar>, running_mean);
+  /// Running variance (C elements), as running_mean.
   NORMKIT_ARG(VectorRef<Scalar>, running_var);
   /// Per-instance statistics (and running update, when running statistics are given) when
   /// true; the running statistics when false.
   NORMKIT_ARG(bool, use_input_stats) = true;
+  /// Update factor f: running = (1 - f) * running + f * batch.
   NORMKIT_ARG(double, momentum) = 0.1;
+  /// Added to the variance inside the square root.
   NORMKIT_ARG(double, eps) = 1e-5;
+  /// Input dims are (N, spatial..., C) instead of (N, C, spatial...).
   NORMKIT_ARG(bool, channels_last) = false;
 };
 
@@ -53,7 +63,7 @@ ChannelNormArgs<T> instance_norm_args(const O<T>& o) {
 /// @throws shape_error, value_error (one spatial element with input statistics).
 template <class X, class Y, class Device = Eigen::DefaultDevice>
 void instance_norm(const X& x,
-                   Y& y,
+                   Y&& y,
                    const InstanceNormFuncOptions<detail::scalar_of<X>>& options,
                    SavedStats* saved = nullptr,
                    const Device& device = Device()) {
@@ -64,7 +74,17 @@ void instance_norm(const X& x,
   detail::channel_norm_check("instance_norm", detail::ChannelNormKind::instance, sh, a);
   auto* y_ptr = detail::prepare_output(x, y, "instance_norm");
   detail::channel_norm_forward(detail::ChannelNormKind::instance, sh, x.data(), y_ptr, a, saved,
-                               device);
+                               static_cast<detail::scalar_of<X>*>(nullptr),
+                               detail::make_exec(device));
+}
+
+/// instance_norm on a device, without saved statistics.
+template <class X, class Y, class Device, detail::if_device<Device> = 0>
+void instance_norm(const X& x,
+                   Y&& y,
+                   const InstanceNormFuncOptions<detail::scalar_of<X>>& options,
+                   const Device& device) {
+  instance_norm(x, y, options, nullptr, device);
 }
 
 /// Allocating form of instance_norm.
@@ -77,24 +97,39 @@ auto instance_norm(const X& x, const InstanceNormFuncOptions<detail::scalar_of<X
   return y;
 }
 
-/// Gradients of instance_norm from its saved statistics (SEMANTICS.md §8); dweight and
-/// dbias sum over the batch.
+/// Gradients of instance_norm from its saved statistics (docs/semantics.md §8); dweight
+/// and dbias sum over the batch.
 template <class X, class DY, class DX, class Device = Eigen::DefaultDevice>
 void instance_norm_backward(const X& x,
                             const DY& dy,
-                            DX& dx,
+                            DX&& dx,
                             const SavedStats& saved,
                             VectorRef<const detail::scalar_of<X>> weight,
                             VectorRef<detail::scalar_of<X>> grad_weight,
                             VectorRef<detail::scalar_of<X>> grad_bias,
                             bool channels_last = false,
                             const Device& device = Device()) {
-  const detail::Shape sh = detail::logical_shape(x, channels_last, "instance_norm_backward");
-  detail::check_grad_args("instance_norm_backward", detail::ChannelNormKind::instance, sh, x, dy,
-                          saved, weight, grad_weight, grad_bias);
-  auto* dx_ptr = detail::prepare_output(x, dx, "instance_norm_backward", "grad_input");
+  const char* who = "instance_norm_backward";
+  const detail::Shape sh = detail::logical_shape(x, channels_last, who);
+  detail::check_same_dims(who, "grad_output", x, dy);
+  detail::check_grad_args(who, detail::ChannelNormKind::instance, sh, saved, weight, grad_weight,
+                          grad_bias);
+  auto* dx_ptr = detail::prepare_output(x, dx, who, "grad_input");
   detail::channel_norm_backward(detail::ChannelNormKind::instance, sh, x.data(), dy.data(), dx_ptr,
-                                saved, weight, grad_weight, grad_bias, device);
+                                saved, weight, grad_weight, grad_bias, detail::make_exec(device));
+}
+
+/// instance_norm_backward on a device (NCHW-like layout).
+template <class X, class DY, class DX, class Device, detail::if_device<Device> = 0>
+void instance_norm_backward(const X& x,
+                            const DY& dy,
+                            DX&& dx,
+                            const SavedStats& saved,
+                            VectorRef<const detail::scalar_of<X>> weight,
+                            VectorRef<detail::scalar_of<X>> grad_weight,
+                            VectorRef<detail::scalar_of<X>> grad_bias,
+                            const Device& device) {
+  instance_norm_backward(x, dy, dx, saved, weight, grad_weight, grad_bias, false, device);
 }
 
 /// InstanceNorm over (N, C, *) or unbatched (C, *) input, as torch.nn.InstanceNorm1d/2d/3d:
@@ -103,36 +138,30 @@ void instance_norm_backward(const X& x,
 /// default; with track_running_stats, training updates per-channel running statistics and
 /// evaluation uses them (num_batches_tracked exists but never moves, as in PyTorch).
 /// @code
-/// normkit::InstanceNorm2d<float> in(normkit::InstanceNormOptions(3).affine(true));
+/// normkit::InstanceNorm2d<float> in{normkit::InstanceNormOptions{3}.affine(true)};
 /// auto y = in.forward(x);  // x: (N, 3, H, W) or (3, H, W)
 /// @endcode
 template <class Scalar, int Dim>
-class InstanceNorm : public detail::ModuleBase<Scalar> {
+class InstanceNorm : public detail::ChannelModule<Scalar, InstanceNormOptions> {
   static_assert(Dim >= 1 && Dim <= 3, "InstanceNorm: Dim is 1, 2 or 3");
+  using Base = detail::ChannelModule<Scalar, InstanceNormOptions>;
 
  public:
-  /// 1-D tensor type of the parameters and running statistics.
-  using Vector = Eigen::Tensor<Scalar, 1>;
   /// Class name as in PyTorch (e.g. "InstanceNorm2d"), used in error messages.
   static constexpr const char* kName = Dim == 1   ? "InstanceNorm1d"
                                        : Dim == 2 ? "InstanceNorm2d"
                                                   : "InstanceNorm3d";
 
   /// @throws value_error for negative num_features or eps, momentum outside [0, 1] or none.
-  explicit InstanceNorm(const InstanceNormOptions& options) : options_(options) {
-    detail::validate(kName, options_);
-    reset_parameters();
-  }
-  /// A module with PyTorch's defaults (no affine, no running statistics) for num_features channels.
+  explicit InstanceNorm(const InstanceNormOptions& options) : Base(kName, options) {}
+  /// A module with PyTorch's defaults (no affine, no running statistics) for num_features
+  /// channels.
   explicit InstanceNorm(Index num_features) : InstanceNorm(InstanceNormOptions(num_features)) {}
 
-  /// The options the module was constructed with.
-  const InstanceNormOptions& options() const { return options_; }
-
-  template <class X, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>
-  /// Normalizes x with per-instance statistics, or with the running statistics in evaluation with
-  /// track_running_stats; training with track_running_stats also updates them. Returns y; throws as
-  /// the non-allocating forward.
+  /// Normalizes x with per-instance statistics, or with the running statistics in evaluation
+  /// with track_running_stats; training with track_running_stats also updates them. Returns y;
+  /// throws as the non-allocating forward.
+  template <class X, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
   auto forward(const X& x, const Device& device = Device()) {
     Eigen::Tensor<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
     forward(x, y, device);
@@ -144,117 +173,40 @@ class InstanceNorm : public detail::ModuleBase<Scalar> {
   ///         with instance statistics. The module is unchanged when it throws.
   template <class X, class Y, class Device = Eigen::DefaultDevice, detail::if_tensor<Y> = 0>
   void forward(const X& x, Y&& y, const Device& device = Device()) {
-    const detail::Shape sh = shape(x);
-    detail::check_channels(kName, "num_features", options_.num_features(), sh);
-    const bool tracking = options_.track_running_stats();
-    detail::ChannelNormArgs<Scalar> a;
-    if (options_.affine()) {
-      a.weight = weight_;
-      a.bias = bias_;
-    }
-    if (tracking) {
-      a.running_mean = running_mean_;
-      a.running_var = running_var_;
-    }
-    a.batch_stats = this->training_ || !tracking;
-    a.update_running = this->training_ && tracking;
-    a.momentum = *options_.momentum();
-    a.eps = options_.eps();
-    detail::channel_norm_check(kName, detail::ChannelNormKind::instance, sh, a);
-    auto* y_ptr = detail::prepare_output(x, y, kName);
-    SavedStats saved;
-    detail::channel_norm_forward(detail::ChannelNormKind::instance, sh, x.data(), y_ptr, a,
-                                 this->requires_grad_ ? &saved : nullptr, device);
-    // Inference (requires_grad() false) writes nothing to the module: concurrent eval
-    // forwards are then pure reads (ThreadSanitizer-checked in threading_test).
-    if (this->requires_grad_) {
-      this->saved_ = std::move(saved);
-      this->remember_input(x);
-    }
+    this->forward_impl(detail::ChannelNormKind::instance, shape(x), x, y,
+                       detail::make_exec(device));
   }
 
-  template <class DY, class Device = Eigen::DefaultDevice, detail::not_tensor<Device> = 0>
-  /// Gradients for the last forward, using its saved statistics and input copy.
-  /// @throws value_error before any forward or when the input was not kept; shape_error when dy's
-  ///         dims or storage order differ from the last input's.
+  /// Gradients for the last training forward from its kept input (keep_input()).
+  /// @throws value_error when no input is kept (then call backward(x, dy)); shape_error when
+  ///         dy differs from the kept input's dims.
+  template <class DY, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
   auto backward(const DY& dy, const Device& device = Device()) {
-    auto x = this->saved_input(dy, kName);
-    return backward(x, dy, device);
+    return backward(this->kept_input(dy, kName), dy, device);
   }
 
-  template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0>
-  /// Gradients for the last forward with its input x given again (no copy needed).
-  /// @throws value_error without a preceding forward with requires_grad() true; shape_error when
-  ///         x's or dy's dims or storage order differ from the last input's.
+  /// Gradients at x: the statistics the last training forward kept for an input of x's
+  /// shape, else those the current mode's forward would use.
+  template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0,
+            detail::if_device<Device> = 0>
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
-    this->check_same(x, kName);
-    this->check_same(dy, kName);
-    Gradients<Scalar, detail::tensor_traits<DY>::rank, detail::tensor_traits<DY>::layout> g;
-    const bool affine = options_.affine();
-    if (affine) {
-      g.weight.resize(options_.num_features());
-      g.bias.resize(options_.num_features());
-    }
-    const detail::Shape sh = shape(x);
-    detail::prepare_output(x, g.input, kName);
-    VectorRef<const Scalar> w;
-    if (affine)
-      w = VectorRef<const Scalar>(weight_);
-    detail::channel_norm_backward(detail::ChannelNormKind::instance, sh, x.data(), dy.data(),
-                                  g.input.data(), this->saved_, w,
-                                  affine ? VectorRef<Scalar>(g.weight) : VectorRef<Scalar>(),
-                                  affine ? VectorRef<Scalar>(g.bias) : VectorRef<Scalar>(), device);
+    Gradients<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> g;
+    backward(x, dy, g, device);
     return g;
   }
 
-  /// Per-channel scale, num_features elements (init 1); empty when not affine.
-  const Vector& weight() const { return weight_; }
-  /// Per-channel shift, num_features elements (init 0); empty when not affine.
-  const Vector& bias() const { return bias_; }
-  /// Running mean, num_features elements (init 0), updated with the batch average of the
-  /// per-instance means; empty without track_running_stats.
-  const Vector& running_mean() const { return running_mean_; }
-  /// Running variance (init 1), updated with the batch average of the per-instance unbiased
-  /// variances; empty without track_running_stats.
-  const Vector& running_var() const { return running_var_; }
-  /// In the state dict with track_running_stats, but forward never changes it, as in PyTorch (0
-  /// unless set).
-  std::int64_t num_batches_tracked() const { return num_batches_tracked_; }
+  /// Non-allocating backward into caller-owned gradients.
+  template <class X, class DY, class G, class Device = Eigen::DefaultDevice,
+            detail::if_gradients<G> = 0>
+  void backward(const X& x, const DY& dy, G& grads, const Device& device = Device()) {
+    this->backward_impl(detail::ChannelNormKind::instance, shape(x), x, dy, grads,
+                        detail::make_exec(device));
+  }
 
-  /// Sets weight.
-  /// @throws shape_error unless v has num_features elements (0 when not affine).
-  void set_weight(const Vector& v) { set_checked(weight_, v, "weight", options_.affine()); }
-  /// Sets bias.
-  /// @throws shape_error unless v has num_features elements (0 when not affine).
-  void set_bias(const Vector& v) { set_checked(bias_, v, "bias", options_.affine()); }
-  /// Sets running_mean.
-  /// @throws shape_error unless v has num_features elements (0 without track_running_stats).
-  void set_running_mean(const Vector& v) {
-    set_checked(running_mean_, v, "running_mean", options_.track_running_stats());
-  }
-  /// Sets running_var.
-  /// @throws shape_error unless v has num_features elements (0 without track_running_stats).
-  void set_running_var(const Vector& v) {
-    set_checked(running_var_, v, "running_var", options_.track_running_stats());
-  }
-  /// Sets the counter (e.g. from a checkpoint); forward ignores it.
-  void set_num_batches_tracked(std::int64_t n) { num_batches_tracked_ = n; }
-
-  /// running_mean = 0, running_var = 1, num_batches_tracked = 0.
-  void reset_running_stats() {
-    if (options_.track_running_stats()) {
-      running_mean_ = detail::filled<Scalar>(options_.num_features(), Scalar(0));
-      running_var_ = detail::filled<Scalar>(options_.num_features(), Scalar(1));
-    }
-    num_batches_tracked_ = 0;
-  }
-  /// reset_running_stats(), and weight = 1, bias = 0.
-  void reset_parameters() {
-    reset_running_stats();
-    if (options_.affine()) {
-      weight_ = detail::filled<Scalar>(options_.num_features(), Scalar(1));
-      bias_ = detail::filled<Scalar>(options_.num_features(), Scalar(0));
-    }
+  /// backward(dy) into caller-owned gradients.
+  template <class DY, class G, class Device = Eigen::DefaultDevice, detail::if_gradients<G> = 0>
+  void backward(const DY& dy, G& grads, const Device& device = Device()) {
+    backward(this->kept_input(dy, kName), dy, grads, device);
   }
 
  private:
@@ -266,33 +218,24 @@ class InstanceNorm : public detail::ModuleBase<Scalar> {
     static_assert(R == Dim + 1 || R == Dim + 2,
                   "InstanceNorm: expected (C, *) or (N, C, *) input with Dim spatial dims");
     if constexpr (R == Dim + 1) {
-      return detail::unsqueeze0(detail::logical_shape(x, options_.channels_last(), kName, false));
+      return detail::unsqueeze0(
+          detail::logical_shape(x, this->options_.channels_last(), kName, false));
     } else {
-      return detail::logical_shape(x, options_.channels_last(), kName);
+      return detail::logical_shape(x, this->options_.channels_last(), kName);
     }
   }
-
-  void set_checked(Vector& dst, const Vector& v, const char* name, bool exists) {
-    const Index want = exists ? options_.num_features() : 0;
-    if (v.size() != want) {
-      detail::throw_shape(kName, std::string("expected ") + name + " of " + std::to_string(want) +
-                                     " elements but got " + std::to_string(v.size()));
-    }
-    dst = v;
-  }
-
-  InstanceNormOptions options_;
-  Vector weight_, bias_, running_mean_, running_var_;
-  std::int64_t num_batches_tracked_ = 0;
 };
 
+/// torch.nn.InstanceNorm1d: (N, C, L) or unbatched (C, L) input.
 template <class Scalar>
 using InstanceNorm1d = InstanceNorm<Scalar, 1>;
+/// torch.nn.InstanceNorm2d: (N, C, H, W) or unbatched (C, H, W) input.
 template <class Scalar>
 using InstanceNorm2d = InstanceNorm<Scalar, 2>;
+/// torch.nn.InstanceNorm3d: (N, C, D, H, W) or unbatched (C, D, H, W) input.
 template <class Scalar>
 using InstanceNorm3d = InstanceNorm<Scalar, 3>;
 
-}  // namespace normkit
+NORMKIT_END_NAMESPACE
 
 #endif  // NORMKIT_INSTANCE_NORM_HPP_

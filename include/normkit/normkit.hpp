@@ -1,4 +1,4 @@
-// normkit — normalization layers over Eigen tensors
+// normkit/normkit.hpp: the umbrella header -- every module and free function.
 // SPDX-License-Identifier: MIT
 #ifndef NORMKIT_NORMKIT_HPP_
 #define NORMKIT_NORMKIT_HPP_
@@ -10,6 +10,7 @@
 #include <normkit/error.hpp>
 #include <normkit/group_norm.hpp>
 #include <normkit/instance_norm.hpp>
+#include <normkit/isa.hpp>
 #include <normkit/layer_norm.hpp>
 #include <normkit/options.hpp>
 #include <normkit/version.hpp>

@@ -1,4 +1,5 @@
-// normkit — normalization layers over Eigen tensors
+// normkit/options.hpp: the modules' options (PyTorch's constructor arguments and defaults),
+// validated at construction.
 // SPDX-License-Identifier: MIT
 #ifndef NORMKIT_OPTIONS_HPP_
 #define NORMKIT_OPTIONS_HPP_
@@ -34,7 +35,7 @@
  private:                              \
   T name##_
 
-namespace normkit {
+NORMKIT_BEGIN_NAMESPACE
 
 /// Options of BatchNorm1d/2d/3d (PyTorch defaults). `momentum(std::nullopt)` selects the
 /// cumulative moving average (factor 1/num_batches_tracked). `channels_last(true)` means the
@@ -137,7 +138,8 @@ inline std::string num_str(double v) {
   return os.str();
 }
 
-// Policy 4 (SEMANTICS.md): options are validated at construction.
+// Options are validated at construction, with a clear exception (a deliberate difference:
+// PyTorch fails later, at forward, or not at all; docs/semantics.md §11).
 inline void check_eps(const char* who, double eps) {
   if (!(eps >= 0) || !std::isfinite(eps)) {
     throw_option(who, "expected eps to be finite and >= 0, but got eps = " + num_str(eps));
@@ -195,6 +197,6 @@ inline void validate(const char* who, const GroupNormOptions& o) {
 }
 
 }  // namespace detail
-}  // namespace normkit
+NORMKIT_END_NAMESPACE
 
 #endif  // NORMKIT_OPTIONS_HPP_

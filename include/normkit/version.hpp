@@ -1,4 +1,4 @@
-// normkit — normalization layers over Eigen tensors
+// normkit/version.hpp: the library version (parsed by cmake/NormkitVersion.cmake).
 // SPDX-License-Identifier: MIT
 #ifndef NORMKIT_VERSION_HPP_
 #define NORMKIT_VERSION_HPP_

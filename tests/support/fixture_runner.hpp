@@ -319,7 +319,15 @@ class CaseRunner {
     }
     if (step.has("dy") && !ln_n1 && !overflow) {
       const auto dy = to(to_tensor<S, R>(step.at("dy")));
-      const auto g = m.backward(dy);
+      // Training steps keep their input: backward(dy). Evaluation keeps nothing: backward(x, dy)
+      // (running statistics, or the batch statistics recomputed from x).
+      const auto g = step.train ? m.backward(dy) : m.backward(xs, dy);
+      if (step.train) {
+        // The kept statistics and backward(x, dy) agree with backward(dy) bit for bit.
+        const auto g2 = m.backward(xs, dy);
+        EXPECT_TRUE(std::equal(g.input.data(), g.input.data() + g.input.size(), g2.input.data()))
+            << "backward(x, dy) differs from backward(dy)";
+      }
       const auto dx = back(g.input);
       expect_matches(dx, step.at("dx"), tol_grad(step), "dx");
       if (step.has("dweight"))

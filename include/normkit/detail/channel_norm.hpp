@@ -1,4 +1,6 @@
-// normkit — normalization layers over Eigen tensors
+// normkit/detail/channel_norm.hpp: BatchNorm and InstanceNorm -- one algorithm on two views
+// (statistics per channel c over (N, *), or per (n, c) over (*)), forward and backward, on
+// raw pointers and a Shape. The module headers call these after validating their input.
 // SPDX-License-Identifier: MIT
 #ifndef NORMKIT_DETAIL_CHANNEL_NORM_HPP_
 #define NORMKIT_DETAIL_CHANNEL_NORM_HPP_
@@ -9,22 +11,21 @@
 #include <vector>     // std::vector
 
 #include <normkit/config.hpp>
-#include <normkit/detail/elementwise.hpp>
+#include <normkit/detail/apply.hpp>
+#include <normkit/detail/exec.hpp>
 #include <normkit/detail/fused.hpp>
-#include <normkit/detail/module.hpp>
 #include <normkit/detail/moments.hpp>
 #include <normkit/detail/plan.hpp>
 #include <normkit/detail/reduction.hpp>
 #include <normkit/detail/running_stats.hpp>
 #include <normkit/detail/tensor.hpp>
 
-namespace normkit {
+NORMKIT_BEGIN_NAMESPACE
 namespace detail {
 
-// BatchNorm and InstanceNorm are one algorithm on two views (as in ATen, where
-// instance_norm reshapes to (1, N*C, *) and calls batch_norm): statistics per channel c
-// over (N, *), or per (n, c) over (*); both fold gamma/beta into a per-slot scale/shift,
-// keep per-channel running statistics, and share the eps = 0 constant-channel rule.
+// As in ATen, where instance_norm reshapes to (1, N*C, *) and calls batch_norm: both fold
+// gamma/beta into a per-slot scale/shift, keep per-channel running statistics, and share the
+// eps = 0 constant-channel rule (docs/semantics.md §2.2).
 
 enum class ChannelNormKind { batch, instance };
 
@@ -38,27 +39,14 @@ struct ChannelNormArgs {
   double eps = 1e-5;
 };
 
-template <class T, template <class> class O>
-ChannelNormArgs<T> batch_norm_args(const O<T>& o) {
-  ChannelNormArgs<T> a;
-  a.weight = o.weight();
-  a.bias = o.bias();
-  a.running_mean = o.running_mean();
-  a.running_var = o.running_var();
-  a.batch_stats = o.training();
-  a.update_running = o.training() && (o.running_mean() || o.running_var());
-  a.momentum = o.momentum();
-  a.eps = o.eps();
-  return a;
-}
-
 inline Index spatial_size(const Shape& sh) {
   Index s = 1;
   for (int i = 2; i < sh.rank; ++i) s *= sh.dim[static_cast<std::size_t>(i)];
   return s;
 }
 
-/// Policy 1: the channel count is always checked against the module's.
+/// The channel count is always checked against the module's (docs/semantics.md §9, a
+/// deliberate difference: PyTorch skips it without affine parameters and running buffers).
 inline void check_channels(const char* who, const char* what, Index expected, const Shape& sh) {
   if (sh.rank < 2 || sh.dim[1] != expected) {
     throw_shape(who, "expected input with " + std::to_string(expected) + " channels (" + what +
@@ -119,27 +107,36 @@ inline Index plan_slot(ChannelNormKind kind, const Plan& p, Index l, Index C) {
   return (l / C) * p.logical_slot_stride[0] + (l % C) * p.logical_slot_stride[1];
 }
 
-template <class T, class Device>
+/// Column tables pay for themselves only when the tensor has a few rows per slot.
+inline bool want_tables(const Plan& p) {
+  return p.column_mode() && p.numel >= 4 * p.slots;
+}
+
+/// Forward: y from x (and `copy` of x, when not null, written as x is read); `saved` gets the
+/// mean and rstd used, in logical slot order.
+template <class T>
 void channel_norm_forward(ChannelNormKind kind,
                           const Shape& sh,
                           const T* x,
                           T* y,
                           const ChannelNormArgs<T>& a,
                           SavedStats* saved,
-                          const Device& dev) {
+                          T* copy,
+                          const Exec& ex) {
   const Index N = sh.dim[0], C = sh.dim[1];
   const Index slots = kind == ChannelNormKind::batch ? C : N * C;
   const Plan p = channel_plan(kind, sh);
-  // One scratch block: mean, rstd, var, scale, shift, centers (per slot), channel sums (2C).
-  SmallBuffer<acc_t> ws(6 * slots + 2 * C);
-  acc_t* mean = ws.data();
-  acc_t* rstd = mean + slots;
-  acc_t* var = rstd + slots;
-  acc_t* scale = var + slots;
-  acc_t* shift = scale + slots;
-  acc_t* center = shift + slots;
-  acc_t* cm = center + slots;
-  acc_t* cv = cm + C;
+  // One scratch block: mean, rstd, var, gamma, beta, centers (per slot), channel sums (2C).
+  SmallBuffer<double> ws(6 * slots + 2 * C);
+  double* mean = ws.data();
+  double* rstd = mean + slots;
+  double* var = rstd + slots;
+  double* gamma = var + slots;
+  double* beta = gamma + slots;
+  double* center = beta + slots;
+  double* cm = center + slots;
+  double* cv = cm + C;
+  SmallBuffer<AffineCoef, 32> coef(slots);
   if (p.numel == 0) {  // empty batch: empty output, statistics untouched (§2.4)
     if (saved) {
       saved->mean.resize(slots);  // no allocation when the size is unchanged
@@ -149,30 +146,42 @@ void channel_norm_forward(ChannelNormKind kind,
     }
     return;
   }
-  // gamma/beta per slot first; scale becomes rstd * gamma once the slot's rstd is known.
   for (Index l = 0; l < slots; ++l) {
     const auto s = static_cast<std::size_t>(plan_slot(kind, p, l, C));
     const Index c = l % C;
-    scale[s] = a.weight ? static_cast<acc_t>(a.weight.data()[c]) : acc_t{1};
-    shift[s] = a.bias ? static_cast<acc_t>(a.bias.data()[c]) : acc_t{0};
+    gamma[s] = a.weight ? static_cast<double>(a.weight.data()[c]) : 1.0;
+    beta[s] = a.bias ? static_cast<double>(a.bias.data()[c]) : 0.0;
   }
-  const AffineOp<T> op{x, y, mean, scale, shift};
+  ApplyOp<T> op;
+  op.kind = ApplyKind::affine;
+  op.leaf = &leaves<T>();
+  op.x = x;
+  op.y = y;
+  op.ak = coef.data();
+  op.copy = copy;
+  std::vector<double> dtab;
+  std::vector<float> ftab;
+  auto apply_all = [&] {
+    if (want_tables(p))
+      column_tables(op, slots, dtab, ftab);
+    apply_plan(p, op, ex);
+  };
   if (a.batch_stats) {
-    auto finish = [&](Index s, acc_t m, acc_t v) {
+    auto finish = [&](Index s, double m, double v) {
       mean[s] = m;
       var[s] = v;
       rstd[s] = rstd_of(v, a.eps, true);
-      scale[s] *= rstd[s];
+      coef.data()[s] = affine_coef(m, gamma[s] * rstd[s], beta[s]);
     };
-    if (!fused_forward(p, p, x, center, finish, op, dev)) {
-      moments(p, x, mean, var, center, dev);
+    if (!fused_forward(p, p, x, center, finish, op, ex)) {
+      moments(p, x, mean, var, center, ex);
       for (Index s = 0; s < slots; ++s) finish(s, mean[s], var[s]);
-      apply_affine(p, op, dev);
+      apply_all();
     }
     if (a.update_running) {
       // Per-channel batch statistics in logical order, averaged over n for InstanceNorm.
-      std::fill(cm, cm + 2 * C, acc_t{0});
-      const acc_t m = static_cast<acc_t>(p.per_slot);
+      std::fill(cm, cm + 2 * C, 0.0);
+      const double m = static_cast<double>(p.per_slot);
       const Index reps = slots / C;
       for (Index l = 0; l < slots; ++l) {
         const auto s = static_cast<std::size_t>(plan_slot(kind, p, l, C));
@@ -180,8 +189,8 @@ void channel_norm_forward(ChannelNormKind kind,
         cv[static_cast<std::size_t>(l % C)] += var[s] * m / (m - 1);
       }
       for (Index c = 0; c < C; ++c) {
-        cm[static_cast<std::size_t>(c)] /= static_cast<acc_t>(reps);
-        cv[static_cast<std::size_t>(c)] /= static_cast<acc_t>(reps);
+        cm[static_cast<std::size_t>(c)] /= static_cast<double>(reps);
+        cv[static_cast<std::size_t>(c)] /= static_cast<double>(reps);
       }
       update_running_stats(a.running_mean.data(), a.running_var.data(), cm, cv, C, a.momentum);
     }
@@ -189,11 +198,11 @@ void channel_norm_forward(ChannelNormKind kind,
     for (Index l = 0; l < slots; ++l) {
       const auto s = static_cast<std::size_t>(plan_slot(kind, p, l, C));
       const Index c = l % C;
-      mean[s] = static_cast<acc_t>(a.running_mean.data()[c]);
-      rstd[s] = rstd_of(static_cast<acc_t>(a.running_var.data()[c]), a.eps, false);
-      scale[s] *= rstd[s];
+      mean[s] = static_cast<double>(a.running_mean.data()[c]);
+      rstd[s] = rstd_of(static_cast<double>(a.running_var.data()[c]), a.eps, false);
+      coef.data()[s] = affine_coef(mean[s], gamma[s] * rstd[s], beta[s]);
     }
-    apply_affine(p, op, dev);
+    apply_all();
   }
   if (saved) {
     saved->mean.resize(slots);  // no allocation when the size is unchanged
@@ -207,26 +216,58 @@ void channel_norm_forward(ChannelNormKind kind,
   }
 }
 
-template <class X, class DY, class T>
+/// The batch (instance) statistics of x, as a training forward would save them, without
+/// writing any output (backward(x, dy) after a forward that kept nothing).
+template <class T>
+void channel_norm_stats(ChannelNormKind kind,
+                        const Shape& sh,
+                        const T* x,
+                        double eps,
+                        SavedStats& out,
+                        const Exec& ex) {
+  const Index C = sh.dim[1];
+  const Index slots = kind == ChannelNormKind::batch ? C : sh.dim[0] * C;
+  const Plan p = channel_plan(kind, sh);
+  std::vector<double> mean(static_cast<std::size_t>(slots)), var(mean.size()), center(mean.size());
+  moments(p, x, mean.data(), var.data(), center.data(), ex);
+  out.mean.resize(slots);
+  out.rstd.resize(slots);
+  for (Index l = 0; l < slots; ++l) {
+    const auto s = static_cast<std::size_t>(plan_slot(kind, p, l, C));
+    out.mean(l) = mean[s];
+    out.rstd(l) = p.numel == 0 ? 0.0 : rstd_of(var[s], eps, true);
+  }
+  out.batch_stats = true;
+}
+
+/// Statistics from running buffers (evaluation with track_running_stats), as a forward in
+/// that mode uses them.
+template <class T>
+void running_saved_stats(ChannelNormKind kind,
+                         const Shape& sh,
+                         const T* running_mean,
+                         const T* running_var,
+                         double eps,
+                         SavedStats& out) {
+  const Index C = sh.dim[1];
+  const Index slots = kind == ChannelNormKind::batch ? C : sh.dim[0] * C;
+  out.mean.resize(slots);
+  out.rstd.resize(slots);
+  for (Index l = 0; l < slots; ++l) {
+    out.mean(l) = static_cast<double>(running_mean[l % C]);
+    out.rstd(l) = rstd_of(static_cast<double>(running_var[l % C]), eps, false);
+  }
+  out.batch_stats = false;
+}
+
+template <class T>
 void check_grad_args(const char* who,
                      ChannelNormKind kind,
                      const Shape& sh,
-                     const X& x,
-                     const DY& dy,
                      const SavedStats& saved,
                      const VectorRef<const T>& weight,
                      const VectorRef<T>& gw,
                      const VectorRef<T>& gb) {
-  static_assert(tensor_traits<X>::rank == tensor_traits<DY>::rank &&
-                    tensor_traits<X>::layout == tensor_traits<DY>::layout,
-                "normkit: grad_output must have the input's rank and storage order");
-  constexpr int R = tensor_traits<X>::rank;
-  for (int i = 0; i < R; ++i) {
-    if (dim(x, i) != dim(dy, i)) {
-      throw_shape(who, "expected grad_output of size " + dims_str(x.dimensions(), R) + " but got " +
-                           dims_str(dy.dimensions(), R));
-    }
-  }
   const Index C = sh.dim[1];
   const Index slots = kind == ChannelNormKind::batch ? C : sh.dim[0] * C;
   if (saved.mean.size() != slots || saved.rstd.size() != slots) {
@@ -238,7 +279,15 @@ void check_grad_args(const char* who,
   check_size(who, "grad_bias", gb, C);
 }
 
-template <class T, class Device>
+/// Backward from the statistics the forward used: dx (when not null), dweight and dbias
+/// (when present; summed over the batch for InstanceNorm).
+///
+/// NB: batch statistics (docs/semantics.md §8): dx = a * dy + b * (x - mean) + c per slot with
+/// a = w * r, b = -w * r^3 * sum(dy * (x - mean)) / m, c = -w * r * sum(dy) / m. Running
+/// statistics (frozen BatchNorm, evaluation with buffers): dx = w * r * dy exactly, computed
+/// from dy alone -- x never enters dx, so a NaN or inf in x cannot leak into it through a
+/// 0 * x term (it does reach dweight, as in PyTorch).
+template <class T>
 void channel_norm_backward(ChannelNormKind kind,
                            const Shape& sh,
                            const T* x,
@@ -248,49 +297,68 @@ void channel_norm_backward(ChannelNormKind kind,
                            const VectorRef<const T>& weight,
                            const VectorRef<T>& gw,
                            const VectorRef<T>& gb,
-                           const Device& dev) {
+                           const Exec& ex) {
   const Index C = sh.dim[1];
   const Index slots = kind == ChannelNormKind::batch ? C : sh.dim[0] * C;
+  if (sh.numel() == 0) {
+    std::vector<double> zero(static_cast<std::size_t>(C), 0.0);
+    store_grad(gw, zero.data());
+    store_grad(gb, zero.data());
+    return;
+  }
   const Plan p = channel_plan(kind, sh);
   const auto n = static_cast<std::size_t>(slots);
-  std::vector<acc_t> mean(n), rstd(n), s1(n), s2(n), A(n), B(n), Cc(n);
+  std::vector<double> mean(n), rstd(n), gs(n), s1(n), s2(n);
   for (Index l = 0; l < slots; ++l) {
     const auto s = static_cast<std::size_t>(plan_slot(kind, p, l, C));
     mean[s] = saved.mean(l);
     rstd[s] = saved.rstd(l);
+    gs[s] = weight ? static_cast<double>(weight.data()[l % C]) : 1.0;
   }
-  const acc_t m = static_cast<acc_t>(p.per_slot);
-  std::vector<acc_t> gs(n);  // gamma per slot
-  for (Index l = 0; l < slots; ++l) {
-    gs[static_cast<std::size_t>(plan_slot(kind, p, l, C))] =
-        weight ? static_cast<acc_t>(weight.data()[l % C]) : acc_t{1};
-  }
-  // dx = a * dy + b * (x - mean) + c per slot, from the slot's sum(dy) and sum(dy * (x - mean)).
-  auto finish = [&](Index si, acc_t sum_dy, acc_t sum_dyx) {
+  const double m = static_cast<double>(p.per_slot);
+  const bool batch = saved.batch_stats;
+  std::vector<GradCoef> gk(batch ? n : 0);
+  std::vector<AffineCoef> ak(batch ? 0 : n);
+  auto finish = [&](Index si, double sum_dy, double sum_dyx) {
     const auto s = static_cast<std::size_t>(si);
-    const acc_t g = gs[s], r = rstd[s];
     s1[s] = sum_dy;
     s2[s] = sum_dyx;
-    A[s] = g * r;
-    if (saved.batch_stats && m > 0) {
-      B[s] = -g * r * r * r * sum_dyx / m;
-      Cc[s] = -g * r * sum_dy / m;
-    } else {
-      B[s] = Cc[s] = 0;
-    }
+    const double g = gs[s], r = rstd[s];
+    if (batch)
+      gk[s] = grad_coef(mean[s], g * r, -g * r * r * r * sum_dyx / m, -g * r * sum_dy / m);
   };
-  const GradSumsOp<T, false> rop{x, dy, mean.data(), nullptr};
-  const GradInputOp<T, false> aop{x, dy, dx, mean.data(), A.data(), B.data(), Cc.data(), nullptr};
-  if (dx && can_fuse<T>(p, p, dev)) {
-    fused_slots<T>(p, p, rop, finish, aop, dev);  // dx while the slot is in cache
+  const Leaves<T>& L = leaves<T>();
+  const SumOp<T> rop{&L, x, dy, mean.data()};
+  ApplyOp<T> aop;
+  aop.leaf = &L;
+  aop.y = dx;
+  if (batch) {
+    aop.kind = ApplyKind::gradin;
+    aop.x = x;
+    aop.dy = dy;
+    aop.gk = gk.data();
   } else {
-    reduce(p, rop, s1.data(), s2.data(), dev);
+    // dx = (dy - 0) * (w * r) + 0: the affine apply with dy as its input.
+    aop.kind = ApplyKind::affine;
+    aop.x = dy;
+    aop.ak = ak.data();
+    for (std::size_t s = 0; s < n; ++s) ak[s] = affine_coef(0.0, gs[s] * rstd[s], 0.0);
+  }
+  if (dx && can_fuse(p, p, ex)) {
+    fused_slots<T>(p, p, rop, finish, aop, ex);  // dx while the slot is in cache
+  } else {
+    reduce(p, rop, s1.data(), s2.data(), ex);
     for (Index s = 0; s < slots; ++s)
       finish(s, s1[static_cast<std::size_t>(s)], s2[static_cast<std::size_t>(s)]);
-    if (dx)
-      apply_grad_input(p, aop, dev);
+    if (dx) {
+      std::vector<double> dtab;
+      std::vector<float> ftab;
+      if (want_tables(p))
+        column_tables(aop, slots, dtab, ftab);
+      apply_plan(p, aop, ex);
+    }
   }
-  std::vector<acc_t> dw(static_cast<std::size_t>(C), 0.0), db(dw.size(), 0.0);
+  std::vector<double> dw(static_cast<std::size_t>(C), 0.0), db(dw.size(), 0.0);
   for (Index l = 0; l < slots; ++l) {
     const auto s = static_cast<std::size_t>(plan_slot(kind, p, l, C));
     const auto c = static_cast<std::size_t>(l % C);
@@ -302,6 +370,6 @@ void channel_norm_backward(ChannelNormKind kind,
 }
 
 }  // namespace detail
-}  // namespace normkit
+NORMKIT_END_NAMESPACE
 
 #endif  // NORMKIT_DETAIL_CHANNEL_NORM_HPP_

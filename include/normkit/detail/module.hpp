@@ -1,39 +1,38 @@
-// normkit — normalization layers over Eigen tensors
+// normkit/detail/module.hpp: what every module shares -- training/evaluation mode, what a
+// forward keeps for backward, devices and gradient storage.
 // SPDX-License-Identifier: MIT
 #ifndef NORMKIT_DETAIL_MODULE_HPP_
 #define NORMKIT_DETAIL_MODULE_HPP_
 // IWYU pragma: private, include <normkit/normkit.hpp>
 
-#include <algorithm>  // std::copy
-#include <array>      // std::array
-#include <string>     // std::string
-#include <vector>     // std::vector
+#include <array>        // std::array
+#include <string>       // std::string
+#include <type_traits>  // std::enable_if_t
+#include <vector>       // std::vector
 
 #include <normkit/config.hpp>
+#include <normkit/detail/exec.hpp>
 #include <normkit/detail/tensor.hpp>
 
-namespace normkit {
-
-/// The statistics a forward pass normalized with, as backward needs them: one mean and one
-/// rstd = 1/sqrt(var + eps) per statistic slot, in logical order (BatchNorm: C;
-/// InstanceNorm: N*C; GroupNorm: N*G; LayerNorm: the leading dims flattened row-major).
-/// `batch_stats` is false when running statistics were used (they are constants then).
-struct SavedStats {
-  Eigen::Tensor<double, 1> mean;
-  Eigen::Tensor<double, 1> rstd;
-  bool batch_stats = true;
-};
-
-/// What backward returns: dL/dx with x's shape and storage order, and dL/dweight,
-/// dL/dbias (empty when the module has no affine parameters).
-template <class Scalar, int Rank, int Layout>
-struct Gradients {
-  Eigen::Tensor<Scalar, Rank, Layout> input;
-  Eigen::Tensor<Scalar, 1> weight;
-  Eigen::Tensor<Scalar, 1> bias;
-};
-
+NORMKIT_BEGIN_NAMESPACE
 namespace detail {
+
+template <class T>
+struct is_gradients : std::false_type {};
+template <class S, int R, int L>
+struct is_gradients<Gradients<S, R, L>> : std::true_type {};
+
+/// A device argument: anything that is not a tensor, a pointer, a SavedStats or a Gradients
+/// (Eigen::DefaultDevice, Eigen::ThreadPoolDevice).
+template <class D>
+inline constexpr bool is_device_v =
+    !is_tensor_v<D> && !std::is_pointer<std::decay_t<D>>::value &&
+    !std::is_null_pointer<std::decay_t<D>>::value && !is_gradients<std::decay_t<D>>::value &&
+    !std::is_same<std::decay_t<D>, SavedStats>::value && !std::is_arithmetic<std::decay_t<D>>::value;
+template <class D>
+using if_device = std::enable_if_t<is_device_v<D>, int>;
+template <class G>
+using if_gradients = std::enable_if_t<is_gradients<std::decay_t<G>>::value, int>;
 
 template <class Scalar>
 Eigen::Tensor<Scalar, 1> filled(Index n, Scalar v) {
@@ -42,106 +41,159 @@ Eigen::Tensor<Scalar, 1> filled(Index n, Scalar v) {
   return t;
 }
 
-/// State every module shares: train/eval, and what backward(dy) needs from the last forward.
+/// Resizes g's tensors for an input like x (no reallocation when the sizes already match).
+template <class G, class X>
+void prepare_gradients(G& g, const X& x, Index n_weight, Index n_bias) {
+  constexpr int R = tensor_traits<X>::rank;
+  bool same = true;
+  for (int i = 0; i < R; ++i) same = same && dim(g.input, i) == dim(x, i);
+  if (!same)
+    g.input.resize(x.dimensions());
+  if (g.weight.size() != n_weight)
+    g.weight.resize(n_weight);
+  if (g.bias.size() != n_bias)
+    g.bias.resize(n_bias);
+}
+
+// NB: what a module keeps (issue #10). An evaluation-mode forward keeps nothing and writes
+// nothing to the module, so concurrent evaluation forwards are safe. A training-mode forward
+// with requires_grad() keeps its statistics (a few numbers per slot) and, with keep_input()
+// (the default), a copy of its input, written while the apply pass reads x -- never a
+// separate pass -- so that backward(dy) works as in PyTorch. backward(x, dy) needs no copy:
+// it uses the kept statistics when the last training forward had x's shape, and otherwise
+// recomputes what the current mode's forward would use (batch statistics, or the running
+// statistics of an evaluation-mode BatchNorm). Switching between train() and eval() forgets
+// what was kept, so that a backward never mixes one mode's statistics with the other's.
+
+/// State every module shares: train/eval, and what backward needs from the last forward.
 template <class Scalar>
 class ModuleBase {
  public:
-  /// Training mode (the default) or evaluation mode, as torch.nn.Module.train().
-  void train(bool on = true) { training_ = on; }
+  /// Training mode (the default) or evaluation mode, as torch.nn.Module.train(). Changing
+  /// the mode forgets the statistics and input the last training forward kept.
+  void train(bool on = true) {
+    if (on != training_)
+      forget();
+    training_ = on;
+  }
   /// Evaluation mode, as torch.nn.Module.eval().
-  void eval() { training_ = false; }
+  void eval() { train(false); }
+  /// Whether the module is in training mode.
   bool is_training() const { return training_; }
 
-  /// When true (the default, as PyTorch parameters), forward keeps its statistics and a copy
-  /// of its input so that backward(dy) can run. Set it to false for inference: forward then
-  /// writes nothing to the module except what training itself updates (running statistics),
-  /// so evaluation-mode forwards may run concurrently, and backward throws.
+  /// When false, training forwards keep nothing either (pure inference use of training
+  /// statistics); backward(x, dy) still works, recomputing the statistics. Default true.
   void set_requires_grad(bool on) {
     requires_grad_ = on;
     if (!on) {
-      saved_x_.clear();
-      saved_x_.shrink_to_fit();
-      x_saved_ = false;
-      has_forward_ = false;
+      forget();
+      kept_x_ = std::vector<Scalar>();
     }
   }
+  /// Whether training forwards keep what backward needs.
   bool requires_grad() const { return requires_grad_; }
 
-  /// Statistics of the last successful forward (empty before the first).
+  /// Whether a training forward keeps a copy of its input (default true), so that
+  /// backward(dy) works. With false it keeps only its statistics, and backward(x, dy) is the
+  /// way to get gradients (no copy at all).
+  void set_keep_input(bool on) {
+    keep_input_ = on;
+    if (!on) {
+      x_kept_ = false;
+      kept_x_ = std::vector<Scalar>();
+    }
+  }
+  /// See set_keep_input().
+  bool keep_input() const { return keep_input_; }
+
+  /// Statistics kept by the last training forward (empty when none is kept).
   const SavedStats& saved_stats() const { return saved_; }
 
  protected:
-  /// Records a successful forward: its shape and, when requires_grad(), a copy of x.
+  /// Whether a forward in the current state keeps its statistics.
+  bool keeps() const { return training_ && requires_grad_; }
+
+  /// Where the forward of x writes the copy of its input, or null (nothing to keep). Call
+  /// after every check has passed.
   template <class X>
-  void remember_input(const X& x) {
-    constexpr int R = tensor_traits<X>::rank;
-    saved_rank_ = R;
-    saved_layout_ = tensor_traits<X>::layout;
-    for (int i = 0; i < R; ++i) saved_dims_[static_cast<std::size_t>(i)] = dim(x, i);
-    has_forward_ = true;
-    x_saved_ = requires_grad_;
-    if (requires_grad_) {
-      saved_x_.assign(x.data(), x.data() + x.size());
-    } else {
-      saved_x_.clear();
-    }
+  Scalar* input_buffer(const X& x) {
+    if (!keeps() || !keep_input_)
+      return nullptr;
+    kept_x_.resize(static_cast<std::size_t>(x.size()));
+    return kept_x_.data();
   }
 
-  /// Checks dy against the last forward's input and returns a map over the saved copy.
+  /// Records a successful training forward of x: its statistics and whether x was copied.
+  template <class X>
+  void commit(const X& x, SavedStats&& stats, bool copied) {
+    constexpr int R = tensor_traits<X>::rank;
+    saved_ = std::move(stats);
+    kept_rank_ = R;
+    kept_layout_ = tensor_traits<X>::layout;
+    for (int i = 0; i < R; ++i) kept_dims_[static_cast<std::size_t>(i)] = dim(x, i);
+    stats_kept_ = true;
+    x_kept_ = copied;
+  }
+
+  void forget() {
+    stats_kept_ = false;
+    x_kept_ = false;
+    saved_ = SavedStats();
+  }
+
+  /// Whether the kept statistics are those of an input with x's dims and storage order.
+  template <class X>
+  bool kept_for(const X& x) const {
+    constexpr int R = tensor_traits<X>::rank;
+    if (!stats_kept_ || kept_rank_ != R || kept_layout_ != tensor_traits<X>::layout)
+      return false;
+    for (int i = 0; i < R; ++i) {
+      if (kept_dims_[static_cast<std::size_t>(i)] != dim(x, i))
+        return false;
+    }
+    return true;
+  }
+
+  /// The kept input as a map with dy's rank and storage order (backward(dy)).
+  /// @throws value_error when no input is kept; shape_error when dy does not match it.
   template <class DY>
-  auto saved_input(const DY& dy, const char* who) const {
+  auto kept_input(const DY& dy, const char* who) const {
     constexpr int R = tensor_traits<DY>::rank;
     constexpr int L = tensor_traits<DY>::layout;
     using Map = Eigen::TensorMap<const Eigen::Tensor<Scalar, R, L>>;
-    check_same(dy, who);
-    if (!x_saved_) {
+    if (!x_kept_) {
       throw_value(who,
-                  "backward(dy) needs the input of the last forward, which was not kept "
-                  "(requires_grad() was false during that forward); call backward(x, dy)");
+                  "backward(dy) needs the input of the last training forward, and none is kept "
+                  "(no training forward since construction, train()/eval() or "
+                  "set_requires_grad(false), or keep_input() is false); call backward(x, dy)");
+    }
+    bool same = kept_rank_ == R && kept_layout_ == L;
+    for (int i = 0; same && i < R; ++i)
+      same = kept_dims_[static_cast<std::size_t>(i)] == dim(dy, i);
+    if (!same) {
+      throw_shape(who, "expected grad_output of size " + dims_str(kept_dims_, kept_rank_) +
+                           (kept_layout_ == L ? "" : " in the other storage order") +
+                           " (the last forward's input) but got " +
+                           dims_str(dy.dimensions(), R));
     }
     std::array<Index, R> d{};
-    for (int i = 0; i < R; ++i)
-      d[static_cast<std::size_t>(i)] = saved_dims_[static_cast<std::size_t>(i)];
-    return Map(saved_x_.data(), d);
-  }
-
-  /// Checks that dy (or an explicit x) has the last forward's shape and storage order.
-  template <class DY>
-  void check_same(const DY& dy, const char* who) const {
-    constexpr int R = tensor_traits<DY>::rank;
-    if (!has_forward_) {
-      throw_value(who,
-                  "backward needs a preceding forward with requires_grad() true "
-                  "(none since construction or set_requires_grad(false))");
-    }
-    std::string got = dims_str(dy.dimensions(), R);
-    std::string want = dims_str(saved_dims_, saved_rank_);
-    bool same = saved_rank_ == R;
-    for (int i = 0; same && i < R; ++i)
-      same = saved_dims_[static_cast<std::size_t>(i)] == dim(dy, i);
-    if (!same) {
-      throw_shape(who, "expected grad_output of size " + want +
-                           " (the last forward's input) but got " + got);
-    }
-    if (saved_layout_ != tensor_traits<DY>::layout) {
-      throw_shape(who, std::string("expected grad_output in ") +
-                           (saved_layout_ == Eigen::RowMajor ? "RowMajor" : "ColMajor") +
-                           " storage (the last forward's input) but got the other order");
-    }
+    for (int i = 0; i < R; ++i) d[static_cast<std::size_t>(i)] = kept_dims_[static_cast<std::size_t>(i)];
+    return Map(kept_x_.data(), d);
   }
 
   bool training_ = true;
   bool requires_grad_ = true;
-  bool has_forward_ = false;
-  bool x_saved_ = false;
+  bool keep_input_ = true;
+  bool stats_kept_ = false;
+  bool x_kept_ = false;
   SavedStats saved_;
-  std::vector<Scalar> saved_x_;
-  std::array<Index, kMaxAxes> saved_dims_{};
-  int saved_rank_ = -1;
-  int saved_layout_ = -1;
+  std::vector<Scalar> kept_x_;
+  std::array<Index, kMaxAxes> kept_dims_{};
+  int kept_rank_ = -1;
+  int kept_layout_ = -1;
 };
 
 }  // namespace detail
-}  // namespace normkit
+NORMKIT_END_NAMESPACE
 
 #endif  // NORMKIT_DETAIL_MODULE_HPP_

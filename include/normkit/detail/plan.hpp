@@ -1,4 +1,5 @@
-// normkit — normalization layers over Eigen tensors
+// normkit/detail/plan.hpp: the view -- any norm's tensor as a short loop nest of statistic
+// slots and reduced axes. Pure index arithmetic, no data.
 // SPDX-License-Identifier: MIT
 #ifndef NORMKIT_DETAIL_PLAN_HPP_
 #define NORMKIT_DETAIL_PLAN_HPP_
@@ -8,7 +9,7 @@
 
 #include <normkit/config.hpp>
 
-namespace normkit {
+NORMKIT_BEGIN_NAMESPACE
 namespace detail {
 
 // NB: the view. Every normalization is "statistics per slot over a strided view". A norm
@@ -167,6 +168,34 @@ struct Odometer {
       aux += j * a.aux_stride;
     }
   }
+  /// Steps `k` positions along the innermost axis, which must not wrap (k <= extent - idx).
+  void advance_inner(Index k) {
+    const LoopAxis& a = *ax[static_cast<std::size_t>(n - 1)];
+    idx[static_cast<std::size_t>(n - 1)] += k;
+    offset += k * a.stride;
+    slot += k * a.slot_stride;
+    aux += k * a.aux_stride;
+  }
+  /// Steps `k` positions (any k >= 0): the innermost axis first, carrying as next() does.
+  void advance(Index k) {
+    if (n == 0 || k == 0)
+      return;
+    const LoopAxis& a = *ax[static_cast<std::size_t>(n - 1)];
+    while (k > 0) {
+      const Index room = a.extent - idx[static_cast<std::size_t>(n - 1)];
+      if (k < room) {
+        advance_inner(k);
+        return;
+      }
+      advance_inner(room - 1);
+      next();
+      k -= room;
+    }
+  }
+  /// Positions left on the innermost axis, counting the current one.
+  Index inner_room() const {
+    return ax[static_cast<std::size_t>(n - 1)]->extent - idx[static_cast<std::size_t>(n - 1)];
+  }
   void next() {
     for (int i = n - 1; i >= 0; --i) {
       const LoopAxis& a = *ax[static_cast<std::size_t>(i)];
@@ -185,6 +214,6 @@ struct Odometer {
 };
 
 }  // namespace detail
-}  // namespace normkit
+NORMKIT_END_NAMESPACE
 
 #endif  // NORMKIT_DETAIL_PLAN_HPP_

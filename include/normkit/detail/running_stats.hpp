@@ -1,4 +1,4 @@
-// normkit — normalization layers over Eigen tensors
+// normkit/detail/running_stats.hpp: the momentum update of running statistics.
 // SPDX-License-Identifier: MIT
 #ifndef NORMKIT_DETAIL_RUNNING_STATS_HPP_
 #define NORMKIT_DETAIL_RUNNING_STATS_HPP_
@@ -6,7 +6,7 @@
 
 #include <normkit/config.hpp>
 
-namespace normkit {
+NORMKIT_BEGIN_NAMESPACE
 namespace detail {
 
 /// running = f * batch + (1 - f) * running, per channel, in double (ATen's expression order,
@@ -31,6 +31,6 @@ void update_running_stats(T* running_mean,
 }
 
 }  // namespace detail
-}  // namespace normkit
+NORMKIT_END_NAMESPACE
 
 #endif  // NORMKIT_DETAIL_RUNNING_STATS_HPP_

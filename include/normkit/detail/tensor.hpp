@@ -1,4 +1,5 @@
-// normkit — normalization layers over Eigen tensors
+// normkit/detail/tensor.hpp: the API side of every call -- tensor arguments to a logical
+// Shape, output preparation, optional 1-D arguments (VectorRef), saved statistics, errors.
 // SPDX-License-Identifier: MIT
 #ifndef NORMKIT_DETAIL_TENSOR_HPP_
 #define NORMKIT_DETAIL_TENSOR_HPP_
@@ -16,27 +17,32 @@
 #include <normkit/detail/plan.hpp>
 #include <normkit/error.hpp>
 
-namespace normkit {
-namespace detail {
+NORMKIT_BEGIN_NAMESPACE
 
-/// Compile-time facts about an Eigen::Tensor or Eigen::TensorMap argument.
-template <class X>
-struct tensor_traits {
-  using Traits = Eigen::internal::traits<std::remove_const_t<X>>;
-  using Scalar = std::remove_const_t<typename Traits::Scalar>;
-  static constexpr int rank = Traits::NumDimensions;
-  static constexpr int layout = Traits::Layout;
+/// The statistics a forward pass normalized with, as backward needs them: one mean and one
+/// rstd = 1/sqrt(var + eps) per statistic slot, in logical order (BatchNorm: C;
+/// InstanceNorm: N*C; GroupNorm: N*G; LayerNorm: the leading dims flattened row-major).
+/// `batch_stats` is false when running statistics were used (they are constants then).
+struct SavedStats {
+  Eigen::Tensor<double, 1> mean;
+  Eigen::Tensor<double, 1> rstd;
+  bool batch_stats = true;
 };
 
-template <class X>
-using scalar_of = typename tensor_traits<X>::Scalar;
+/// What backward returns: dL/dx with x's shape and storage order, and dL/dweight,
+/// dL/dbias (empty when the module has no such parameter). Pass one back to backward() to
+/// reuse its storage.
+template <class Scalar, int Rank, int Layout>
+struct Gradients {
+  /// dL/dx.
+  Eigen::Tensor<Scalar, Rank, Layout> input;
+  /// dL/dweight (empty without weight).
+  Eigen::Tensor<Scalar, 1> weight;
+  /// dL/dbias (empty without bias).
+  Eigen::Tensor<Scalar, 1> bias;
+};
 
-/// Extent of dim i of a Tensor or TensorMap (their dimension() overloads take different
-/// index types; dimensions()[] is the same for both).
-template <class X>
-Index dim(const X& x, int i) {
-  return static_cast<Index>(x.dimensions()[static_cast<std::size_t>(i)]);
-}
+namespace detail {
 
 /// True for Eigen::Tensor and Eigen::TensorMap (the argument types normkit accepts); used to
 /// tell forward(x, y) from forward(x, device).
@@ -53,9 +59,35 @@ using if_tensor = std::enable_if_t<is_tensor_v<T>, int>;
 template <class T>
 using not_tensor = std::enable_if_t<!is_tensor_v<T>, int>;
 
+/// Compile-time facts about an Eigen::Tensor or Eigen::TensorMap argument.
+template <class X>
+struct tensor_traits {
+  // NB: normkit reads and writes tensor memory directly, so an argument must be an
+  // Eigen::Tensor or a TensorMap, not an unevaluated expression such as `x + r` (whose
+  // errors otherwise end deep in this file). Evaluating it silently would be a hidden copy.
+  static_assert(is_tensor_v<X>,
+                "normkit: expected an Eigen::Tensor or Eigen::TensorMap argument; evaluate the "
+                "expression first: `Eigen::Tensor<float, 4, Eigen::RowMajor> t = expr;`");
+  using Traits = Eigen::internal::traits<std::remove_const_t<X>>;
+  using Scalar = std::remove_const_t<typename Traits::Scalar>;
+  static constexpr int rank = Traits::NumDimensions;
+  static constexpr int layout = Traits::Layout;
+};
+
+template <class X>
+using scalar_of = typename tensor_traits<X>::Scalar;
+
+/// Extent of dim i of a Tensor or TensorMap (their dimension() overloads take different
+/// index types; dimensions()[] is the same for both).
+template <class X>
+Index dim(const X& x, int i) {
+  return static_cast<Index>(x.dimensions()[static_cast<std::size_t>(i)]);
+}
+
 /// Logical shape in PyTorch order (N, C, spatial...) with each axis' memory stride.
 struct Shape {
   int rank = 0;
+  int shown_from = 0;  // messages print dims from here (1: an unbatched input's added N)
   std::array<Index, kMaxAxes> dim{};
   std::array<Index, kMaxAxes> stride{};
   Index numel() const {
@@ -68,7 +100,8 @@ struct Shape {
 inline std::string shape_str(const Shape& s) {
   std::ostringstream os;
   os << '[';
-  for (int i = 0; i < s.rank; ++i) os << (i ? ", " : "") << s.dim[static_cast<std::size_t>(i)];
+  for (int i = s.shown_from; i < s.rank; ++i)
+    os << (i > s.shown_from ? ", " : "") << s.dim[static_cast<std::size_t>(i)];
   os << ']';
   return os.str();
 }
@@ -142,6 +175,7 @@ Shape logical_shape(const X& x, bool channels_last, const char* who, bool batche
 inline Shape unsqueeze0(const Shape& s) {
   Shape r;
   r.rank = s.rank + 1;
+  r.shown_from = 1;
   r.dim[0] = 1;
   r.stride[0] = s.numel();
   for (int i = 0; i < s.rank; ++i) {
@@ -208,6 +242,23 @@ class VectorRef {
   bool present_ = false;
 };
 
+/// Checks that `b` (named `name`) has the dims of `a`, the input.
+template <class A, class B>
+void check_same_dims(const char* who, const char* name, const A& a, const B& b) {
+  static_assert(tensor_traits<A>::rank == tensor_traits<B>::rank,
+                "normkit: grad_output must have the input's rank");
+  static_assert(tensor_traits<A>::layout == tensor_traits<B>::layout,
+                "normkit: grad_output must have the input's storage order");
+  constexpr int R = tensor_traits<A>::rank;
+  for (int i = 0; i < R; ++i) {
+    if (dim(a, i) != dim(b, i)) {
+      throw_shape(who, std::string("expected ") + name + " of size " +
+                           dims_str(a.dimensions(), R) + " (the input's) but got " +
+                           dims_str(b.dimensions(), R));
+    }
+  }
+}
+
 /// out[i] = v[i] for the length of out (a parameter gradient from its double sums); nothing
 /// when out is absent.
 template <class T>
@@ -219,6 +270,6 @@ void store_grad(const VectorRef<T>& out, const double* v) {
 
 using detail::VectorRef;
 
-}  // namespace normkit
+NORMKIT_END_NAMESPACE
 
 #endif  // NORMKIT_DETAIL_TENSOR_HPP_

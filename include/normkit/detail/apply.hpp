@@ -1,0 +1,263 @@
+// normkit/detail/apply.hpp: the apply step -- one pass over memory that maps every element
+// with its slot's coefficients: forward normalize + affine, LayerNorm's elementwise affine,
+// and the backward dx are all this walk with a different ApplyOp.
+// SPDX-License-Identifier: MIT
+#ifndef NORMKIT_DETAIL_APPLY_HPP_
+#define NORMKIT_DETAIL_APPLY_HPP_
+// IWYU pragma: private, include <normkit/normkit.hpp>
+
+#include <algorithm>  // std::min
+#include <cstring>    // std::memcpy
+#include <vector>     // std::vector
+
+#include <normkit/config.hpp>
+#include <normkit/detail/dispatch.hpp>
+#include <normkit/detail/exec.hpp>
+#include <normkit/detail/kernels/types.hpp>
+#include <normkit/detail/plan.hpp>
+#include <normkit/detail/reduction.hpp>
+
+NORMKIT_BEGIN_NAMESPACE
+namespace detail {
+
+/// A double mean as float hi + lo, for a float-speed, double-accurate x - mean.
+///
+/// NB: for float input the apply runs in float (16 lanes, no conversions: the conversions
+/// bound the double version). (x - hi) is exact whenever x is within a factor 2 of the mean
+/// (Sterbenz) -- the large-offset case where float arithmetic usually loses everything --
+/// and otherwise |x - mean| >= |mean|/2 keeps its rounding relative; then subtracting lo
+/// restores the double mean's digits. The result is within ~2 ulp of the double computation,
+/// and exact for constant slices (x == mean gives 0, y == beta). Only when every coefficient
+/// fits_float(); otherwise the double path runs.
+NORMKIT_ALWAYS_INLINE void split_mean(double m, float& hi, float& lo) {
+  hi = static_cast<float>(m);
+  lo = static_cast<float>(m - static_cast<double>(hi));
+}
+
+/// y = (x - m) * a + b.
+///
+/// NB: the centred form (x - mean) * scale + shift rather than ATen's x * scale + (shift -
+/// mean * scale): one subtraction per element (free in a memory-bound loop), and exactly beta
+/// for constant slices and one-element LayerNorm rows, where the folded form leaves rounding
+/// residue (#108072).
+inline AffineCoef affine_coef(double m, double a, double b) {
+  AffineCoef k{m, a, b, 0, 0, 0, 0, 0};
+  if (fits_float(m) && fits_float(a) && fits_float(b)) {
+    split_mean(m, k.hi, k.lo);
+    k.af = static_cast<float>(a);
+    k.bf = static_cast<float>(b);
+    k.use_float = 1;
+  }
+  return k;
+}
+
+/// dx = a * dy + b * (x - m) + c.
+inline GradCoef grad_coef(double m, double a, double b, double c) {
+  GradCoef k{m, a, b, c, 0, 0, 0, 0, 0, 0};
+  if (fits_float(m) && fits_float(a) && fits_float(b) && fits_float(c)) {
+    split_mean(m, k.hi, k.lo);
+    k.af = static_cast<float>(a);
+    k.bf = static_cast<float>(b);
+    k.cf = static_cast<float>(c);
+    k.use_float = 1;
+  }
+  return k;
+}
+
+enum class ApplyKind {
+  affine,     // y = (x - m[s]) * a[s] + b[s]                        (AffineCoef per slot)
+  ln_affine,  // y = (x - m[s]) * a[s] * gamma[aux] + beta[aux]      (a = rstd)
+  gradin,     // dx = a[s] * w[aux] * dy + b[s] * (x - m[s]) + c[s]  (GradCoef; w = 1 if null)
+};
+
+/// What the apply walk does to a run; see ApplyKind. Coefficients are indexed by plan slot.
+template <class T>
+struct ApplyOp {
+  ApplyKind kind = ApplyKind::affine;
+  const Leaves<T>* leaf = nullptr;
+  const LnLeaves<T>* ln_leaf = nullptr;  // ln_affine
+  const T* x = nullptr;
+  const T* dy = nullptr;
+  T* y = nullptr;  // y, or dx
+  const AffineCoef* ak = nullptr;
+  const GradCoef* gk = nullptr;
+  const T* gamma = nullptr;  // ln_affine
+  const T* beta = nullptr;   // ln_affine
+  const double* w = nullptr;  // gradin weight per aux (LayerNorm), or null
+  // Column mode: per-slot tables (see column_tables()), used when tables_ready.
+  ColTables tables{};
+  bool tables_ready = false;
+  T* copy = nullptr;  // when set, x is copied here as it is read (a kept input)
+
+  /// count runs of len elements, stride apart: run r's first element at off + r*stride,
+  /// slot slot + r*slot_step (column mode: that row's first slot; the slots of a row are
+  /// consecutive), aux index aux + r*aux_outer (+ j*aux_inner along the run).
+  void batch(bool column,
+             Index off,
+             Index len,
+             Index count,
+             Index stride,
+             Index slot,
+             Index slot_step,
+             Index aux,
+             Index aux_outer,
+             Index aux_inner) const {
+    if (!column) {
+      if (kind == ApplyKind::affine) {
+        leaf->affine_rows(x + off, y + off, len, count, stride, ak + slot, slot_step);
+      } else if (kind == ApplyKind::ln_affine && aux_inner == 1 && aux_outer == 0) {
+        ln_leaf->ln_affine_rows(x + off, y + off, len, count, stride, ak + slot, slot_step,
+                             gamma + aux, beta + aux);
+      } else if (kind == ApplyKind::gradin && w == nullptr) {
+        leaf->gradin_rows(x + off, dy + off, y + off, len, count, stride, gk + slot, slot_step);
+      } else {
+        for (Index r = 0; r < count; ++r)
+          generic(false, off + r * stride, len, slot + r * slot_step, aux + r * aux_outer,
+                  aux_inner);
+      }
+    } else if (tables_ready && slot_step == 0 && kind != ApplyKind::ln_affine && w == nullptr) {
+      ColTables k = tables;
+      for (int i = 0; i < 5; ++i) k.f[i] = tables.f[i] ? tables.f[i] + slot : nullptr;
+      for (int i = 0; i < 4; ++i) k.d[i] = tables.d[i] ? tables.d[i] + slot : nullptr;
+      if (kind == ApplyKind::affine) {
+        leaf->affine_cols(x + off, y + off, stride, count, len, k);
+      } else {
+        leaf->gradin_cols(x + off, dy + off, y + off, stride, count, len, k);
+      }
+    } else {
+      for (Index r = 0; r < count; ++r)
+        generic(true, off + r * stride, len, slot + r * slot_step, aux + r * aux_outer,
+                aux_inner);
+    }
+    if (copy) {
+      for (Index r = 0; r < count; ++r)
+        std::memcpy(copy + off + r * stride, x + off + r * stride,
+                    static_cast<std::size_t>(len) * sizeof(T));
+    }
+  }
+
+  /// Any layout, in double, one element at a time (layouts no leaf covers: strided aux
+  /// indices, LayerNorm in column mode, LayerNorm's weighted dx).
+  void generic(bool column, Index off, Index len, Index slot, Index aux, Index aux_inner) const {
+    for (Index j = 0; j < len; ++j) {
+      const Index s = column ? slot + j : slot;
+      const Index k = aux + j * aux_inner;
+      const double xv = static_cast<double>(x[off + j]);
+      if (kind == ApplyKind::affine) {
+        y[off + j] = static_cast<T>((xv - ak[s].m) * ak[s].a + ak[s].b);
+      } else if (kind == ApplyKind::ln_affine) {
+        y[off + j] = static_cast<T>((xv - ak[s].m) * ak[s].a * static_cast<double>(gamma[k]) +
+                                    static_cast<double>(beta[k]));
+      } else {
+        const double g = static_cast<double>(dy[off + j]) * (w ? w[k] : 1.0);
+        y[off + j] = static_cast<T>(gk[s].a * g + gk[s].b * (xv - gk[s].m) + gk[s].c);
+      }
+    }
+  }
+};
+
+/// Per-slot column tables for an op in column mode (affine: {hi, lo, a, b} / {m, a, b};
+/// gradin: {hi, lo, a, b, c} / {m, a, b, c}), stored in `store`; the float ones only when
+/// every slot's coefficients fit float.
+template <class T>
+void column_tables(ApplyOp<T>& op, Index slots, std::vector<double>& dstore, std::vector<float>& fstore) {
+  if (op.kind == ApplyKind::ln_affine || op.w != nullptr)
+    return;
+  const bool grad = op.kind == ApplyKind::gradin;
+  const int nd = grad ? 4 : 3;
+  const auto n = static_cast<std::size_t>(slots);
+  dstore.resize(static_cast<std::size_t>(nd) * n);
+  bool fit = std::is_same<T, float>::value;
+  for (Index s = 0; s < slots; ++s) {
+    const auto u = static_cast<std::size_t>(s);
+    if (grad) {
+      const GradCoef& k = op.gk[s];
+      dstore[u] = k.m, dstore[n + u] = k.a, dstore[2 * n + u] = k.b, dstore[3 * n + u] = k.c;
+      fit = fit && k.use_float;
+    } else {
+      const AffineCoef& k = op.ak[s];
+      dstore[u] = k.m, dstore[n + u] = k.a, dstore[2 * n + u] = k.b;
+      fit = fit && k.use_float;
+    }
+  }
+  for (int i = 0; i < 4; ++i)
+    op.tables.d[i] = i < nd ? dstore.data() + static_cast<std::size_t>(i) * n : nullptr;
+  for (int i = 0; i < 5; ++i) op.tables.f[i] = nullptr;
+  op.tables.use_float = 0;
+  if (fit) {
+    const int nf = grad ? 5 : 4;
+    fstore.resize(static_cast<std::size_t>(nf) * n);
+    for (Index s = 0; s < slots; ++s) {
+      const auto u = static_cast<std::size_t>(s);
+      if (grad) {
+        const GradCoef& k = op.gk[s];
+        fstore[u] = k.hi, fstore[n + u] = k.lo, fstore[2 * n + u] = k.af;
+        fstore[3 * n + u] = k.bf, fstore[4 * n + u] = k.cf;
+      } else {
+        const AffineCoef& k = op.ak[s];
+        fstore[u] = k.hi, fstore[n + u] = k.lo, fstore[2 * n + u] = k.af, fstore[3 * n + u] = k.bf;
+      }
+    }
+    for (int i = 0; i < nf; ++i) op.tables.f[i] = fstore.data() + static_cast<std::size_t>(i) * n;
+    op.tables.use_float = 1;
+  }
+  op.tables_ready = true;
+}
+
+// NB: apply chunks. The walk cuts the tensor into chunks of kApplyChunk elements in memory
+// order (threads take chunks); a chunk's runs are handed to the op batched along the
+// innermost outer axis, partial runs at chunk edges alone. No arithmetic depends on the
+// cut: every element is mapped by itself.
+inline constexpr Index kApplyChunk = Index{1} << 15;
+
+/// Runs `op` over every element of the plan. Column-mode tables must already be set
+/// (column_tables()) for the leaf path.
+template <class T>
+void apply_plan(const Plan& p, const ApplyOp<T>& op, const Exec& ex) {
+  if (p.numel == 0)
+    return;
+  Odometer outer;
+  for (int i = 0; i + 1 < p.rank; ++i) outer.add(p.axes[static_cast<std::size_t>(i)]);
+  const LoopAxis& inner = p.inner();
+  const Index L = inner.extent;
+  const bool column = p.column_mode();
+  const LoopAxis* last = outer.n > 0 ? outer.ax[static_cast<std::size_t>(outer.n - 1)] : nullptr;
+  const Index stride = last ? last->stride : 0;
+  const Index slot_step = last ? last->slot_stride : 0;
+  const Index aux_outer = last ? last->aux_stride : 0;
+  const Index chunks = (p.numel + kApplyChunk - 1) / kApplyChunk;
+  auto body = [&](Index first, Index last_chunk) {
+    Odometer od = outer;
+    Index start = first * kApplyChunk;
+    const Index end = std::min(p.numel, last_chunk * kApplyChunk);
+    od.seek(start / L);
+    Index i0 = start % L;
+    while (start < end) {
+      if (i0 != 0 || end - start < L) {  // a partial run
+        const Index len = std::min(L - i0, end - start);
+        op.batch(column, od.offset + i0 * inner.stride, len, 1, 0, od.slot + (column ? i0 : 0), 0,
+                 od.aux + i0 * inner.aux_stride, 0, inner.aux_stride);
+        start += len;
+        i0 = 0;
+        od.next();
+        continue;
+      }
+      const Index cnt = od.n == 0 ? 1 : std::min((end - start) / L, od.inner_room());
+      op.batch(column, od.offset, L, cnt, stride, od.slot, slot_step, od.aux, aux_outer,
+               inner.aux_stride);
+      start += cnt * L;
+      if (od.n > 0)
+        od.advance(cnt);
+    }
+  };
+  if (ex.parallel(p.numel) && chunks > 1) {
+    run_ranges(ex, chunks, items_for(ex, chunks), body);
+  } else {
+    body(0, chunks);
+  }
+}
+
+}  // namespace detail
+NORMKIT_END_NAMESPACE
+
+#endif  // NORMKIT_DETAIL_APPLY_HPP_

@@ -1,0 +1,708 @@
+// normkit/detail/kernels/leaves.hpp: the leaf kernels -- every loop that touches tensor data
+// element by element, written once and compiled once per ISA (detail/dispatch.hpp includes
+// this file inside each ISA's namespace and target region; no include guard, and no
+// #include here: everything it uses is included before the region).
+// SPDX-License-Identifier: MIT
+// IWYU pragma: private, include <normkit/normkit.hpp>
+
+#include <normkit/detail/kernels/simd.hpp>
+
+// NB: what a leaf is. The baseline code (reduction.hpp, apply.hpp, fused.hpp, the norms)
+// decides which elements form a run, which runs belong to which statistic slot and block,
+// which thread does what and in which order partial sums merge; a leaf only streams over
+// `count` runs of `len` elements, `stride` apart -- one call per batch of runs, so the table
+// call is paid per batch, not per element. A run's elements always land in the same logical
+// lanes (simd.hpp), whether the batch holds one run or many: results depend on the blocking
+// the baseline code chose, never on how it batched the calls.
+//
+// NB: short runs far apart (a (64, 512, 7, 7) BatchNorm channel: 64 runs of 196 bytes,
+// 100 KB apart) defeat the hardware prefetchers; the run kPrefetchRuns ahead is requested.
+inline constexpr Index kShortRun = 256;
+inline constexpr Index kPrefetchRuns = 4;
+
+// ---------------------------------------------------------------------------------------
+// Row reductions: run r (at x + r*stride) accumulates into st[r*st_step] with shift
+// c[r*c_step]. st_step == 0 keeps one accumulator in registers across the batch.
+
+// Moments: a1 += (x - c), a2 += (x - c)^2 (see MomentsOp NB in reduction.hpp).
+template <class T>
+NORMKIT_KINLINE void mom_run(
+    const T* xp, Index len, double c, D8& a1, D8& a2, D8& b1, D8& b2, double& t1, double& t2) {
+  D8 cv;
+  splat(cv, c);
+  Index i = 0;
+  for (; i + 16 <= len; i += 16) {
+    D8 d, e;
+    load(d, xp + i);
+    load(e, xp + i + 8);
+    d -= cv;
+    e -= cv;
+    a1 += d;
+    a2 += d * d;
+    b1 += e;
+    b2 += e * e;
+  }
+  if (i + 8 <= len) {
+    D8 d;
+    load(d, xp + i);
+    d -= cv;
+    a1 += d;
+    a2 += d * d;
+    i += 8;
+  }
+  for (; i < len; ++i) {  // Scalar tail.
+    const double d = static_cast<double>(xp[i]) - c;
+    t1 += d;
+    t2 += d * d;
+  }
+}
+
+// Backward sums: a1 += dy, a2 += dy * (x - c).
+template <class T>
+NORMKIT_KINLINE void grad_run(const T* xp,
+                              const T* gp,
+                              Index len,
+                              double c,
+                              D8& a1,
+                              D8& a2,
+                              D8& b1,
+                              D8& b2,
+                              double& t1,
+                              double& t2) {
+  D8 cv;
+  splat(cv, c);
+  Index i = 0;
+  for (; i + 16 <= len; i += 16) {
+    D8 g, h, d, e;
+    load(g, gp + i);
+    load(h, gp + i + 8);
+    load(d, xp + i);
+    load(e, xp + i + 8);
+    d -= cv;
+    e -= cv;
+    a1 += g;
+    a2 += g * d;
+    b1 += h;
+    b2 += h * e;
+  }
+  if (i + 8 <= len) {
+    D8 g, d;
+    load(g, gp + i);
+    load(d, xp + i);
+    d -= cv;
+    a1 += g;
+    a2 += g * d;
+    i += 8;
+  }
+  for (; i < len; ++i) {
+    const double g = static_cast<double>(gp[i]);
+    t1 += g;
+    t2 += g * (static_cast<double>(xp[i]) - c);
+  }
+}
+
+// NB: one code path for one accumulator (st_step == 0, kept in registers across the batch)
+// and for one accumulator per run: the element arithmetic must be compiled once per leaf,
+// because GCC may contract a * b + c into an FMA in one inlined copy and not in another, and
+// then two callers that must agree bit for bit (fused vs two-pass, one thread vs many) would
+// not.
+template <class T, class Run>
+NORMKIT_KINLINE void rows_batch(Index len,
+                                Index count,
+                                const double* c,
+                                Index c_step,
+                                RowAcc* st,
+                                Index st_step,
+                                const Run& run) {
+  const bool pf = count > 1 && len <= kShortRun;
+  D8 a1, a2, b1, b2;  // (zeroed only to tell the compiler they are; loaded before use)
+  zero(a1);
+  zero(a2);
+  zero(b1);
+  zero(b2);
+  double t1 = 0, t2 = 0;
+  for (Index r = 0; r < count; ++r) {
+    RowAcc& s = st[r * st_step];
+    if (r == 0 || st_step != 0) {
+      load_acc(s, a1, a2, b1, b2);
+      t1 = s.t1;
+      t2 = s.t2;
+    }
+    run(r, pf && r + kPrefetchRuns < count, c[r * c_step], a1, a2, b1, b2, t1, t2);
+    if (r + 1 == count || st_step != 0) {
+      store_acc(s, a1, a2, b1, b2);
+      s.t1 = t1;
+      s.t2 = t2;
+    }
+  }
+}
+
+/// Moments of `count` runs (see the section comment).
+template <class T>
+void mom_rows(const T* x,
+              Index len,
+              Index count,
+              Index stride,
+              const double* c,
+              Index c_step,
+              RowAcc* st,
+              Index st_step) {
+  rows_batch<T>(len, count, c, c_step, st, st_step,
+                [&](Index r, bool pf, double cc, D8& a1, D8& a2, D8& b1, D8& b2, double& t1,
+                    double& t2) NORMKIT_KLAMBDA {
+                  const T* xp = x + r * stride;
+                  if (pf)
+                    prefetch_lines(xp + kPrefetchRuns * stride, len);
+                  mom_run(xp, len, cc, a1, a2, b1, b2, t1, t2);
+                });
+}
+
+/// Backward sums of `count` runs (see the section comment).
+template <class T>
+void grad_rows(const T* x,
+               const T* dy,
+               Index len,
+               Index count,
+               Index stride,
+               const double* c,
+               Index c_step,
+               RowAcc* st,
+               Index st_step) {
+  rows_batch<T>(len, count, c, c_step, st, st_step,
+                [&](Index r, bool pf, double cc, D8& a1, D8& a2, D8& b1, D8& b2, double& t1,
+                    double& t2) NORMKIT_KLAMBDA {
+                  const T* xp = x + r * stride;
+                  const T* gp = dy + r * stride;
+                  if (pf) {
+                    prefetch_lines(xp + kPrefetchRuns * stride, len);
+                    prefetch_lines(gp + kPrefetchRuns * stride, len);
+                  }
+                  grad_run(xp, gp, len, cc, a1, a2, b1, b2, t1, t2);
+                });
+}
+
+// ---------------------------------------------------------------------------------------
+// Column reductions: `rows` rows of `len` consecutive slots, row k at x + k*row_stride;
+// column j adds its rows in order into s1[j], s2[j] (shift c[j]).
+//
+// NB: column strips. A strip of kStripD8 logical vectors of columns keeps its accumulators in
+// registers down all the rows (the plain loop loaded and stored both accumulator arrays for
+// every element, which bound BatchNorm1d and channels-last statistics at 2-3x the bandwidth
+// floor). With 64 channels or fewer a strip is a whole row and the block is read in memory
+// order. Each column still adds its rows in order into its own accumulator: the strip width
+// changes no result.
+#if NORMKIT_KERNEL_ISA == 2
+inline constexpr Index kStripD8 = 8;  // 64 columns: 24 of the 32 zmm registers
+#elif NORMKIT_KERNEL_ISA == 1
+inline constexpr Index kStripD8 = 2;  // 16 columns: 12 of the 16 ymm registers
+#else
+inline constexpr Index kStripD8 = 1;  // 8 columns: 12 of the 16 xmm registers
+#endif
+
+template <Index kU, class Step8>
+NORMKIT_KINLINE void column_strip(
+    Index rows, Index j, const double* c, double* s1, double* s2, const Step8& step8) {
+  D8 a[kU], q[kU], cv[kU];
+  for (Index u = 0; u < kU; ++u) {
+    load(a[u], s1 + j + 8 * u);
+    load(q[u], s2 + j + 8 * u);
+    load(cv[u], c + j + 8 * u);
+  }
+  for (Index k = 0; k < rows; ++k) {
+    for (Index u = 0; u < kU; ++u) step8(k, j + 8 * u, cv[u], a[u], q[u]);
+  }
+  for (Index u = 0; u < kU; ++u) {
+    store(s1 + j + 8 * u, a[u]);
+    store(s2 + j + 8 * u, q[u]);
+  }
+}
+
+template <class Step8, class Step1>
+NORMKIT_KINLINE void column_strips(Index rows,
+                                   Index len,
+                                   const double* c,
+                                   double* s1,
+                                   double* s2,
+                                   const Step8& step8,
+                                   const Step1& step1) {
+  constexpr Index kW = 8 * kStripD8;
+  Index j = 0;
+  for (; j + kW <= len; j += kW) column_strip<kStripD8>(rows, j, c, s1, s2, step8);
+  for (; j + 8 <= len; j += 8) column_strip<1>(rows, j, c, s1, s2, step8);
+  for (; j < len; ++j) {
+    double a = s1[j], q = s2[j];
+    for (Index k = 0; k < rows; ++k) step1(k, j, a, q);
+    s1[j] = a;
+    s2[j] = q;
+  }
+}
+
+/// Column moments (see the section comment).
+template <class T>
+void mom_cols(const T* x,
+              Index row_stride,
+              Index rows,
+              Index len,
+              const double* c,
+              double* s1,
+              double* s2) {
+  column_strips(
+      rows, len, c, s1, s2,
+      [&](Index k, Index j, const D8& cv, D8& a, D8& q) NORMKIT_KLAMBDA {
+        D8 d;
+        load(d, x + k * row_stride + j);
+        d -= cv;
+        a += d;
+        q += d * d;
+      },
+      [&](Index k, Index j, double& a, double& q) NORMKIT_KLAMBDA {
+        const double d = static_cast<double>(x[k * row_stride + j]) - c[j];
+        a += d;
+        q += d * d;
+      });
+}
+
+/// Column backward sums (see the section comment).
+template <class T>
+void grad_cols(const T* x,
+               const T* dy,
+               Index row_stride,
+               Index rows,
+               Index len,
+               const double* c,
+               double* s1,
+               double* s2) {
+  column_strips(
+      rows, len, c, s1, s2,
+      [&](Index k, Index j, const D8& cv, D8& a, D8& q) NORMKIT_KLAMBDA {
+        D8 g, d;
+        load(g, dy + k * row_stride + j);
+        load(d, x + k * row_stride + j);
+        d -= cv;
+        a += g;
+        q += g * d;
+      },
+      [&](Index k, Index j, double& a, double& q) NORMKIT_KLAMBDA {
+        const double g = static_cast<double>(dy[k * row_stride + j]);
+        a += g;
+        q += g * (static_cast<double>(x[k * row_stride + j]) - c[j]);
+      });
+}
+
+// ---------------------------------------------------------------------------------------
+// Maps: y[j] = f(in0[j], in1[j], ...), 16 floats (or 8 doubles) at a time, then a scalar
+// tail through the same generic lambda: the same IEEE operations either way, so where a
+// run is cut changes no result.
+
+template <class F, class... P>
+NORMKIT_KINLINE void fmap(Index len, float* y, const F& f, const P*... in) {
+  Index j = 0;
+  for (; j + 16 <= len; j += 16) {
+    F16 r;
+    f(r, load16(in + j)...);
+    store(y + j, r);
+  }
+  for (; j < len; ++j) f(y[j], in[j]...);
+}
+
+template <class T, class F, class... P>
+NORMKIT_KINLINE void dmap(Index len, T* y, const F& f, const P*... in) {
+  Index j = 0;
+  for (; j + 8 <= len; j += 8) {
+    D8 r;
+    f(r, load8d(in + j)...);
+    store(y + j, r);
+  }
+  for (; j < len; ++j) {
+    double r;
+    f(r, static_cast<double>(in[j])...);
+    y[j] = static_cast<T>(r);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward apply, rows: run r uses coefficients k[r*k_step] (AffineCoef: y = (x - m)*a + b).
+
+template <class T>
+void affine_rows(const T* x,
+                 T* y,
+                 Index len,
+                 Index count,
+                 Index stride,
+                 const AffineCoef* k,
+                 Index k_step) {
+  for (Index r = 0; r < count; ++r) {
+    const AffineCoef& q = k[r * k_step];
+    const T* xp = x + r * stride;
+    T* yp = y + r * stride;
+    if constexpr (std::is_same<T, float>::value) {
+      if (q.use_float) {
+        const float hi = q.hi, lo = q.lo, a = q.af, b = q.bf;
+        fmap(len, yp, [&](auto& o, const auto& v) NORMKIT_KLAMBDA { o = ((v - hi) - lo) * a + b; }, xp);
+        continue;
+      }
+    }
+    const double m = q.m, a = q.a, b = q.b;
+    dmap(len, yp, [&](auto& o, const auto& v) NORMKIT_KLAMBDA { o = (v - m) * a + b; }, xp);
+  }
+}
+
+/// LayerNorm's elementwise affine: y = (x - m) * r * gamma[j] + beta[j] (AffineCoef.a = r).
+template <class T>
+void ln_affine_rows(const T* x,
+                    T* y,
+                    Index len,
+                    Index count,
+                    Index stride,
+                    const AffineCoef* k,
+                    Index k_step,
+                    const T* gamma,
+                    const T* beta) {
+  for (Index r = 0; r < count; ++r) {
+    const AffineCoef& q = k[r * k_step];
+    const T* xp = x + r * stride;
+    T* yp = y + r * stride;
+    if constexpr (std::is_same<T, float>::value) {
+      if (q.use_float) {
+        const float hi = q.hi, lo = q.lo, a = q.af;
+        fmap(
+            len, yp,
+            [&](auto& o, const auto& v, const auto& g, const auto& b) NORMKIT_KLAMBDA {
+              o = ((v - hi) - lo) * a * g + b;
+            },
+            xp, gamma, beta);
+        continue;
+      }
+    }
+    const double m = q.m, a = q.a;
+    dmap(
+        len, yp,
+        [&](auto& o, const auto& v, const auto& g, const auto& b) NORMKIT_KLAMBDA { o = (v - m) * a * g + b; },
+        xp, gamma, beta);
+  }
+}
+
+/// Forward apply, columns: row k at x + k*row_stride; column j uses the tables' entry j.
+template <class T>
+void affine_cols(const T* x,
+                 T* y,
+                 Index row_stride,
+                 Index rows,
+                 Index len,
+                 const ColTables& k) {
+  for (Index r = 0; r < rows; ++r) {
+    const T* xp = x + r * row_stride;
+    T* yp = y + r * row_stride;
+    if constexpr (std::is_same<T, float>::value) {
+      if (k.use_float) {
+        fmap(
+            len, yp,
+            [](auto& o, const auto& v, const auto& h, const auto& l, const auto& a,
+               const auto& b) NORMKIT_KLAMBDA { o = ((v - h) - l) * a + b; },
+            xp, k.f[0], k.f[1], k.f[2], k.f[3]);
+        continue;
+      }
+    }
+    dmap(
+        len, yp,
+        [](auto& o, const auto& v, const auto& m, const auto& a, const auto& b) NORMKIT_KLAMBDA {
+          o = (v - m) * a + b;
+        },
+        xp, k.d[0], k.d[1], k.d[2]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward apply: dx = a * dy + b * (x - m) + c.
+
+template <class T>
+void gradin_rows(const T* x,
+                 const T* dy,
+                 T* dx,
+                 Index len,
+                 Index count,
+                 Index stride,
+                 const GradCoef* k,
+                 Index k_step) {
+  for (Index r = 0; r < count; ++r) {
+    const GradCoef& q = k[r * k_step];
+    const T* xp = x + r * stride;
+    const T* gp = dy + r * stride;
+    T* op = dx + r * stride;
+    if constexpr (std::is_same<T, float>::value) {
+      if (q.use_float) {
+        const float hi = q.hi, lo = q.lo, a = q.af, b = q.bf, c = q.cf;
+        fmap(
+            len, op,
+            [&](auto& o, const auto& g, const auto& v) NORMKIT_KLAMBDA { o = a * g + b * ((v - hi) - lo) + c; },
+            gp, xp);
+        continue;
+      }
+    }
+    const double m = q.m, a = q.a, b = q.b, c = q.c;
+    dmap(
+        len, op, [&](auto& o, const auto& g, const auto& v) NORMKIT_KLAMBDA { o = a * g + b * (v - m) + c; }, gp,
+        xp);
+  }
+}
+
+template <class T>
+void gradin_cols(const T* x,
+                 const T* dy,
+                 T* dx,
+                 Index row_stride,
+                 Index rows,
+                 Index len,
+                 const ColTables& k) {
+  for (Index r = 0; r < rows; ++r) {
+    const T* xp = x + r * row_stride;
+    const T* gp = dy + r * row_stride;
+    T* op = dx + r * row_stride;
+    if constexpr (std::is_same<T, float>::value) {
+      if (k.use_float) {
+        fmap(
+            len, op,
+            [](auto& o, const auto& g, const auto& v, const auto& h, const auto& l, const auto& a,
+               const auto& b, const auto& c) NORMKIT_KLAMBDA { o = a * g + b * ((v - h) - l) + c; },
+            gp, xp, k.f[0], k.f[1], k.f[2], k.f[3], k.f[4]);
+        continue;
+      }
+    }
+    dmap(
+        len, op,
+        [](auto& o, const auto& g, const auto& v, const auto& m, const auto& a, const auto& b,
+           const auto& c) NORMKIT_KLAMBDA { o = a * g + b * (v - m) + c; },
+        gp, xp, k.d[0], k.d[1], k.d[2], k.d[3]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// LayerNorm backward in one pass over memory (see layer_norm_impl.hpp's NB): for rows
+// [r0, r1) of one block, the row's sums, then -- while it is in L1 -- its dx and its
+// contribution to the per-position sums pg (dy * xhat) and pb (dy), the next row's sums
+// interleaved with this row's dx so that it streams in meanwhile.
+//
+// NB: for float input the per-position sums run in float over kLnFloatRows rows at a time
+// and are then added to the block's double sums: 4 float terms add at most ~2 float ulps of
+// their magnitude, and the double work per element drops 4x (it bounded this loop). dx is
+// computed as the float forward apply is (split mean).
+inline constexpr Index kLnFloatRows = 4;
+
+// Sums of one row: s1 += w*dy, s2 += w*dy*(x - c) (w = gamma[j], or 1).
+template <class T, bool kW>
+NORMKIT_KINLINE void ln_sums_step8(const T* xp,
+                                   const T* gp,
+                                   const double* w,
+                                   const D8& cv,
+                                   Index j,
+                                   D8& s1,
+                                   D8& s2) {
+  D8 g, d;
+  load(g, gp + j);
+  if constexpr (kW) {
+    D8 wv;
+    load(wv, w + j);
+    g = g * wv;
+  }
+  load(d, xp + j);
+  d -= cv;
+  s1 += g;
+  s2 += g * d;
+}
+
+template <class T, bool kW>
+NORMKIT_KINLINE void ln_sums_range(const T* xp,
+                                   const T* gp,
+                                   const double* w,
+                                   double c,
+                                   Index j0,
+                                   Index len,
+                                   D8& a1,
+                                   D8& a2,
+                                   D8& b1,
+                                   D8& b2,
+                                   double& t1,
+                                   double& t2) {
+  D8 cv;
+  splat(cv, c);
+  Index j = j0;
+  for (; j + 16 <= len; j += 16) {
+    ln_sums_step8<T, kW>(xp, gp, w, cv, j, a1, a2);
+    ln_sums_step8<T, kW>(xp, gp, w, cv, j + 8, b1, b2);
+  }
+  for (; j + 8 <= len; j += 8) ln_sums_step8<T, kW>(xp, gp, w, cv, j, a1, a2);
+  for (; j < len; ++j) {
+    const double g = static_cast<double>(gp[j]) * (kW ? w[j] : 1.0);
+    t1 += g;
+    t2 += g * (static_cast<double>(xp[j]) - c);
+  }
+}
+
+struct LnRowSums {
+  D8 a1, a2, b1, b2;
+  double t1, t2;
+  NORMKIT_KINLINE void clear() {
+    zero(a1);
+    zero(a2);
+    zero(b1);
+    zero(b2);
+    t1 = t2 = 0;
+  }
+  NORMKIT_KINLINE void finish(double& s1, double& s2) const {
+    double o1[8], o2[8];
+    store(o1, a1 + b1);
+    store(o2, a2 + b2);
+    s1 = ((o1[0] + o1[4]) + (o1[2] + o1[6])) + ((o1[1] + o1[5]) + (o1[3] + o1[7])) + t1;
+    s2 = ((o2[0] + o2[4]) + (o2[2] + o2[6])) + ((o2[1] + o2[5]) + (o2[3] + o2[7])) + t2;
+  }
+};
+
+template <class T, bool kW>
+void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* pb) {
+  const Index n = A.n;
+  const double m = static_cast<double>(n);
+  const double* const w = A.gamma;
+  constexpr bool kFloat = std::is_same<T, float>::value;
+  // Float accumulators of the pending rows (kFloat only), 64 apart so that they do not alias
+  // in the 4 KiB sense.
+  std::vector<float> fbuf(kFloat ? static_cast<std::size_t>(2 * n + 64) : 0);
+  float* fg = fbuf.data();
+  float* fb = kFloat ? fg + n + 64 : nullptr;
+  Index pending = 0;
+  auto flush = [&] {
+    Index j = 0;
+    for (; j + 8 <= n; j += 8) {
+      D8 a, p;
+      load(a, fg + j);
+      load(p, pg + j);
+      p += a;
+      store(pg + j, p);
+      load(a, fb + j);
+      load(p, pb + j);
+      p += a;
+      store(pb + j, p);
+    }
+    for (; j < n; ++j) {
+      pg[j] += static_cast<double>(fg[j]);
+      pb[j] += static_cast<double>(fb[j]);
+    }
+    std::fill(fg, fg + n, 0.0f);
+    std::fill(fb, fb + n, 0.0f);
+    pending = 0;
+  };
+  if constexpr (kFloat) {
+    std::fill(fg, fg + n, 0.0f);
+    std::fill(fb, fb + n, 0.0f);
+  }
+  LnRowSums cur, nxt;
+  cur.clear();
+  ln_sums_range<T, kW>(A.x + r0 * n, A.dy + r0 * n, w, A.mean[r0], 0, n, cur.a1, cur.a2, cur.b1,
+                       cur.b2, cur.t1, cur.t2);
+  for (Index t = r0; t < r1; ++t) {
+    const T* xp = A.x + t * n;
+    const T* gp = A.dy + t * n;
+    T* op = A.dx + t * n;
+    double s1, s2;
+    cur.finish(s1, s2);
+    const double mu = A.mean[t], r = A.rstd[t];
+    const double B = -r * r * r * s2 / m, C = -r * s1 / m;
+    const bool more = t + 1 < r1;
+    const T* nxp = xp + n;
+    const T* ngp = gp + n;
+    const double nc = more ? A.mean[t + 1] : 0.0;
+    nxt.clear();
+    bool next_done = false;
+    bool float_done = false;
+    if constexpr (kFloat) {
+      if (fits_float(mu) && fits_float(r) && fits_float(B) && fits_float(C)) {
+        const float hi = static_cast<float>(mu);
+        const float lo = static_cast<float>(mu - static_cast<double>(hi));
+        const float rf = static_cast<float>(r), bf = static_cast<float>(B),
+                    cf = static_cast<float>(C);
+        const float* wt = A.gamma_t;
+        auto body = [&](auto& o, auto& ag, auto& ab, const auto& xv, const auto& g,
+                        const auto& wv) NORMKIT_KLAMBDA {
+          const auto xc = (xv - hi) - lo;
+          o = (rf * wv) * g + bf * xc + cf;
+          ag += g * (xc * rf);
+          ab += g;
+        };
+        Index j = 0;
+        if (more) {
+          // This row's dx from L1, the next row's sums streaming in.
+          D8 ncv;
+          splat(ncv, nc);
+          for (; j + 16 <= n; j += 16) {
+            ln_sums_step8<T, kW>(nxp, ngp, w, ncv, j, nxt.a1, nxt.a2);
+            ln_sums_step8<T, kW>(nxp, ngp, w, ncv, j + 8, nxt.b1, nxt.b2);
+            F16 vo, vg = load16(fg + j), vb = load16(fb + j);
+            body(vo, vg, vb, load16(xp + j), load16(gp + j), load16(wt + j));
+            store(op + j, vo);
+            store(fg + j, vg);
+            store(fb + j, vb);
+          }
+          ln_sums_range<T, kW>(nxp, ngp, w, nc, j, n, nxt.a1, nxt.a2, nxt.b1, nxt.b2, nxt.t1,
+                               nxt.t2);
+          next_done = true;
+        } else {
+          for (; j + 16 <= n; j += 16) {
+            F16 vo, vg = load16(fg + j), vb = load16(fb + j);
+            body(vo, vg, vb, load16(xp + j), load16(gp + j), load16(wt + j));
+            store(op + j, vo);
+            store(fg + j, vg);
+            store(fb + j, vb);
+          }
+        }
+        for (; j < n; ++j) body(op[j], fg[j], fb[j], xp[j], gp[j], wt[j]);
+        if (++pending == kLnFloatRows)
+          flush();
+        float_done = true;
+      }
+    }
+    if (!float_done) {
+      // Double path: pg += dy * (x - m) * r, pb += dy, dx = (r * w) * dy + B * (x - m) + C.
+      for (Index j = 0; j < n; ++j) {
+        const double xd = static_cast<double>(xp[j]) - mu;
+        const double g = static_cast<double>(gp[j]);
+        if (A.want_dg)
+          pg[j] += g * xd * r;
+        pb[j] += g;
+        const double a = kW ? r * w[j] : r;
+        op[j] = static_cast<T>(a * g + B * xd + C);
+      }
+    }
+    if (more && !next_done) {
+      ln_sums_range<T, kW>(nxp, ngp, w, nc, 0, n, nxt.a1, nxt.a2, nxt.b1, nxt.b2, nxt.t1,
+                           nxt.t2);
+    }
+    cur = nxt;
+  }
+  if constexpr (kFloat) {
+    if (pending)
+      flush();
+  }
+}
+
+/// LayerNorm's one-pass backward over rows [r0, r1) into the block's per-position sums pg
+/// (sum dy * xhat; only when want_dg) and pb (sum dy), which the caller zeroed.
+template <class T>
+void ln_bwd_rows(const LnBwdArgs<T>& a, Index r0, Index r1, double* pg, double* pb) {
+  if (a.gamma) {
+    ln_bwd_impl<T, true>(a, r0, r1, pg, pb);
+  } else {
+    ln_bwd_impl<T, false>(a, r0, r1, pg, pb);
+  }
+}
+
+/// This ISA's table of leaves for T.
+template <class T>
+inline constexpr Leaves<T> kLeaves = {
+    &mom_rows<T>,    &grad_rows<T>,   &mom_cols<T>,    &grad_cols<T>,
+    &affine_rows<T>, &affine_cols<T>, &gradin_rows<T>, &gradin_cols<T>,
+};
+/// This ISA's LayerNorm leaves for T.
+template <class T>
+inline constexpr LnLeaves<T> kLnLeaves = {&ln_affine_rows<T>, &ln_bwd_rows<T>};
+
+#undef NORMKIT_KINLINE
+#undef NORMKIT_KLAMBDA

@@ -1,0 +1,267 @@
+// normkit/detail/kernels/simd.hpp: the vector types of one ISA copy of the kernels -- the only
+// file that names vector registers or intrinsics. Included by kernels/leaves.hpp inside an
+// ISA namespace and target region (kernels/isa_begin.hpp); no include guard.
+// SPDX-License-Identifier: MIT
+// IWYU pragma: private, include <normkit/normkit.hpp>
+
+// NB: lanes and widths. Kernels accumulate in *logical* vectors of 8 doubles (D8) and map
+// floats 16 at a time (F16); each ISA builds them from its native registers: one zmm
+// (AVX-512), two ymm (AVX2), four xmm (SSE2, NEON), or plain scalars (other compilers). The
+// logical lane of every element, and the horizontal-sum tree, are the same on every ISA, so
+// the ISA copies differ only where FMA contraction rounds once instead of twice.
+// GCC 12 keeps generic vector types wider than the target's registers (a 64-byte
+// vector_size type under AVX2) in memory, a store and a load per operation: measured on
+// the AVX2 path that is what made the -march=native build slower than the baseline one on
+// AMD Zen 3 (issue #10); hence arrays of native vectors. NORMKIT_SIMD is the level of the
+// registers used: the ISA copy's, or the translation unit's own flags when they go further
+// (the baseline copy of a -mavx2 build uses AVX2).
+
+#if NORMKIT_KERNEL_ISA == 2 || (defined(__AVX512F__) && defined(__AVX512VL__) && \
+                                defined(__AVX512BW__) && defined(__AVX512DQ__))
+#define NORMKIT_SIMD 3
+#elif NORMKIT_KERNEL_ISA == 1 || (defined(__AVX2__) && defined(__FMA__))
+#define NORMKIT_SIMD 2
+#elif defined(__SSE2__) && (defined(__GNUC__) || defined(__clang__))
+#define NORMKIT_SIMD 1
+#elif defined(__GNUC__) || defined(__clang__)
+#define NORMKIT_SIMD 0  // GCC/Clang generic 16-byte vectors (NEON on aarch64)
+#else
+#define NORMKIT_SIMD -1  // scalars
+#endif
+
+#define NORMKIT_KINLINE NORMKIT_ALWAYS_INLINE
+// For lambdas in hot loops: GCC does not always inline a lambda called from two places, and
+// then the accumulators it takes by reference live in memory.
+#if defined(__GNUC__) || defined(__clang__)
+#define NORMKIT_KLAMBDA __attribute__((always_inline))
+#else
+#define NORMKIT_KLAMBDA
+#endif
+
+#if NORMKIT_SIMD >= 0
+// NB: GCC/Clang generic vectors of the register's width (arithmetic, unaligned loads through
+// an under-aligned typedef), plus the one operation they lower badly: GCC 12 splits a
+// float -> double __builtin_convertvector into 128-bit pieces and inserts, so on GCC the
+// conversions call the compiler's own builtins (what <immintrin.h>'s _mm256_cvtps_pd and
+// _mm512_cvtps_pd expand to). Not including <immintrin.h> saves 0.4 s of every translation
+// unit's compile time (issue #14); <emmintrin.h>, which Eigen includes anyway, is enough
+// for the SSE2 copy.
+#if NORMKIT_SIMD == 3
+inline constexpr int kDW = 8;
+#elif NORMKIT_SIMD == 2
+inline constexpr int kDW = 4;
+#else
+inline constexpr int kDW = 2;
+#endif
+inline constexpr int kFW = 2 * kDW;
+typedef double dvec __attribute__((vector_size(8 * kDW)));
+typedef float fvec __attribute__((vector_size(4 * kFW)));
+typedef float fnarrow __attribute__((vector_size(4 * kDW)));  // kDW floats (SSE2: 2, padded)
+typedef double dvec_u __attribute__((vector_size(8 * kDW), aligned(8)));
+typedef float fvec_u __attribute__((vector_size(4 * kFW), aligned(4)));
+
+NORMKIT_KINLINE dvec dload(const double* p) { return *reinterpret_cast<const dvec_u*>(p); }
+NORMKIT_KINLINE void dstore(double* p, dvec v) { *reinterpret_cast<dvec_u*>(p) = v; }
+NORMKIT_KINLINE dvec dsplat(double v) { return dvec{} + v; }
+NORMKIT_KINLINE fvec fload(const float* p) { return *reinterpret_cast<const fvec_u*>(p); }
+NORMKIT_KINLINE void fstore(float* p, fvec v) { *reinterpret_cast<fvec_u*>(p) = v; }
+NORMKIT_KINLINE fvec fsplat(float v) { return fvec{} + v; }
+
+#if NORMKIT_SIMD == 1
+typedef float v4sf __attribute__((vector_size(16)));
+NORMKIT_KINLINE dvec dload(const float* p) {
+  return _mm_cvtps_pd(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))));
+}
+NORMKIT_KINLINE void dstore(float* p, dvec v) {
+  _mm_store_sd(reinterpret_cast<double*>(p), _mm_castps_pd(_mm_cvtpd_ps(v)));
+}
+#elif NORMKIT_SIMD == 0
+typedef float f2 __attribute__((vector_size(8)));
+typedef float f2_u __attribute__((vector_size(8), aligned(4)));
+NORMKIT_KINLINE dvec dload(const float* p) {
+  return __builtin_convertvector(*reinterpret_cast<const f2_u*>(p), dvec);
+}
+NORMKIT_KINLINE void dstore(float* p, dvec v) {
+  *reinterpret_cast<f2_u*>(p) = __builtin_convertvector(v, f2);
+}
+#else
+typedef float fnarrow_u __attribute__((vector_size(4 * kDW), aligned(4)));
+NORMKIT_KINLINE dvec dload(const float* p) {
+  const fnarrow f = *reinterpret_cast<const fnarrow_u*>(p);
+#if defined(__clang__)
+  return __builtin_convertvector(f, dvec);
+#elif NORMKIT_SIMD == 3
+  return __builtin_ia32_cvtps2pd512_mask(f, dvec{}, static_cast<unsigned char>(0xFF), 4);
+#else
+  return __builtin_ia32_cvtps2pd256(f);
+#endif
+}
+NORMKIT_KINLINE void dstore(float* p, dvec v) {
+#if defined(__clang__)
+  *reinterpret_cast<fnarrow_u*>(p) = __builtin_convertvector(v, fnarrow);
+#elif NORMKIT_SIMD == 3
+  *reinterpret_cast<fnarrow_u*>(p) =
+      __builtin_ia32_cvtpd2ps512_mask(v, fnarrow{}, static_cast<unsigned char>(0xFF), 4);
+#else
+  *reinterpret_cast<fnarrow_u*>(p) = __builtin_ia32_cvtpd2ps256(v);
+#endif
+}
+#endif
+#else
+using dvec = double;
+using fvec = float;
+inline constexpr int kDW = 1;
+inline constexpr int kFW = 1;
+NORMKIT_KINLINE dvec dload(const double* p) { return *p; }
+NORMKIT_KINLINE dvec dload(const float* p) { return static_cast<double>(*p); }
+NORMKIT_KINLINE void dstore(double* p, dvec v) { *p = v; }
+NORMKIT_KINLINE void dstore(float* p, dvec v) { *p = static_cast<float>(v); }
+NORMKIT_KINLINE dvec dsplat(double v) { return v; }
+NORMKIT_KINLINE fvec fload(const float* p) { return *p; }
+NORMKIT_KINLINE void fstore(float* p, fvec v) { *p = v; }
+NORMKIT_KINLINE fvec fsplat(float v) { return v; }
+#endif
+
+inline constexpr int kDK = 8 / kDW;   // native registers per D8
+inline constexpr int kFK = 16 / kFW;  // native registers per F16
+
+/// 8 logical double lanes.
+struct D8 {
+  dvec v[kDK];
+};
+/// 16 logical float lanes.
+struct F16 {
+  fvec v[kFK];
+};
+
+template <class T>
+NORMKIT_KINLINE void load(D8& o, const T* p) {
+  for (int k = 0; k < kDK; ++k) o.v[k] = dload(p + k * kDW);
+}
+template <class T>
+NORMKIT_KINLINE void store(T* p, const D8& a) {
+  for (int k = 0; k < kDK; ++k) dstore(p + k * kDW, a.v[k]);
+}
+NORMKIT_KINLINE void splat(D8& o, double v) {
+  const dvec s = dsplat(v);
+  for (int k = 0; k < kDK; ++k) o.v[k] = s;
+}
+NORMKIT_KINLINE void zero(D8& o) { splat(o, 0.0); }
+NORMKIT_KINLINE D8 operator+(const D8& a, const D8& b) {
+  D8 r;
+  for (int k = 0; k < kDK; ++k) r.v[k] = a.v[k] + b.v[k];
+  return r;
+}
+NORMKIT_KINLINE D8 operator-(const D8& a, const D8& b) {
+  D8 r;
+  for (int k = 0; k < kDK; ++k) r.v[k] = a.v[k] - b.v[k];
+  return r;
+}
+NORMKIT_KINLINE D8 operator*(const D8& a, const D8& b) {
+  D8 r;
+  for (int k = 0; k < kDK; ++k) r.v[k] = a.v[k] * b.v[k];
+  return r;
+}
+NORMKIT_KINLINE D8& operator+=(D8& a, const D8& b) {
+  for (int k = 0; k < kDK; ++k) a.v[k] += b.v[k];
+  return a;
+}
+NORMKIT_KINLINE D8& operator-=(D8& a, const D8& b) {
+  for (int k = 0; k < kDK; ++k) a.v[k] -= b.v[k];
+  return a;
+}
+
+// Mixed operands (a scalar splat), so that one generic lambda serves vector bodies and
+// scalar tails alike.
+NORMKIT_KINLINE D8 operator+(const D8& a, double b) {
+  D8 s;
+  splat(s, b);
+  return a + s;
+}
+NORMKIT_KINLINE D8 operator-(const D8& a, double b) {
+  D8 s;
+  splat(s, b);
+  return a - s;
+}
+NORMKIT_KINLINE D8 operator*(const D8& a, double b) {
+  D8 s;
+  splat(s, b);
+  return a * s;
+}
+NORMKIT_KINLINE D8 operator*(double a, const D8& b) { return b * a; }
+
+NORMKIT_KINLINE void load(F16& o, const float* p) {
+  for (int k = 0; k < kFK; ++k) o.v[k] = fload(p + k * kFW);
+}
+NORMKIT_KINLINE void store(float* p, const F16& a) {
+  for (int k = 0; k < kFK; ++k) fstore(p + k * kFW, a.v[k]);
+}
+NORMKIT_KINLINE F16 splat16(float v) {
+  F16 r;
+  const fvec s = fsplat(v);
+  for (int k = 0; k < kFK; ++k) r.v[k] = s;
+  return r;
+}
+NORMKIT_KINLINE F16 operator+(const F16& a, const F16& b) {
+  F16 r;
+  for (int k = 0; k < kFK; ++k) r.v[k] = a.v[k] + b.v[k];
+  return r;
+}
+NORMKIT_KINLINE F16 operator-(const F16& a, const F16& b) {
+  F16 r;
+  for (int k = 0; k < kFK; ++k) r.v[k] = a.v[k] - b.v[k];
+  return r;
+}
+NORMKIT_KINLINE F16 operator*(const F16& a, const F16& b) {
+  F16 r;
+  for (int k = 0; k < kFK; ++k) r.v[k] = a.v[k] * b.v[k];
+  return r;
+}
+NORMKIT_KINLINE F16& operator+=(F16& a, const F16& b) {
+  for (int k = 0; k < kFK; ++k) a.v[k] += b.v[k];
+  return a;
+}
+
+NORMKIT_KINLINE F16 operator+(const F16& a, float b) { return a + splat16(b); }
+NORMKIT_KINLINE F16 operator-(const F16& a, float b) { return a - splat16(b); }
+NORMKIT_KINLINE F16 operator*(const F16& a, float b) { return a * splat16(b); }
+NORMKIT_KINLINE F16 operator*(float a, const F16& b) { return b * splat16(a); }
+NORMKIT_KINLINE F16 load16(const float* p) {
+  F16 r;
+  load(r, p);
+  return r;
+}
+template <class T>
+NORMKIT_KINLINE D8 load8d(const T* p) {
+  D8 r;
+  load(r, p);
+  return r;
+}
+
+/// Loads a RowAcc pair of logical vectors and its tail.
+NORMKIT_KINLINE void load_acc(const RowAcc& s, D8& a1, D8& a2, D8& b1, D8& b2) {
+  load(a1, s.a1);
+  load(a2, s.a2);
+  load(b1, s.b1);
+  load(b2, s.b2);
+}
+NORMKIT_KINLINE void store_acc(RowAcc& s, const D8& a1, const D8& a2, const D8& b1, const D8& b2) {
+  store(s.a1, a1);
+  store(s.a2, a2);
+  store(s.b1, b1);
+  store(s.b2, b2);
+}
+
+/// Prefetches the cache lines of p[0, len) (a hint: never faults, no effect on results).
+template <class T>
+NORMKIT_KINLINE void prefetch_lines(const T* p, Index len) {
+#if defined(__GNUC__) || defined(__clang__)
+  constexpr Index kLine = 64 / static_cast<Index>(sizeof(T));
+  for (Index j = 0; j < len; j += kLine) __builtin_prefetch(p + j);
+  __builtin_prefetch(p + len - 1);
+#else
+  (void)p, (void)len;
+#endif
+}
+
+#undef NORMKIT_SIMD

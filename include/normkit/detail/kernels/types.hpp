@@ -1,0 +1,106 @@
+// normkit/detail/kernels/types.hpp: what crosses between the baseline code and the ISA copies
+// of the leaf kernels -- plain structs of pointers and scalars, and the table of leaves.
+// SPDX-License-Identifier: MIT
+#ifndef NORMKIT_DETAIL_KERNELS_TYPES_HPP_
+#define NORMKIT_DETAIL_KERNELS_TYPES_HPP_
+// IWYU pragma: private, include <normkit/normkit.hpp>
+
+#include <cmath>  // std::abs
+
+#include <normkit/config.hpp>
+
+NORMKIT_BEGIN_NAMESPACE
+namespace detail {
+
+/// Whether a coefficient can take the float apply path: finite with ample headroom, so that no
+/// product overflows and a denormal (x - mean) contributes below 2^-49 (found by the fuzzer:
+/// denormal inputs with eps = 0 give rstd ~ 5e44, beyond float). NaN fails (double path).
+NORMKIT_ALWAYS_INLINE bool fits_float(double v) {
+  return std::abs(v) <= 0x1p100;
+}
+
+/// Accumulator of a row reduction (a run of elements of one slot, or many runs in turn):
+/// two logical 8-lane double vectors per sum (elements 0-7 and 8-15 of every 16) and a
+/// scalar tail. Value-initialize to zero; reduce with finish_acc().
+struct alignas(64) RowAcc {
+  double a1[8];
+  double a2[8];
+  double b1[8];
+  double b2[8];
+  double t1;
+  double t2;
+};
+
+/// Per-slot coefficients of the forward apply y = (x - m) * a + b: in double, and for float
+/// input also as float (m split into hi + lo) when use_float (see apply.hpp).
+struct AffineCoef {
+  double m, a, b;
+  float hi, lo, af, bf;
+  int use_float;
+};
+
+/// Per-slot coefficients of the backward apply dx = a * dy + b * (x - m) + c.
+struct GradCoef {
+  double m, a, b, c;
+  float hi, lo, af, bf, cf;
+  int use_float;
+};
+
+/// Column-mode coefficient tables, pointers already at the run's first slot. Affine:
+/// f = {hi, lo, a, b}, d = {m, a, b}; gradient: f = {hi, lo, a, b, c}, d = {m, a, b, c}.
+struct ColTables {
+  const float* f[5];
+  const double* d[4];
+  int use_float;
+};
+
+/// LayerNorm's one-pass backward over whole contiguous rows of n elements (row r at x + r*n,
+/// statistics slot r).
+template <class T>
+struct LnBwdArgs {
+  const T* x;
+  const T* dy;
+  T* dx;
+  const double* mean;
+  const double* rstd;
+  const double* gamma;  // per position, or null
+  const T* gamma_t;     // per position in T (float path; ones when there is no weight)
+  Index n;
+  int want_dg;
+};
+
+/// The leaf kernels of one ISA copy for scalar type T (detail/kernels/leaves.hpp documents
+/// each). Baseline code picks the table once per call (detail/dispatch.hpp).
+template <class T>
+struct Leaves {
+  void (*mom_rows)(const T* x, Index len, Index count, Index stride, const double* c,
+                   Index c_step, RowAcc* st, Index st_step);
+  void (*grad_rows)(const T* x, const T* dy, Index len, Index count, Index stride,
+                    const double* c, Index c_step, RowAcc* st, Index st_step);
+  void (*mom_cols)(const T* x, Index row_stride, Index rows, Index len, const double* c,
+                   double* s1, double* s2);
+  void (*grad_cols)(const T* x, const T* dy, Index row_stride, Index rows, Index len,
+                    const double* c, double* s1, double* s2);
+  void (*affine_rows)(const T* x, T* y, Index len, Index count, Index stride,
+                      const AffineCoef* k, Index k_step);
+  void (*affine_cols)(const T* x, T* y, Index row_stride, Index rows, Index len,
+                      const ColTables& k);
+  void (*gradin_rows)(const T* x, const T* dy, T* dx, Index len, Index count, Index stride,
+                      const GradCoef* k, Index k_step);
+  void (*gradin_cols)(const T* x, const T* dy, T* dx, Index row_stride, Index rows, Index len,
+                      const ColTables& k);
+};
+
+/// The leaves only LayerNorm uses (a table of their own, so that a program using BatchNorm
+/// alone does not compile them).
+template <class T>
+struct LnLeaves {
+  void (*ln_affine_rows)(const T* x, T* y, Index len, Index count, Index stride,
+                         const AffineCoef* k, Index k_step, const T* gamma, const T* beta);
+  void (*ln_bwd_rows)(const LnBwdArgs<T>& a, Index r0, Index r1, double* pg, double* pb);
+};
+
+}  // namespace detail
+NORMKIT_END_NAMESPACE
+
+#endif  // NORMKIT_DETAIL_KERNELS_TYPES_HPP_

@@ -1,0 +1,340 @@
+// normkit/detail/layer_norm_impl.hpp: LayerNorm forward and backward on raw pointers and a
+// Shape -- the views (statistics per row, parameter sums per position) and the one-pass
+// backward. The module header calls these after validating its input.
+// SPDX-License-Identifier: MIT
+#ifndef NORMKIT_DETAIL_LAYER_NORM_IMPL_HPP_
+#define NORMKIT_DETAIL_LAYER_NORM_IMPL_HPP_
+// IWYU pragma: private, include <normkit/normkit.hpp>
+
+#include <algorithm>  // std::max, std::min, std::fill
+#include <string>     // std::string
+#include <vector>     // std::vector
+
+#include <normkit/config.hpp>
+#include <normkit/detail/apply.hpp>
+#include <normkit/detail/dispatch.hpp>
+#include <normkit/detail/exec.hpp>
+#include <normkit/detail/fused.hpp>
+#include <normkit/detail/moments.hpp>
+#include <normkit/detail/plan.hpp>
+#include <normkit/detail/reduction.hpp>
+#include <normkit/detail/tensor.hpp>
+
+NORMKIT_BEGIN_NAMESPACE
+namespace detail {
+
+inline std::string list_str(const std::vector<Index>& v) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
+
+inline Index product(const std::vector<Index>& v) {
+  Index p = 1;
+  for (Index d : v) p *= d;
+  return p;
+}
+
+/// LayerNorm's (and RMSNorm's) argument checks: trailing dims equal to normalized_shape,
+/// weight/bias of prod(normalized_shape) elements.
+template <class T>
+void layer_norm_check(const char* who,
+                      const Shape& sh,
+                      const std::vector<Index>& ns,
+                      const VectorRef<const T>& w,
+                      const VectorRef<const T>& b) {
+  if (ns.empty()) {
+    throw_value(who,
+                "Expected normalized_shape to be at least 1-dimensional, i.e., containing "
+                "at least one element, but got normalized_shape = []");
+  }
+  const int D = static_cast<int>(ns.size());
+  bool ok = sh.rank >= D;
+  for (int j = 0; ok && j < D; ++j) {
+    const auto lead = static_cast<std::size_t>(sh.rank - D);
+    ok = sh.dim[lead + static_cast<std::size_t>(j)] == ns[static_cast<std::size_t>(j)];
+  }
+  if (!ok) {
+    std::string want = list_str(ns);
+    throw_shape(who, "Given normalized_shape=" + want + ", expected input with shape [*, " +
+                         want.substr(1) + ", but got input of size" + shape_str(sh));
+  }
+  const Index n = product(ns);
+  auto check = [&](const VectorRef<const T>& v, const char* name) {
+    if (v && v.size() != n) {
+      throw_shape(who, std::string("Expected ") + name +
+                           " to be of same shape as normalized_shape, but got " + name + " of " +
+                           std::to_string(v.size()) +
+                           " elements and normalized_shape = " + list_str(ns));
+    }
+  };
+  check(w, "weight");
+  check(b, "bias");
+}
+
+// LayerNorm's plans. stats: leading axes are keys (one slot per row), trailing axes reduced,
+// their aux index = the row-major position inside normalized_shape (gamma/beta's index).
+struct LayerPlans {
+  Plan stats;
+  int lead = 0;
+  Index rows = 1, n = 1;
+};
+
+inline LayerPlans layer_plans(const Shape& sh, int D) {
+  LayerPlans lp;
+  lp.lead = sh.rank - D;
+  std::array<AxisSpec, kMaxAxes> ax{};
+  Index ps = 1;
+  for (int i = sh.rank - 1; i >= 0; --i) {
+    const auto u = static_cast<std::size_t>(i);
+    const bool lead = i < lp.lead;
+    ax[u] = AxisSpec{sh.dim[u], sh.stride[u], lead ? Role::key : Role::reduce, lead ? 0 : ps};
+    if (lead) {
+      lp.rows *= sh.dim[u];
+    } else {
+      ps *= sh.dim[u];
+    }
+  }
+  lp.n = ps;
+  lp.stats = make_plan(ax.data(), sh.rank);
+  return lp;
+}
+
+/// Plan slot of every logical (row-major) index over axes [first, last) of sh.
+inline std::vector<Index> slot_map(const Shape& sh, const Plan& p, int first, int last) {
+  Index count = 1;
+  for (int i = first; i < last; ++i) count *= sh.dim[static_cast<std::size_t>(i)];
+  std::vector<Index> map(static_cast<std::size_t>(count));
+  for (Index l = 0; l < count; ++l) {
+    Index rem = l, s = 0;
+    for (int i = last - 1; i >= first; --i) {
+      const Index d = sh.dim[static_cast<std::size_t>(i)];
+      s += (rem % d) * p.logical_slot_stride[static_cast<std::size_t>(i)];
+      rem /= d;
+    }
+    map[static_cast<std::size_t>(l)] = s;
+  }
+  return map;
+}
+
+/// Statistics in plan slot order -> logical row order.
+inline void store_row_stats(const Shape& sh,
+                            const LayerPlans& lp,
+                            const std::vector<double>& mean,
+                            const std::vector<double>& rstd,
+                            SavedStats& saved) {
+  const std::vector<Index> map = slot_map(sh, lp.stats, 0, lp.lead);
+  saved.mean.resize(lp.rows);  // no allocation when the size is unchanged
+  saved.rstd.resize(lp.rows);
+  for (Index l = 0; l < lp.rows; ++l) {
+    const auto s = static_cast<std::size_t>(map[static_cast<std::size_t>(l)]);
+    saved.mean(l) = mean[s];
+    saved.rstd(l) = rstd[s];
+  }
+  saved.batch_stats = true;
+}
+
+template <class T>
+void layer_norm_forward(const Shape& sh,
+                        int D,
+                        const T* x,
+                        T* y,
+                        const VectorRef<const T>& w,
+                        const VectorRef<const T>& b,
+                        double eps,
+                        SavedStats* saved,
+                        T* copy,
+                        const Exec& ex) {
+  const LayerPlans lp = layer_plans(sh, D);
+  const auto rows = static_cast<std::size_t>(lp.rows);
+  std::vector<double> mean(rows), rstd(rows), center(rows);
+  std::vector<AffineCoef> coef(rows);
+  auto finish = [&](Index s, double m, double v) {
+    const auto u = static_cast<std::size_t>(s);
+    mean[u] = m;
+    rstd[u] = rstd_of(v, eps, false);
+    coef[u] = affine_coef(m, rstd[u], 0.0);
+  };
+  ApplyOp<T> op;
+  op.leaf = &leaves<T>();
+  op.ln_leaf = &ln_leaves<T>();
+  op.x = x;
+  op.y = y;
+  op.ak = coef.data();
+  op.copy = copy;
+  std::vector<T> fill;
+  if (w || b) {
+    // The caller's weight/bias are read in place; a missing one is replaced by ones/zeros.
+    op.kind = ApplyKind::ln_affine;
+    if (!w || !b)
+      fill.assign(static_cast<std::size_t>(lp.n), w ? T(0) : T(1));
+    op.gamma = w ? w.data() : fill.data();
+    op.beta = b ? b.data() : fill.data();
+  } else {
+    op.kind = ApplyKind::affine;
+  }
+  if (!fused_forward(lp.stats, lp.stats, x, center.data(), finish, op, ex)) {
+    moments(lp.stats, x, mean.data(), rstd.data(), center.data(), ex);
+    for (std::size_t s = 0; s < rows; ++s) finish(static_cast<Index>(s), mean[s], rstd[s]);
+    std::vector<double> dtab;
+    std::vector<float> ftab;
+    if (op.kind == ApplyKind::affine && lp.stats.column_mode())
+      column_tables(op, lp.rows, dtab, ftab);
+    apply_plan(lp.stats, op, ex);
+  }
+  if (saved)
+    store_row_stats(sh, lp, mean, rstd, *saved);
+}
+
+/// The row statistics of x, as a forward would save them.
+template <class T>
+void layer_norm_stats(const Shape& sh, int D, const T* x, double eps, SavedStats& out, const Exec& ex) {
+  const LayerPlans lp = layer_plans(sh, D);
+  const auto rows = static_cast<std::size_t>(lp.rows);
+  std::vector<double> mean(rows), rstd(rows), center(rows);
+  moments(lp.stats, x, mean.data(), rstd.data(), center.data(), ex);
+  for (std::size_t s = 0; s < rows; ++s) rstd[s] = rstd_of(rstd[s], eps, false);
+  store_row_stats(sh, lp, mean, rstd, out);
+}
+
+// NB: LayerNorm backward in one pass over memory. dx needs per-row sums (a row is short
+// and stays in L1), dweight/dbias need per-position sums over rows. Done as two passes
+// (rows, then positions) they read x and dy twice: 5B of traffic against the 3B of reading
+// x, dy and writing dx once. Here each row is summed, then -- while it is in L1 -- its dx is
+// written and its contribution added to dweight/dbias sums of the row's block
+// (kLnRowBlock elements of rows; the leaf ln_bwd_rows). Block partials are merged in block
+// order, whatever the thread count, so results are bitwise identical for any thread count.
+// Taken whenever the shape allows (rows contiguous, n <= kLnOnePassMaxN), never depending on
+// the executor.
+inline constexpr Index kLnRowBlock = Index{1} << 16;
+inline constexpr Index kLnOnePassMaxN = Index{1} << 14;
+
+/// Whether the one-pass backward applies: contiguous rows of n elements, row r at r * n.
+inline bool layer_norm_one_pass_ok(const LayerPlans& lp) {
+  if (lp.stats.column_mode() || lp.n > kLnOnePassMaxN || lp.n == 0)
+    return false;
+  const Nest ns = split(lp.stats);
+  if (ns.R != 1 || ns.L != lp.n || ns.aux_step != 1)
+    return false;
+  return ns.ko.n == 0 || (ns.ko.n == 1 && ns.ko.ax[0]->stride == lp.n && ns.ko.ax[0]->slot_stride == 1);
+}
+
+/// Backward for layouts the one-pass kernel does not take (rows longer than kLnOnePassMaxN,
+/// rows not contiguous, no dx wanted): two sweeps over memory in double, one element at a
+/// time, on the calling thread (a fixed order, so results do not depend on the executor).
+template <class T>
+void layer_norm_backward_generic(const LayerPlans& lp,
+                                 const T* x,
+                                 const T* dy,
+                                 T* dx,
+                                 const double* mean,
+                                 const double* rstd,
+                                 const double* gamma,
+                                 double* dg,
+                                 double* db) {
+  const Plan& p = lp.stats;
+  const double m = static_cast<double>(lp.n);
+  std::fill(dg, dg + lp.n, 0.0);
+  std::fill(db, db + lp.n, 0.0);
+  Odometer all;
+  for (int i = 0; i < p.rank; ++i) all.add(p.axes[static_cast<std::size_t>(i)]);
+  // Visits every element in memory order: f(offset, slot, aux).
+  auto each = [&](auto&& f) {
+    Odometer od = all;
+    od.reset();
+    for (Index e = 0; e < p.numel; ++e, od.next()) f(od.offset, od.slot, od.aux);
+  };
+  const auto rows = static_cast<std::size_t>(p.slots);
+  std::vector<double> s1(rows, 0.0), s2(rows, 0.0);
+  each([&](Index o, Index s, Index k) {
+    const double g = static_cast<double>(dy[o]) * (gamma ? gamma[k] : 1.0);
+    s1[static_cast<std::size_t>(s)] += g;
+    s2[static_cast<std::size_t>(s)] += g * (static_cast<double>(x[o]) - mean[s]);
+  });
+  each([&](Index o, Index s, Index k) {
+    const double r = rstd[s];
+    const double xd = static_cast<double>(x[o]) - mean[s];
+    const double g = static_cast<double>(dy[o]);
+    dg[k] += g * xd * r;
+    db[k] += g;
+    if (dx) {
+      const double B = -r * r * r * s2[static_cast<std::size_t>(s)] / m;
+      const double C = -r * s1[static_cast<std::size_t>(s)] / m;
+      dx[o] = static_cast<T>(r * (gamma ? gamma[k] : 1.0) * g + B * xd + C);
+    }
+  });
+}
+
+/// Gradients of layer_norm from its statistics: dx (when not null), and the per-position
+/// dweight/dbias (when present).
+template <class T>
+void layer_norm_backward(const Shape& sh,
+                         int D,
+                         const T* x,
+                         const T* dy,
+                         T* dx,
+                         const SavedStats& saved,
+                         const VectorRef<const T>& w,
+                         const VectorRef<T>& gw,
+                         const VectorRef<T>& gb,
+                         const Exec& ex) {
+  const LayerPlans lp = layer_plans(sh, D);
+  const auto rows = static_cast<std::size_t>(lp.rows);
+  const auto n = static_cast<std::size_t>(lp.n);
+  std::vector<double> mean(rows), rstd(rows);
+  {
+    const std::vector<Index> map = slot_map(sh, lp.stats, 0, lp.lead);
+    for (Index l = 0; l < lp.rows; ++l) {
+      mean[static_cast<std::size_t>(map[static_cast<std::size_t>(l)])] = saved.mean(l);
+      rstd[static_cast<std::size_t>(map[static_cast<std::size_t>(l)])] = saved.rstd(l);
+    }
+  }
+  std::vector<double> gamma;
+  if (w) {
+    gamma.resize(n);
+    for (std::size_t i = 0; i < n; ++i) gamma[i] = static_cast<double>(w.data()[i]);
+  }
+  std::vector<double> dg(n, 0.0), dbv(n, 0.0);
+  if (dx && layer_norm_one_pass_ok(lp)) {
+    std::vector<T> ones;
+    if (!w)
+      ones.assign(n, T(1));
+    const LnBwdArgs<T> args{x,           dy, dx, mean.data(), rstd.data(), w ? gamma.data() : nullptr,
+                            w ? w.data() : ones.data(), lp.n, gw ? 1 : 0};
+    const LnLeaves<T>& L = ln_leaves<T>();
+    const Index rpb = std::max(Index{1}, kLnRowBlock / lp.n);
+    const Index blocks = (lp.rows + rpb - 1) / rpb;
+    auto merge = [&](Index b, const double* pg, const double* pb) {
+      for (std::size_t j = 0; j < n; ++j) {
+        dg[j] = b == 0 ? pg[j] : dg[j] + pg[j];
+        dbv[j] = b == 0 ? pb[j] : dbv[j] + pb[j];
+      }
+    };
+    if (!ex.parallel(lp.stats.numel) || blocks == 1) {
+      std::vector<double> buf(2 * n);
+      for (Index b = 0; b < blocks; ++b) {
+        std::fill(buf.begin(), buf.end(), 0.0);
+        L.ln_bwd_rows(args, b * rpb, std::min(lp.rows, (b + 1) * rpb), buf.data(), buf.data() + n);
+        merge(b, buf.data(), buf.data() + n);
+      }
+    } else {
+      std::vector<double> part(static_cast<std::size_t>(blocks) * 2 * n, 0.0);
+      run_items(ex, blocks, [&](Index b) {
+        double* p = part.data() + b * 2 * lp.n;
+        L.ln_bwd_rows(args, b * rpb, std::min(lp.rows, (b + 1) * rpb), p, p + lp.n);
+      });
+      for (Index b = 0; b < blocks; ++b)
+        merge(b, part.data() + b * 2 * lp.n, part.data() + b * 2 * lp.n + lp.n);
+    }
+  } else {
+    layer_norm_backward_generic(lp, x, dy, dx, mean.data(), rstd.data(),
+                                w ? gamma.data() : nullptr, dg.data(), dbv.data());
+  }
+  store_grad(gw, dg.data());
+  store_grad(gb, dbv.data());
+}
+
+}  // namespace detail
+NORMKIT_END_NAMESPACE
+
+#endif  // NORMKIT_DETAIL_LAYER_NORM_IMPL_HPP_
