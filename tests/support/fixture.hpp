@@ -2,7 +2,9 @@
 //
 // The files are written by tools/fixtures/gen_fixtures.cpp (libtorch 1.13);
 // the format is described in tools/fixtures/README.md. Header-only, C++17,
-// standard library only.
+// standard library only. Besides the normalization modules, the parser knows the
+// records of rms_norm.txt (module RMSNorm), bf16.txt (dtype bfloat16) and fold.txt
+// (modules FuseConvBN and FuseLinearBN).
 //
 //   auto cases = normkit_test::load_fixtures("tests/fixtures/batch_norm.txt");
 //   for (const auto& c : cases) {
@@ -120,7 +122,12 @@ inline bool is_bn_or_in(const std::string& m) {
 }
 
 inline bool is_known_module(const std::string& m) {
-  return is_bn_or_in(m) || m == "LayerNorm" || m == "GroupNorm";
+  return is_bn_or_in(m) || m == "LayerNorm" || m == "GroupNorm" || m == "RMSNorm" ||
+         m == "FuseConvBN" || m == "FuseLinearBN";
+}
+
+inline bool is_known_dtype(const std::string& d) {
+  return d == "float32" || d == "float64" || d == "bfloat16";
 }
 
 inline std::vector<std::string> required_opts(const std::string& m) {
@@ -130,6 +137,15 @@ inline std::vector<std::string> required_opts(const std::string& m) {
     return {"normalized_shape", "eps", "elementwise_affine"};
   if (m == "GroupNorm")
     return {"num_groups", "num_channels", "eps", "affine"};
+  if (m == "RMSNorm")
+    return {"normalized_shape", "eps", "eps_effective", "elementwise_affine"};
+  if (m == "FuseConvBN")
+    return {"layer",     "in_channels",     "out_channels", "kernel_size", "stride",
+            "padding",   "output_padding",  "dilation",     "groups",      "bias",
+            "transpose", "bn_num_features", "bn_eps",       "bn_affine"};
+  if (m == "FuseLinearBN")
+    return {"layer",           "in_features", "out_features", "bias",
+            "bn_num_features", "bn_eps",      "bn_affine"};
   return {};
 }
 
@@ -148,6 +164,7 @@ struct FixtureCase {
   std::string where() const { return file + ":" + std::to_string(line) + " (case " + name + ")"; }
   bool is_float32() const { return dtype == "float32"; }
   bool is_float64() const { return dtype == "float64"; }
+  bool is_bfloat16() const { return dtype == "bfloat16"; }
   bool has_tag(const std::string& t) const { return tags.count(t) != 0; }
   bool has_opt(const std::string& key) const { return opts.count(key) != 0; }
 
@@ -188,6 +205,12 @@ struct FixtureCase {
     if (opt_single("momentum") == "none")
       return std::nullopt;
     return opt_double("momentum");
+  }
+  // A number, or "none" (RMSNorm eps=None) as nullopt.
+  std::optional<double> opt_double_or_none(const std::string& key) const {
+    if (opt_single(key) == "none")
+      return std::nullopt;
+    return opt_double(key);
   }
   std::vector<long> opt_list(const std::string& key) const {
     std::vector<long> out;
@@ -329,8 +352,8 @@ inline std::vector<FixtureCase> parse_fixtures(std::istream& in, const std::stri
         fail("duplicate 'module'");
       cur.module = toks[1];
     } else if (kw == "dtype") {
-      if (toks.size() != 2 || (toks[1] != "float32" && toks[1] != "float64"))
-        fail("'dtype' must be float32 or float64");
+      if (toks.size() != 2 || !detail::is_known_dtype(toks[1]))
+        fail("'dtype' must be float32, float64 or bfloat16");
       if (!cur.dtype.empty())
         fail("duplicate 'dtype'");
       cur.dtype = toks[1];

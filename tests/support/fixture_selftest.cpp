@@ -5,11 +5,16 @@
 //   /tmp/fixture_selftest tests/fixtures
 //
 // Runs a few malformed-input checks on the parser, then parses every *.txt in
-// the directory and prints the case count per file, module and dtype. Exits
-// non-zero on any parse error (or when the directory holds no fixture files).
+// the directory and prints the case count per file, module and dtype. The
+// records of rms_norm.txt, bf16.txt and fold.txt also get structure checks
+// (required tensors and shapes; bfloat16/float32 inputs exactly representable).
+// Exits non-zero on any parse or structure error (or when the directory holds
+// no fixture files).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <filesystem>
 #include <map>
@@ -42,6 +47,34 @@ const char* const kGood =
     "endstep\n"
     "end\n";
 
+// RMSNorm with eps none, and a bfloat16 record.
+const char* const kGoodNew =
+    "case rms\n"
+    "module RMSNorm\n"
+    "dtype float32\n"
+    "opt normalized_shape 2\n"
+    "opt eps none\n"
+    "opt eps_effective 1.1920928955078125e-07\n"
+    "opt elementwise_affine 0\n"
+    "step train\n"
+    "tensor x 1 2 : 0x1p+0 -0x1p+0\n"
+    "tensor y 1 2 : 0x1p+0 -0x1p+0\n"
+    "endstep\n"
+    "end\n"
+    "case bf\n"
+    "module LayerNorm\n"
+    "dtype bfloat16\n"
+    "opt normalized_shape 2\n"
+    "opt eps 1e-05\n"
+    "opt elementwise_affine 0\n"
+    "opt param_dtype bfloat16\n"
+    "step train\n"
+    "tensor x 1 2 : 0x1.8p+0 -0x1p+0\n"
+    "tensor y 1 2 : 0x1p+0 -0x1p+0\n"
+    "tensor y_ref 1 2 : 0x1.fffffp-1 -0x1.fffffp-1\n"
+    "endstep\n"
+    "end\n";
+
 int check_parser() {
   int failures = 0;
   // The well-formed sample must parse to the expected values.
@@ -65,6 +98,38 @@ int check_parser() {
   } catch (const std::exception& e) {
     std::printf("parser self-check: well-formed sample rejected: %s\n", e.what());
     ++failures;
+  }
+
+  try {
+    std::istringstream in(kGoodNew);
+    auto cs = normkit_test::parse_fixtures(in, "<good-new>");
+    bool ok = cs.size() == 2 && cs[0].module == "RMSNorm" &&
+              !cs[0].opt_double_or_none("eps").has_value() &&
+              cs[0].opt_double("eps_effective") == 0x1p-23 && cs[1].is_bfloat16() &&
+              cs[1].steps.at(0).at("y_ref").values.at(0) == 0x1.fffffp-1;
+    if (!ok) {
+      std::printf("parser self-check: RMSNorm/bfloat16 sample parsed wrongly\n");
+      ++failures;
+    }
+  } catch (const std::exception& e) {
+    std::printf("parser self-check: RMSNorm/bfloat16 sample rejected: %s\n", e.what());
+    ++failures;
+  }
+  for (const auto& m : std::vector<std::pair<std::string, std::string>>{
+           {"opt eps_effective 1.1920928955078125e-07\n", ""},
+           {"dtype bfloat16", "dtype float16"},
+       }) {
+    std::string text = kGoodNew;
+    text.replace(text.find(m.first), m.first.size(), m.second);
+    try {
+      std::istringstream in(text);
+      normkit_test::parse_fixtures(in, "<mutated-new>");
+      std::printf("parser self-check: accepted malformed input ('%s' -> '%s')\n", m.first.c_str(),
+                  m.second.c_str());
+      ++failures;
+    } catch (const std::runtime_error&) {
+      // expected
+    }
   }
 
   // Each mutation must be rejected.
@@ -111,8 +176,143 @@ int check_parser() {
   } catch (const std::runtime_error&) {
   }
   std::printf("parser self-check: %s (%zu malformed inputs rejected)\n", failures ? "FAILED" : "ok",
-              mutations.size() + 1);
+              mutations.size() + 3);
   return failures;
+}
+
+// ---- structure checks for the RMSNorm, bfloat16 and fold records
+
+bool f32_exact(double v) {
+  return std::isnan(v) || static_cast<double>(static_cast<float>(v)) == v;
+}
+bool bf16_exact(double v) {
+  if (!f32_exact(v))
+    return false;
+  const float f = static_cast<float>(v);
+  std::uint32_t bits = 0;
+  std::memcpy(&bits, &f, sizeof bits);
+  return std::isnan(v) || (bits & 0xffffu) == 0;
+}
+
+struct Checker {
+  const normkit_test::FixtureCase& c;
+  int errors = 0;
+
+  void fail(const std::string& what) {
+    std::fprintf(stderr, "structure error: %s: %s\n", c.where().c_str(), what.c_str());
+    ++errors;
+  }
+  const normkit_test::FixtureTensor* need(const normkit_test::FixtureStep& s,
+                                          const std::string& name) {
+    if (!s.has(name)) {
+      fail("step lacks tensor '" + name + "'");
+      return nullptr;
+    }
+    return &s.at(name);
+  }
+  void same_dims(const normkit_test::FixtureTensor* a,
+                 const normkit_test::FixtureTensor* b,
+                 const std::string& what) {
+    if (a && b && a->dims != b->dims)
+      fail(what + ": dims differ");
+  }
+  void exact(const normkit_test::FixtureTensor* t, bool bf16, const std::string& name) {
+    if (!t)
+      return;
+    for (double v : t->values)
+      if (!(bf16 ? bf16_exact(v) : f32_exact(v))) {
+        fail(name + " holds a value that is not " + (bf16 ? "bfloat16" : "float32"));
+        return;
+      }
+  }
+};
+
+// Returns the number of errors (0 for cases of the older families: nothing to check).
+int check_structure(const normkit_test::FixtureCase& c) {
+  Checker k{c};
+  if (c.module == "RMSNorm") {
+    const std::vector<long> ns = c.opt_list("normalized_shape");
+    const bool affine = c.opt_bool("elementwise_affine");
+    const auto eps = c.opt_double_or_none("eps");
+    const double eff = c.opt_double("eps_effective");
+    const double want = eps ? *eps : c.is_float32() ? 0x1p-23 : 0x1p-52;
+    if (eff != want)
+      k.fail("eps_effective does not match eps/dtype");
+    if (c.has_init("weight")) {
+      if (!affine || c.init_at("weight").dims != ns)
+        k.fail("init weight without affine or with dims != normalized_shape");
+      if (c.is_float32())
+        k.exact(&c.init_at("weight"), false, "init weight");
+    }
+    for (const auto& s : c.steps) {
+      const auto* x = k.need(s, "x");
+      for (const char* n : {"y", "dy", "dx"}) k.same_dims(x, k.need(s, n), n);
+      if (affine)
+        k.need(s, "dweight");
+      else if (s.has("dweight"))
+        k.fail("dweight without elementwise_affine");
+      if (x && (x->dims.size() < ns.size() ||
+                !std::equal(ns.begin(), ns.end(), x->dims.end() - static_cast<long>(ns.size()))))
+        k.fail("x does not end in normalized_shape");
+      if (c.is_float32()) {
+        k.exact(x, false, "x");
+        k.exact(k.need(s, "dy"), false, "dy");
+      }
+    }
+  } else if (c.is_bfloat16()) {
+    const std::string pd = c.has_opt("param_dtype") ? c.opt_single("param_dtype") : "";
+    if (pd != "bfloat16" && pd != "float32")
+      k.fail("bfloat16 case needs 'opt param_dtype bfloat16|float32'");
+    for (const auto& kv : c.init) k.exact(&kv.second, true, "init " + kv.first);
+    for (const auto& s : c.steps) {
+      const auto* x = k.need(s, "x");
+      k.exact(x, true, "x");
+      for (const char* n : {"y", "dy", "dx"}) {
+        const auto* t = k.need(s, n);
+        k.same_dims(x, t, n);
+        k.exact(t, true, n);
+      }
+      for (const char* n : {"y", "dx"}) k.same_dims(x, k.need(s, std::string(n) + "_ref"), n);
+      for (const auto& kv : s.tensors) {
+        const std::string& n = kv.first;
+        if (n == "x" || n == "dy" || (n.size() > 4 && n.compare(n.size() - 4, 4, "_ref") == 0))
+          continue;
+        k.same_dims(&kv.second, k.need(s, n + "_ref"), n + "_ref");
+        if (pd == "bfloat16")
+          k.exact(&kv.second, true, n);
+        else
+          k.exact(&kv.second, false, n);
+      }
+    }
+  } else if (c.module == "FuseConvBN" || c.module == "FuseLinearBN") {
+    const long out = c.opt_int("bn_num_features");
+    const std::vector<long> vec{out};
+    if (!c.has_init("weight"))
+      k.fail("no init weight");
+    else if (c.init_at("weight").dims.at(c.opt_single("layer") == "ConvTranspose2d" ? 1 : 0) != out)
+      k.fail("weight's output-channel axis != bn_num_features");
+    if (c.has_init("bias") != c.opt_bool("bias"))
+      k.fail("init bias present iff opt bias 1");
+    for (const char* n : {"bn_weight", "bn_bias"})
+      if (c.has_init(n) != c.opt_bool("bn_affine"))
+        k.fail(std::string("init ") + n + " present iff opt bn_affine 1");
+    for (const char* n : {"bias", "bn_weight", "bn_bias", "bn_running_mean", "bn_running_var"})
+      if (c.has_init(n) && c.init_at(n).dims != vec)
+        k.fail(std::string("init ") + n + " dims != {bn_num_features}");
+    if (!c.has_init("bn_running_mean") || !c.has_init("bn_running_var"))
+      k.fail("no running statistics");
+    for (const auto& s : c.steps) {
+      k.need(s, "x");
+      const auto* y = k.need(s, "y");
+      k.same_dims(y, k.need(s, "y_fused"), "y_fused");
+      if (c.has_init("weight"))
+        k.same_dims(&c.init_at("weight"), k.need(s, "fused_weight"), "fused_weight");
+      const auto* fb = k.need(s, "fused_bias");
+      if (fb && fb->dims != vec)
+        k.fail("fused_bias dims != {bn_num_features}");
+    }
+  }
+  return k.errors;
 }
 
 }  // namespace
@@ -149,6 +349,7 @@ int main(int argc, char** argv) {
       for (const auto& c : cases) {
         ++counts[c.module][c.dtype];
         steps += c.steps.size();
+        failures += check_structure(c);
       }
       std::printf("%s: %zu cases, %zu steps\n", p.filename().string().c_str(), cases.size(), steps);
       for (const auto& m : counts) {

@@ -8,7 +8,12 @@ import json
 import struct
 import sys
 
-FMT = {"F32": ("f", 4), "F64": ("d", 8), "I64": ("q", 8), "I32": ("i", 4)}
+FMT = {"F32": ("f", 4), "F64": ("d", 8), "I64": ("q", 8), "I32": ("i", 4), "BF16": ("H", 2)}
+
+
+def bf16_to_float(bits):
+    """Raw little-endian bfloat16 bits -> the exact float value (the top half of a float32)."""
+    return struct.unpack("<f", struct.pack("<I", bits << 16))[0]
 
 
 def read(path):
@@ -27,7 +32,10 @@ def read(path):
         for d in t["shape"]:
             count *= d
         assert e - b == count * size, f"{name}: {e - b} bytes for shape {t['shape']}"
-        out[name] = (t["dtype"], t["shape"], struct.unpack(f"<{count}{code}", data[b:e]))
+        values = struct.unpack(f"<{count}{code}", data[b:e])
+        if t["dtype"] == "BF16":
+            values = tuple(bf16_to_float(v) for v in values)
+        out[name] = (t["dtype"], t["shape"], values)
         pos = e
     assert pos == len(data), "trailing bytes after the last tensor"
     return meta, out
