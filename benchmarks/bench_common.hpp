@@ -15,7 +15,7 @@
 namespace nkbench {
 
 // ---------------------------------------------------------------------------------------
-// The shape suite (shared/BENCHMARKS.md).
+// The shape suite: the cases listed in bench_main.cpp (described in benchmarks/README.md).
 
 enum class Kind { batch, layer, group, instance };
 enum class Mode { train, eval, backward };

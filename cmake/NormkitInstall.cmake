@@ -1,5 +1,5 @@
-# Install and export rules (STYLE.md §3.7), included from the top-level CMakeLists when
-# NORMKIT_INSTALL is ON. The package is architecture-independent (header-only), so the CMake
+# Install and export rules, included from the top-level CMakeLists when NORMKIT_INSTALL is ON
+# (by default when normkit is the top-level project). The package is architecture-independent (header-only), so the CMake
 # and pkg-config files go under DATADIR, as nlohmann_json does.
 include(CMakePackageConfigHelpers)
 
@@ -40,6 +40,20 @@ install(FILES "${PROJECT_BINARY_DIR}/normkitConfig.cmake"
 export(EXPORT normkitTargets
        NAMESPACE normkit::
        FILE "${PROJECT_BINARY_DIR}/normkitTargets.cmake")
+
+# normkit::safetensors (when nlohmann_json was found) goes into a file of its own, which
+# normkitConfig.cmake includes only when it finds nlohmann_json: consumers of normkit::normkit
+# alone never need nlohmann_json.
+if(TARGET normkit_safetensors)
+  install(TARGETS normkit_safetensors EXPORT normkitSafetensorsTargets)
+  install(EXPORT normkitSafetensorsTargets
+          NAMESPACE normkit::
+          DESTINATION "${NORMKIT_CONFIG_INSTALL_DIR}"
+          COMPONENT normkit_Development)
+  export(EXPORT normkitSafetensorsTargets
+         NAMESPACE normkit::
+         FILE "${PROJECT_BINARY_DIR}/normkitSafetensorsTargets.cmake")
+endif()
 
 # pkg-config: Eigen's include dir comes through "Requires: eigen3" (Debian ships eigen3.pc).
 # The prefix is computed from the .pc file's own location, so that `cmake --install --prefix`

@@ -1,5 +1,5 @@
-// Error conditions (SEMANTICS.md §9) and the stricter Policy items 1, 4 and 5 for every
-// module and free function: exact exception type, a message that names the module and the
+// Error conditions (docs/semantics.md §7) and the stricter rules of §11.1, §11.4 and §11.5 for
+// every module and free function: exact exception type, a message that names the module and the
 // offending numbers, and state that is bit-identical after a rejected call. Also the edge
 // cases that must be accepted. Wrong ranks for the modules are compile-time errors
 // (static_assert) and are not tested here.
@@ -229,7 +229,7 @@ TEST(ErrorTypes, BothDeriveFromInvalidArgument) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Policy 4: options validated at construction
+// docs/semantics.md §11.4: options validated at construction
 
 template <class M, class O>
 void expect_bn_like_option_errors(const char* tag) {
@@ -326,7 +326,7 @@ TEST(Options, GroupNormRejectsBadOptions) {
 // BatchNorm modules
 
 TEST(BatchNormErrors, ChannelMismatchAlwaysChecked) {
-  // Policy 1: checked with and without affine parameters and running statistics.
+  // docs/semantics.md §11.1: checked with and without affine parameters and running statistics.
   for (bool affine : {true, false}) {
     for (bool tracking : {true, false}) {
       SCOPED_TRACE(std::string("affine ") + (affine ? "on" : "off") + ", tracking " +
@@ -411,7 +411,7 @@ TEST(BatchNormErrors, OneValuePerChannelInTraining) {
   EXPECT_TRUE(RejectsUnchanged<value_error>(
       bn3, [&] { (void)bn3.forward(x5); },
       {"[normkit.BatchNorm3d]", "more than 1 value per channel", "[1, 2, 1, 1, 1]"}));
-  // Without running statistics the batch statistics are used in eval too (§15.5).
+  // Without running statistics the batch statistics are used in eval too (docs/semantics.md §2.1).
   normkit::BatchNorm1d<double> nt(normkit::BatchNormOptions(3).track_running_stats(false));
   prime(nt, 3);
   const auto x = input(1, 3);
@@ -420,7 +420,7 @@ TEST(BatchNormErrors, OneValuePerChannelInTraining) {
   nt.eval();
   EXPECT_TRUE(RejectsUnchanged<value_error>(nt, [&] { (void)nt.forward(x); },
                                             {"[normkit.BatchNorm1d]", "[1, 3]"}));
-  // Batch size 1 with more than one spatial element is fine (§15.6).
+  // Batch size 1 with more than one spatial element is fine (docs/semantics.md §2.6).
   normkit::BatchNorm1d<double> ok(3);
   EXPECT_NO_THROW((void)ok.forward(input(1, 3, 2)));
   EXPECT_NO_THROW((void)ok.forward(input(2, 3)));
@@ -575,7 +575,7 @@ TEST(BatchNormAccepted, EmptyBatchInTrainingBumpsCounterOnly) {
   ASSERT_NO_THROW((void)bn.forward(x3));
   EXPECT_EQ(bn.num_batches_tracked(), 9);
   EXPECT_TRUE(bitwise_equal(bn.running_mean(), rm));
-  // §15.4: CMA with an empty batch first: counter 2, running_mean = 0.5 * mean(x).
+  // docs/semantics.md §2.4: CMA with an empty batch first: counter 2, running_mean = 0.5 * mean(x).
   normkit::BatchNorm1d<double> cma(normkit::BatchNormOptions(2).momentum(std::nullopt));
   (void)cma.forward(RT<2>(0, 2));
   const auto xb = input(4, 2);
@@ -648,7 +648,7 @@ TEST(InstanceNormErrors, ChannelMismatchAlwaysChecked) {
       const auto x = input(2, 4, 5);
       EXPECT_TRUE(RejectsUnchanged<shape_error>(in, [&] { (void)in.forward(x); },
                                                 {"[normkit.InstanceNorm1d]", 3, "[2, 4, 5]"}));
-      // Unbatched (C, L) = (4, 3): C = 4 (§15.15).
+      // Unbatched (C, L) = (4, 3): C = 4 (docs/semantics.md §3.1).
       const auto u = input(4, 3);
       EXPECT_TRUE(RejectsUnchanged<shape_error>(in, [&] { (void)in.forward(u); },
                                                 {"[normkit.InstanceNorm1d]", 3, 4}));
@@ -670,7 +670,7 @@ TEST(InstanceNormErrors, ChannelMismatchAlwaysChecked) {
 }
 
 TEST(InstanceNormErrors, OneSpatialElementWithInstanceStats) {
-  // §15.14: training, and eval without tracking, raise; eval with tracking is fine.
+  // docs/semantics.md §3.4: training, and eval without tracking, raise; eval with tracking is fine.
   for (bool tracking : {false, true}) {
     SCOPED_TRACE(tracking ? "tracking" : "no tracking");
     normkit::InstanceNorm1d<double> in(
@@ -749,7 +749,7 @@ TEST(InstanceNormErrors, BackwardMisuse) {
 TEST(LayerNormErrors, TrailingDimsMismatch) {
   normkit::LayerNorm<double> ln(normkit::LayerNormOptions({2, 3}));
   prime(ln, 6);
-  const auto x = input(4, 3, 2);  // §15.17
+  const auto x = input(4, 3, 2);  // docs/semantics.md §4.1
   const Needle given = "normalized_shape=[2, 3]";
   EXPECT_TRUE(RejectsUnchanged<shape_error>(ln, [&] { (void)ln.forward(x); },
                                             {"[normkit.LayerNorm]", given, "[4, 3, 2]"}));
@@ -833,7 +833,7 @@ TEST(GroupNormErrors, ChannelMismatchAlwaysChecked) {
 }
 
 TEST(GroupNormAccepted, OneElementGroupsReturnBias) {
-  // Policy 2: GN(4, 4) on (1, 4) and (1, 4, 1) return bias, in training and eval.
+  // docs/semantics.md §11.2: GN(4, 4) on (1, 4) and (1, 4, 1) return bias, in training and eval.
   normkit::GroupNorm<double> gn(normkit::GroupNormOptions(4, 4));
   prime(gn, 4);
   const auto x = input(1, 4);
@@ -913,7 +913,7 @@ TEST(BatchNormFunctionErrors, ParameterAndBufferSizes) {
         },
         {"[normkit.batch_norm]", "bias should contain 5 elements not 3"}));
   }
-  // No tensors passed: like F.batch_norm, any channel count is normalized (§15.8).
+  // No tensors passed: like F.batch_norm, any channel count is normalized (docs/semantics.md §2.7).
   EXPECT_NO_THROW(normkit::batch_norm(x, y, O().training(true)));
 }
 
@@ -1194,11 +1194,11 @@ TEST(GroupNormFunctionErrors, GroupsChannelsAndParameters) {
       keep, [&] { normkit::group_norm(x, y, O(2).weight(w6).bias(b4)); },
       {tag, "Expected bias to be a vector of size equal to the number of channels", "[4]",
        "[2, 6, 3]"}));
-  // Accepted: no affine on any divisible channel count (§15.21); G == C; one group.
+  // Accepted: no affine on any divisible channel count (docs/semantics.md §5.3); G == C; one group.
   EXPECT_NO_THROW(normkit::group_norm(x, y, O(2)));
   EXPECT_NO_THROW(normkit::group_norm(x, y, O(6).weight(w6)));
   EXPECT_NO_THROW(normkit::group_norm(x, y, O(1)));
-  // Policy 2: one value per group returns bias.
+  // docs/semantics.md §11.2: one value per group returns bias.
   const auto x1 = input(1, 4);
   RT<2> y1;
   ASSERT_NO_THROW(normkit::group_norm(x1, y1, O(4).weight(w4).bias(b4)));

@@ -2,7 +2,7 @@
 // central differences of L = sum(y * dy) with step 1e-6 against m.backward(dy) for dx,
 // dweight and dbias; training and (for BatchNorm/InstanceNorm) evaluation with running
 // statistics, affine on and off, RowMajor and ColMajor, channels-last. Plus the exact
-// degenerate cases of §15.9 (eps = 0, constant channel) and §15.10 (LayerNorm on a
+// degenerate cases of docs/semantics.md §8.4 (eps = 0, constant channel; LayerNorm on a
 // constant row).
 #include <algorithm>
 #include <array>
@@ -178,7 +178,7 @@ void gradcheck(const M& base, const X& x, const X& dy) {
   }
 }
 
-/// Evaluation with running statistics (§8): dx = dy * w_c * r_c with r_c =
+/// Evaluation with running statistics (docs/semantics.md §8.3): dx = dy * w_c * r_c with r_c =
 /// 1/sqrt(running_var_c + eps), dw_c = sum dy * (x - running_mean_c) * r_c, db_c = sum dy;
 /// and the forward leaves the running statistics and the counter untouched.
 template <int L, class M, class X, std::size_t R>
@@ -394,8 +394,8 @@ TEST(GradCheck, GroupNorm) {
 }
 
 // ---------------------------------------------------------------------------------------
-// §15.9: eps = 0 on a constant channel in BatchNorm/InstanceNorm with batch statistics:
-// r := 0, so y = beta exactly, dx = 0, dweight = 0, dbias = sum(dy).
+// docs/semantics.md §6.1, §8.4: eps = 0 on a constant channel in BatchNorm/InstanceNorm with batch
+// statistics: r := 0, so y = beta exactly, dx = 0, dweight = 0, dbias = sum(dy).
 
 template <int L>
 void bn_eps0_constant_channel(bool training_mode) {
@@ -486,9 +486,9 @@ TEST(GradCheckEdge, EpsZeroConstantChannelInstanceNorm) {
   in_eps0_constant_channel<kCol>();
 }
 
-// §15.10: LayerNorm backward on a constant row is finite: x = (7, 7, 7, 7), dy = (1, 2, 3, 4),
-// eps = 1e-5: xhat = 0, so dx = r * (dy - mean(dy)) with r = 1/sqrt(eps) ~ 316.2:
-// (-474.3, -158.1, 158.1, 474.3); dweight = 0, dbias = dy.
+// docs/semantics.md §6.2: LayerNorm backward on a constant row is finite:
+// x = (7, 7, 7, 7), dy = (1, 2, 3, 4), eps = 1e-5: xhat = 0, so dx = r * (dy - mean(dy)) with
+// r = 1/sqrt(eps) ~ 316.2: (-474.3, -158.1, 158.1, 474.3); dweight = 0, dbias = dy.
 template <int L>
 void ln_constant_row() {
   SCOPED_TRACE(layout_name(L));

@@ -53,7 +53,7 @@ TEST(BatchNormHandCheck, TrainingOutputAndRunningStatsMatchHandComputation) {
 }
 
 // Issue #2: float data with mean 1e4 and std 1 must match a float64 reference about as well
-// as the float rounding of the output allows (SEMANTICS §11.3: PyTorch LN 1.2e-3, naive
+// as the float rounding of the output allows (docs/semantics.md §10.1; PyTorch LN 1.2e-3, naive
 // one-pass 1.2e3). normkit computes in double and rounds once.
 TEST(MomentsAccuracy, LargeOffsetMatchesDoubleReference) {
   for (double offset : {1e3, 1e4, 1e6}) {
@@ -82,7 +82,7 @@ TEST(MomentsAccuracy, LargeOffsetMatchesDoubleReference) {
   }
 }
 
-// SEMANTICS §15.26: float32 row [1e20, -1e20, 3e19, 0]: PyTorch returns zeros (squared
+// docs/semantics.md §6.5: float32 row [1e20, -1e20, 3e19, 0]: PyTorch returns zeros (squared
 // deviations overflow float); normkit returns the correct values.
 TEST(MomentsAccuracy, NoOverflowNear1e20) {
   Eigen::Tensor<float, 2, Eigen::RowMajor> x(1, 4);
@@ -99,7 +99,7 @@ TEST(MomentsAccuracy, NoOverflowNear1e20) {
   EXPECT_NEAR(yg(0, 1, 1), -0.104f, 1e-3);
 }
 
-// Policy 3: constant slices and one-element rows return beta exactly.
+// docs/semantics.md §11.3: constant slices and one-element rows return beta exactly.
 TEST(MomentsAccuracy, ConstantSliceReturnsBetaExactly) {
   Eigen::Tensor<float, 3, Eigen::RowMajor> x(4, 2, 3);
   x.setConstant(7.0f);

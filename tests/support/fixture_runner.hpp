@@ -102,7 +102,7 @@ void expect_matches(const T& actual,
   EXPECT_EQ(bad, 0) << what << ": " << bad << " mismatches, worst finite error " << worst;
 }
 
-/// SEMANTICS.md §11.3: float32 atol ~ 2^-20 (1 + |mu|/sigma) max(1, |gamma|) + |beta| 2^-23,
+/// docs/semantics.md §10.2: float32 atol ~ 2^-20 (1 + |mu|/sigma) max(1, |gamma|) + |beta| 2^-23,
 /// rtol 1e-5; float64 scaled by 2^-29 (we use the 1e-10 relative).
 inline double offset_ratio(const FixtureTensor& x) {
   double s = 0, s2 = 0, mx = 0;
@@ -306,12 +306,13 @@ class CaseRunner {
     const bool ln_n1 = c_.has_tag("ln_n1");
     const bool overflow = c_.has_tag("overflow") && std::is_same<S, float>::value;
     if (ln_n1) {
-      // Policy 3: one-element rows return beta exactly (PyTorch's float path leaves 7.2 for 1e6).
+      // docs/semantics.md §11.3: one-element rows return beta exactly (PyTorch's float path
+      // leaves 7.2 for 1e6).
       for (Eigen::Index i = 0; i < y.size(); ++i)
         EXPECT_EQ(y.data()[i], S(0)) << "LayerNorm(1) must return beta";
     } else if (overflow) {
-      // Policy 3: PyTorch's float path returns zeros; normkit must return finite values,
-      // checked against a double reference in the stress tests.
+      // docs/semantics.md §11.3: PyTorch's float path returns zeros; normkit must return finite
+      // values, checked against a double reference in the stress tests.
       for (Eigen::Index i = 0; i < y.size(); ++i)
         EXPECT_TRUE(std::isfinite(y.data()[i])) << "no NaN/inf from overflow";
     } else {

@@ -1,5 +1,5 @@
 // normkit tests — bitwise snapshots of a module's state (parameters, buffers, counter, mode
-// and what the last forward left for backward), to check SEMANTICS.md Policy 5: a rejected
+// and what the last forward left for backward), to check docs/semantics.md §11.5: a rejected
 // call changes nothing.
 #ifndef NORMKIT_TESTS_STATE_HPP_
 #define NORMKIT_TESTS_STATE_HPP_
