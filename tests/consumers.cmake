@@ -53,13 +53,18 @@ endif()
 _normkit_add_consumer_test(add_subdirectory OPTIONS "-DNORMKIT_SOURCE_DIR=${_nk_checkout}")
 _normkit_add_consumer_test(fetchcontent OPTIONS "-DNORMKIT_SOURCE_DIR=${_nk_checkout}")
 
-# state_dict_test (include/normkit/state_dict.hpp, safetensors.hpp): the safetensors header needs
-# nlohmann/json, which normkit::normkit does not link. Registered here so that tests/CMakeLists.txt
-# needs only the one include line.
+# state_dict_test, safetensors_hostile_test (include/normkit/state_dict.hpp, safetensors.hpp): the
+# safetensors header needs nlohmann/json, which normkit::normkit does not link. Registered here so
+# that tests/CMakeLists.txt needs only the one include line.
 find_package(nlohmann_json 3 QUIET)
 if(nlohmann_json_FOUND)
   normkit_add_test(state_dict_test state_dict_test.cpp)
   target_link_libraries(state_dict_test PRIVATE nlohmann_json::nlohmann_json)
+  # Hostile files (issue #15); also replays the file fuzzer's corpus through its invariants.
+  normkit_add_test(safetensors_hostile_test safetensors_hostile_test.cpp)
+  target_link_libraries(safetensors_hostile_test PRIVATE nlohmann_json::nlohmann_json)
+  target_compile_definitions(safetensors_hostile_test PRIVATE
+    NORMKIT_SAFETENSORS_CORPUS_DIR="${CMAKE_CURRENT_SOURCE_DIR}/fuzz/corpus_safetensors")
 else()
-  message(STATUS "normkit: nlohmann_json not found (apt-get install nlohmann-json3-dev), skipping state_dict_test")
+  message(STATUS "normkit: nlohmann_json not found (apt-get install nlohmann-json3-dev), skipping state_dict_test and safetensors_hostile_test")
 endif()
