@@ -143,6 +143,11 @@ endif()
 if(TARGET normkit::safetensors)
   normkit_add_test(state_dict_test state_dict_test.cpp)
   target_link_libraries(state_dict_test PRIVATE normkit::safetensors)
+  # Hostile files (issue #15); also replays the file fuzzer's corpus through its invariants.
+  normkit_add_test(safetensors_hostile_test safetensors_hostile_test.cpp)
+  target_link_libraries(safetensors_hostile_test PRIVATE normkit::safetensors)
+  target_compile_definitions(safetensors_hostile_test PRIVATE
+    NORMKIT_SAFETENSORS_CORPUS_DIR="${CMAKE_CURRENT_SOURCE_DIR}/fuzz/corpus_safetensors")
   if(NORMKIT_INSTALL)
     _normkit_add_consumer_test(safetensors.find_package SOURCE safetensors OPTIONS
       "-DNORMKIT_CONSUME=find_package" "-DCMAKE_PREFIX_PATH=${_nk_prefix}")
@@ -153,5 +158,5 @@ if(TARGET normkit::safetensors)
     "-DNORMKIT_CONSUME=add_subdirectory" "-DNORMKIT_SOURCE_DIR=${_nk_checkout}")
 else()
   message(STATUS "normkit: no normkit::safetensors (apt-get install nlohmann-json3-dev), "
-                 "skipping state_dict_test and the safetensors consumers")
+                 "skipping state_dict_test, safetensors_hostile_test and the safetensors consumers")
 endif()

@@ -8,9 +8,12 @@
 // little-endian bytes with safetensors dtype names ("F32", "F64", "I64"). Not included by
 // <normkit/normkit.hpp>; <normkit/safetensors.hpp> reads and writes them to files.
 
+#include <algorithm>    // std::min
 #include <cstddef>      // std::size_t
-#include <cstdint>      // std::int64_t
+#include <cstdint>      // std::int64_t, std::uint64_t
 #include <cstring>      // std::memcpy
+#include <limits>       // std::numeric_limits
+#include <set>          // std::set
 #include <string>       // std::string
 #include <type_traits>  // std::is_same
 #include <utility>      // std::pair
@@ -19,6 +22,81 @@
 #include <normkit/normkit.hpp>
 
 namespace normkit {
+
+namespace detail {
+
+/// Most bytes (and elements) a state dict tensor may have: INT64_MAX, PyTorch's numel type.
+inline constexpr std::int64_t kMaxTensorBytes = std::numeric_limits<std::int64_t>::max();
+
+inline std::string shape_str(const std::vector<std::int64_t>& s) {
+  std::string r = "[";
+  for (std::size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+/// s double-quoted for an error message: quotes, backslashes and control bytes escaped, and
+/// only the first 96 bytes of a longer s (then its length), so that a hostile key can neither
+/// forge a message nor make it huge.
+inline std::string quote(const std::string& s) {
+  constexpr std::size_t kMaxQuoted = 96;
+  const char* hex = "0123456789abcdef";
+  std::string r = "\"";
+  std::size_t n = std::min(s.size(), kMaxQuoted);
+  while (n > 0 && n < s.size() && (static_cast<unsigned char>(s[n]) & 0xc0) == 0x80)
+    --n;  // cut at a UTF-8 code point boundary
+  for (std::size_t i = 0; i < n; ++i) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c == '"' || c == '\\') {
+      r += '\\';
+      r += static_cast<char>(c);
+    } else if (c < 0x20 || c == 0x7f) {
+      r += "\\x";
+      r += hex[c >> 4];
+      r += hex[c & 0xf];
+    } else {
+      r += static_cast<char>(c);
+    }
+  }
+  if (s.size() > n)
+    return r + "...\" (" + std::to_string(s.size()) + " bytes)";
+  return r + '"';
+}
+
+/// Checks a shape of `item`-byte elements (item >= 1): every extent >= 0, and item times the
+/// product of the non-zero extents at most INT64_MAX. Returns why not ("" when valid) as a
+/// phrase starting with "shape"; *numel receives the element count when valid.
+// NB: zero extents are left out of the bound rather than short-circuiting it, so that no partial
+// product of the extents, in any order (strides, nested loops, a reference reader's fold), can
+// overflow: [0, 2^32, 2^32] is rejected like [2^32, 2^32, 0], while [0, 2^40] (an empty tensor
+// PyTorch can save) is accepted. The bound is in bytes so that numel x item never overflows.
+inline std::string check_shape(const std::vector<std::int64_t>& shape,
+                               std::int64_t item,
+                               std::int64_t* numel) {
+  std::int64_t volume = item;  // item x the product of the non-zero extents so far
+  bool empty = false;
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    const std::int64_t d = shape[i];
+    if (d < 0) {
+      return "shape " + shape_str(shape) + " has a negative extent (shape[" + std::to_string(i) +
+             "] = " + std::to_string(d) + ")";
+    }
+    if (d == 0) {
+      empty = true;
+      continue;
+    }
+    if (volume > kMaxTensorBytes / d) {
+      return "shape " + shape_str(shape) + " overflows: " +
+             (item == 1 ? std::string("its element count")
+                        : "its byte count at " + std::to_string(item) + " bytes per element") +
+             " exceeds 2^63 - 1 = " + std::to_string(kMaxTensorBytes);
+    }
+    volume *= d;
+  }
+  *numel = empty ? 0 : volume / item;
+  return {};
+}
+
+}  // namespace detail
 
 /// One tensor of a state dict: safetensors dtype name, PyTorch shape (empty for a 0-dim
 /// tensor such as num_batches_tracked) and the elements as little-endian bytes, row-major.
@@ -31,9 +109,13 @@ struct StateTensor {
   std::vector<unsigned char> bytes;
 
   /// Number of elements: the product of shape (1 for a 0-dim tensor).
+  /// @throws value_error for a negative extent, or when the product of the non-zero extents
+  ///         exceeds 2^63 - 1 (so no product of extents, in any order, overflows int64).
   std::int64_t numel() const {
-    std::int64_t n = 1;
-    for (std::int64_t d : shape) n *= d;
+    std::int64_t n = 0;
+    const std::string why = detail::check_shape(shape, 1, &n);
+    if (!why.empty())
+      throw value_error("[normkit.StateTensor] numel(): " + why);
     return n;
   }
 };
@@ -101,10 +183,36 @@ StateTensor make_state_tensor(const T* data, std::size_t n, std::vector<std::int
   return t;
 }
 
-inline std::string shape_str(const std::vector<std::int64_t>& s) {
-  std::string r = "[";
-  for (std::size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
-  return r + "]";
+/// Checks that t is self-consistent: a known dtype, a valid shape (check_shape) and exactly
+/// numel x item bytes. Returns why not ("" when consistent), to follow "<name>: "; *numel
+/// receives the element count when consistent.
+inline std::string check_tensor(const StateTensor& t, std::int64_t* numel) {
+  const auto item = static_cast<std::int64_t>(dtype_size(t.dtype));
+  if (item == 0)
+    return "unknown dtype " + quote(t.dtype);
+  std::int64_t n = 0;
+  const std::string why = check_shape(t.shape, item, &n);
+  if (!why.empty())
+    return why;
+  // n * item <= kMaxTensorBytes (check_shape); compared in 64 bits, never truncated.
+  const auto want = static_cast<std::uint64_t>(n) * static_cast<std::uint64_t>(item);
+  if (static_cast<std::uint64_t>(t.bytes.size()) != want) {
+    return std::to_string(t.bytes.size()) + " bytes, but " + t.dtype + " of shape " +
+           shape_str(t.shape) + " needs " + std::to_string(want);
+  }
+  *numel = n;
+  return {};
+}
+
+/// "k1", "k2", ... for an error message: at most 32 keys, then how many more.
+inline std::string key_list(const std::vector<std::string>& keys) {
+  constexpr std::size_t kMaxListed = 32;
+  std::string r;
+  for (std::size_t i = 0; i < keys.size() && i < kMaxListed; ++i)
+    r += (i ? ", " : "") + quote(keys[i]);
+  if (keys.size() > kMaxListed)
+    r += " and " + std::to_string(keys.size() - kMaxListed) + " more";
+  return r;
 }
 
 /// What a module holds under one name: its PyTorch shape, another accepted shape (LayerNorm's
@@ -235,10 +343,13 @@ StateDict state_dict(const M& m, const std::string& prefix = "") {
 /// other prefixes are ignored. Float tensors may be F32 or F64 (cast, as torch's copy_);
 /// num_batches_tracked is I64 (or I32). LayerNorm accepts weight/bias of shape
 /// normalized_shape or flat. A missing num_batches_tracked keeps the module's value, as
-/// torch's _NormBase does for old checkpoints.
-/// Strong guarantee: m is unchanged when this throws.
-/// @throws shape_error for missing or unexpected keys (all named) or a shape mismatch;
-///         value_error for an unsupported dtype or a byte count that does not match the shape.
+/// torch's _NormBase does for old checkpoints. Values are not judged: NaN, infinite or negative
+/// entries (even in running_var) load as they do in PyTorch.
+/// Strong guarantee: every entry is decoded and checked before the first one is set, so m is
+/// unchanged when this throws.
+/// @throws value_error for a key that appears twice under the prefix, an unsupported dtype, or a
+///         tensor whose shape and byte count disagree; shape_error for missing or unexpected
+///         keys (all named) or a shape mismatch. Messages start "[normkit.load_state_dict]".
 template <class M>
 void load_state_dict(M& m, const StateDict& dict, const std::string& prefix = "") {
   using Scalar = typename M::Vector::Scalar;
@@ -247,14 +358,19 @@ void load_state_dict(M& m, const StateDict& dict, const std::string& prefix = ""
 
   std::vector<const StateTensor*> found(specs.size(), nullptr);
   std::vector<std::string> unexpected, missing;
+  std::set<std::string> seen;
   for (const auto& kv : dict) {
     if (kv.first.compare(0, prefix.size(), prefix) != 0)
       continue;
+    // NB: a StateDict is a list, so it can hold a key twice; a Python dict cannot. Which copy
+    // would PyTorch load? Neither exists there, so this is a malformed dict, not a choice to make.
+    if (!seen.insert(kv.first).second)
+      throw value_error(who + "duplicate key " + detail::quote(kv.first) + " in the state dict");
     const std::string local = kv.first.substr(prefix.size());
     bool known = false;
     for (std::size_t i = 0; i < specs.size(); ++i) {
       if (specs[i].name == local) {
-        found[i] = &kv.second;  // a duplicate key: the last one wins, as a Python dict
+        found[i] = &kv.second;
         known = true;
       }
     }
@@ -267,15 +383,10 @@ void load_state_dict(M& m, const StateDict& dict, const std::string& prefix = ""
   }
   if (!missing.empty() || !unexpected.empty()) {
     std::string msg = who + "error(s) in loading state_dict:";
-    auto list = [](const std::vector<std::string>& keys) {
-      std::string r;
-      for (std::size_t i = 0; i < keys.size(); ++i) r += (i ? ", \"" : "\"") + keys[i] + "\"";
-      return r;
-    };
     if (!missing.empty())
-      msg += " missing key(s): " + list(missing) + ".";
+      msg += " missing key(s): " + detail::key_list(missing) + ".";
     if (!unexpected.empty())
-      msg += " unexpected key(s): " + list(unexpected) + ".";
+      msg += " unexpected key(s): " + detail::key_list(unexpected) + ".";
     throw shape_error(msg);
   }
 
@@ -298,15 +409,14 @@ void load_state_dict(M& m, const StateDict& dict, const std::string& prefix = ""
     const bool ok_dtype = s.integer ? (t->dtype == "I64" || t->dtype == "I32")
                                     : (t->dtype == "F32" || t->dtype == "F64");
     if (!ok_dtype) {
-      throw value_error(who + "unsupported dtype " + t->dtype + " for " + key + " (expected " +
-                        (s.integer ? "I64" : "F32 or F64") + ")");
+      throw value_error(who + "unsupported dtype " + detail::quote(t->dtype) + " for " + key +
+                        " (expected " + (s.integer ? "I64 or I32" : "F32 or F64") + ")");
     }
-    const std::int64_t n = t->numel();
-    if (t->bytes.size() != static_cast<std::size_t>(n) * dtype_size(t->dtype)) {
-      throw value_error(who + key + " holds " + std::to_string(t->bytes.size()) + " bytes, but " +
-                        t->dtype + " of shape " + detail::shape_str(t->shape) + " needs " +
-                        std::to_string(static_cast<std::size_t>(n) * dtype_size(t->dtype)));
-    }
+    // The shape is the module's own, so it is valid; the byte count is the caller's.
+    std::int64_t n = 0;
+    const std::string why = detail::check_tensor(*t, &n);
+    if (!why.empty())
+      throw value_error(who + key + ": " + why);
     if (s.integer) {
       set_nbt = true;
       nbt = t->dtype == "I64"
@@ -316,7 +426,8 @@ void load_state_dict(M& m, const StateDict& dict, const std::string& prefix = ""
       vectors.emplace_back(s.name, detail::decode_floats<Scalar>(*t, static_cast<Index>(n)));
     }
   }
-  // The setters check sizes that were checked above, so none of these throws.
+  // NB: the commit. The setters check sizes that were checked above, and assigning a vector of
+  // the same size does not allocate, so none of these throws: m is never left half loaded.
   for (const auto& nv : vectors) detail::set_state_vector(m, nv.first, nv.second);
   if constexpr (!detail::is_layer_norm<M>::value && !detail::is_group_norm<M>::value) {
     if (set_nbt)
@@ -326,26 +437,37 @@ void load_state_dict(M& m, const StateDict& dict, const std::string& prefix = ""
 
 /// A state dict entry as a std::vector<T> (T = float, double or std::int64_t; the dtype must
 /// match exactly).
-/// @throws value_error when the dtype is not T's or the byte count does not match the shape.
+/// @throws value_error when the dtype is not T's, or the shape is invalid or does not match
+///         the byte count.
 template <class T>
 std::vector<T> to_vector(const StateTensor& t) {
   if (t.dtype != detail::dtype_name<T>()) {
     throw value_error(std::string("[normkit.to_vector] expected dtype ") + detail::dtype_name<T>() +
-                      " but got " + t.dtype);
+                      " but got " + detail::quote(t.dtype));
   }
-  const auto n = static_cast<std::size_t>(t.numel());
-  if (t.bytes.size() != n * sizeof(T)) {
-    throw value_error("[normkit.to_vector] " + std::to_string(t.bytes.size()) + " bytes for " +
-                      std::to_string(n) + " elements of " + t.dtype);
-  }
-  std::vector<T> v(n);
-  for (std::size_t i = 0; i < n; ++i) v[i] = detail::load_le<T>(t.bytes.data() + i * sizeof(T));
+  std::int64_t n = 0;
+  const std::string why = detail::check_tensor(t, &n);
+  if (!why.empty())
+    throw value_error("[normkit.to_vector] " + why);
+  std::vector<T> v(static_cast<std::size_t>(n));
+  for (std::size_t i = 0; i < v.size(); ++i)
+    v[i] = detail::load_le<T>(t.bytes.data() + i * sizeof(T));
   return v;
 }
 
 /// A StateTensor from T values (T = float, double or std::int64_t) with the given shape.
+/// @throws value_error when the shape is invalid or its element count is not values.size().
 template <class T>
 StateTensor make_state_tensor(const std::vector<T>& values, std::vector<std::int64_t> shape) {
+  std::int64_t n = 0;
+  const std::string why = detail::check_shape(shape, static_cast<std::int64_t>(sizeof(T)), &n);
+  if (!why.empty())
+    throw value_error("[normkit.make_state_tensor] " + why);
+  if (static_cast<std::uint64_t>(n) != static_cast<std::uint64_t>(values.size())) {
+    throw value_error("[normkit.make_state_tensor] shape " + detail::shape_str(shape) + " has " +
+                      std::to_string(n) + " elements, but " + std::to_string(values.size()) +
+                      " values were given");
+  }
   return detail::make_state_tensor(values.data(), values.size(), std::move(shape));
 }
 
