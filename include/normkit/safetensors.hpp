@@ -1,4 +1,4 @@
-// normkit — normalization layers over Eigen tensors
+// normkit/safetensors.hpp: reading and writing state dicts as safetensors files (needs nlohmann/json).
 // SPDX-License-Identifier: MIT
 #ifndef NORMKIT_SAFETENSORS_HPP_
 #define NORMKIT_SAFETENSORS_HPP_
@@ -26,7 +26,7 @@
 
 #include <normkit/state_dict.hpp>
 
-namespace normkit {
+NORMKIT_BEGIN_NAMESPACE
 
 namespace detail {
 
@@ -418,6 +418,6 @@ void load_safetensors(M& m, const std::string& path, const std::string& prefix =
   load_state_dict(m, read_safetensors(path), prefix);
 }
 
-}  // namespace normkit
+NORMKIT_END_NAMESPACE
 
 #endif  // NORMKIT_SAFETENSORS_HPP_

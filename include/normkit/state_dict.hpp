@@ -1,4 +1,4 @@
-// normkit — normalization layers over Eigen tensors
+// normkit/state_dict.hpp: PyTorch-style state dicts of the modules (names, order, dtypes).
 // SPDX-License-Identifier: MIT
 #ifndef NORMKIT_STATE_DICT_HPP_
 #define NORMKIT_STATE_DICT_HPP_
@@ -21,7 +21,7 @@
 
 #include <normkit/normkit.hpp>
 
-namespace normkit {
+NORMKIT_BEGIN_NAMESPACE
 
 namespace detail {
 
@@ -480,6 +480,6 @@ inline const StateTensor* find_state(const StateDict& dict, const std::string& k
   return nullptr;
 }
 
-}  // namespace normkit
+NORMKIT_END_NAMESPACE
 
 #endif  // NORMKIT_STATE_DICT_HPP_
