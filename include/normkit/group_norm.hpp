@@ -4,7 +4,8 @@
 #ifndef NORMKIT_GROUP_NORM_HPP_
 #define NORMKIT_GROUP_NORM_HPP_
 
-#include <string>  // std::string
+#include <algorithm>  // std::fill
+#include <string>     // std::string
 #include <vector>  // std::vector
 
 #include <normkit/config.hpp>
@@ -97,9 +98,10 @@ void group_norm_backward(const X& x,
                            VectorRef<const detail::scalar_of<X>>());
   detail::check_same_dims("group_norm_backward", "grad_output", x, dy);
   if (saved.mean.size() != sh.dim[0] * num_groups || saved.rstd.size() != saved.mean.size()) {
-    detail::throw_shape("group_norm_backward",
-                        "expected saved statistics of " + std::to_string(sh.dim[0] * num_groups) +
-                            " slots but got " + std::to_string(saved.mean.size()));
+    detail::fail(detail::Fail::shape, "group_norm_backward",
+                 "expected saved statistics of %lld slots but got %lld",
+                 static_cast<long long>(sh.dim[0] * num_groups),
+                 static_cast<long long>(saved.mean.size()));
   }
   detail::check_size("group_norm_backward", "grad_weight", grad_weight, sh.dim[1]);
   detail::check_size("group_norm_backward", "grad_bias", grad_bias, sh.dim[1]);
@@ -213,8 +215,8 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
     const Index C = options_.affine() ? options_.num_channels() : 0;
     detail::prepare_gradients(g, x, C, C);
     if (sh.numel() == 0) {
-      g.weight.setZero();
-      g.bias.setZero();
+      std::fill(g.weight.data(), g.weight.data() + g.weight.size(), Scalar(0));
+      std::fill(g.bias.data(), g.bias.data() + g.bias.size(), Scalar(0));
       return;
     }
     detail::group_norm_backward(sh, options_.num_groups(), x.data(), dy.data(), g.input.data(), *st,
@@ -264,8 +266,8 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
   void set_checked(Vector& dst, const Vector& v, const char* name) {
     const Index want = options_.affine() ? options_.num_channels() : 0;
     if (v.size() != want) {
-      detail::throw_shape(kName, std::string("expected ") + name + " of " + std::to_string(want) +
-                                     " elements but got " + std::to_string(v.size()));
+      detail::fail(detail::Fail::shape, kName, "expected %s of %lld elements but got %lld", name,
+                   static_cast<long long>(want), static_cast<long long>(v.size()));
     }
     dst = v;
   }

@@ -4,7 +4,8 @@
 #ifndef NORMKIT_LAYER_NORM_HPP_
 #define NORMKIT_LAYER_NORM_HPP_
 
-#include <string>  // std::string
+#include <algorithm>  // std::fill
+#include <string>     // std::string
 #include <vector>  // std::vector
 
 #include <normkit/config.hpp>
@@ -107,8 +108,8 @@ void layer_norm_backward(const X& x,
   const Index n = detail::product(normalized_shape);
   const Index rows = n == 0 ? 0 : sh.numel() / n;
   if (n != 0 && (saved.mean.size() != rows || saved.rstd.size() != rows)) {
-    detail::throw_shape(who, "expected saved statistics of " + std::to_string(rows) +
-                                 " rows but got " + std::to_string(saved.mean.size()));
+    detail::fail(detail::Fail::shape, who, "expected saved statistics of %lld rows but got %lld",
+                 static_cast<long long>(rows), static_cast<long long>(saved.mean.size()));
   }
   detail::check_size(who, "grad_weight", grad_weight, n);
   detail::check_size(who, "grad_bias", grad_bias, n);
@@ -218,8 +219,8 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
     const Index nb = options_.elementwise_affine() && options_.bias() ? n : 0;
     detail::prepare_gradients(g, x, nw, nb);
     if (sh.numel() == 0) {
-      g.weight.setZero();
-      g.bias.setZero();
+      std::fill(g.weight.data(), g.weight.data() + g.weight.size(), Scalar(0));
+      std::fill(g.bias.data(), g.bias.data() + g.bias.size(), Scalar(0));
       return;
     }
     detail::layer_norm_backward(sh, D, x.data(), dy.data(), g.input.data(), *st, wref(),
@@ -272,8 +273,8 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
   void set_checked(Vector& dst, const Vector& v, const char* name, bool exists) {
     const Index want = exists ? detail::product(options_.normalized_shape()) : 0;
     if (v.size() != want) {
-      detail::throw_shape(kName, std::string("expected ") + name + " of " + std::to_string(want) +
-                                     " elements but got " + std::to_string(v.size()));
+      detail::fail(detail::Fail::shape, kName, "expected %s of %lld elements but got %lld", name,
+                   static_cast<long long>(want), static_cast<long long>(v.size()));
     }
     dst = v;
   }

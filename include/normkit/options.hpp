@@ -8,12 +8,12 @@
 #include <cstdint>           // std::int64_t
 #include <initializer_list>  // std::initializer_list
 #include <optional>          // std::optional
-#include <sstream>           // std::ostringstream
 #include <string>            // std::string
 #include <utility>           // std::move
 #include <vector>            // std::vector
 
 #include <normkit/config.hpp>
+#include <normkit/detail/fail.hpp>
 #include <normkit/error.hpp>
 
 /// Declares an option in the style of libtorch's TORCH_ARG: `opts.name(value)` sets and
@@ -128,70 +128,62 @@ class GroupNormOptions {
 
 namespace detail {
 
-[[noreturn]] inline void throw_option(const char* who, const std::string& what) {
-  throw value_error(std::string("[normkit.") + who + "] " + what);
-}
-
-inline std::string num_str(double v) {
-  std::ostringstream os;
-  os << v;
-  return os.str();
-}
-
 // Options are validated at construction, with a clear exception (a deliberate difference:
 // PyTorch fails later, at forward, or not at all; docs/semantics.md §11).
 inline void check_eps(const char* who, double eps) {
   if (!(eps >= 0) || !std::isfinite(eps)) {
-    throw_option(who, "expected eps to be finite and >= 0, but got eps = " + num_str(eps));
+    fail(Fail::value, who, "expected eps to be finite and >= 0, but got eps = %g", eps);
   }
 }
 inline void check_momentum(const char* who, const std::optional<double>& m) {
   if (m && !(*m >= 0 && *m <= 1)) {
-    throw_option(who, "expected momentum in [0, 1] or none, but got momentum = " + num_str(*m));
+    fail(Fail::value, who, "expected momentum in [0, 1] or none, but got momentum = %g", *m);
   }
 }
 inline void check_features(const char* who, const char* name, Index n) {
   if (n < 0)
-    throw_option(who, std::string("expected ") + name + " >= 0, but got " + std::to_string(n));
+    fail(Fail::value, who, "expected %s >= 0, but got %lld", name, static_cast<long long>(n));
 }
 
-inline void validate(const char* who, const BatchNormOptions& o) {
+NORMKIT_NOINLINE inline void validate(const char* who, const BatchNormOptions& o) {
   check_features(who, "num_features", o.num_features());
   check_eps(who, o.eps());
   check_momentum(who, o.momentum());
 }
-inline void validate(const char* who, const InstanceNormOptions& o) {
+NORMKIT_NOINLINE inline void validate(const char* who, const InstanceNormOptions& o) {
   check_features(who, "num_features", o.num_features());
   check_eps(who, o.eps());
   check_momentum(who, o.momentum());
   if (!o.momentum()) {
-    throw_option(who,
-                 "momentum = none (cumulative average) is not supported by InstanceNorm; "
-                 "expected a number in [0, 1]");
+    fail(Fail::value, who,
+         "momentum = none (cumulative average) is not supported by InstanceNorm; expected a "
+         "number in [0, 1]");
   }
 }
-inline void validate(const char* who, const LayerNormOptions& o) {
+NORMKIT_NOINLINE inline void validate(const char* who, const LayerNormOptions& o) {
   if (o.normalized_shape().empty()) {
-    throw_option(who,
-                 "Expected normalized_shape to be at least 1-dimensional, i.e., containing "
-                 "at least one element, but got normalized_shape = []");
+    fail(Fail::value, who,
+         "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one "
+         "element, but got normalized_shape = []");
   }
   for (Index d : o.normalized_shape()) {
     if (d < 0)
-      throw_option(who, "expected normalized_shape extents >= 0, but got " + std::to_string(d));
+      fail(Fail::value, who, "expected normalized_shape extents >= 0, but got %lld",
+           static_cast<long long>(d));
   }
   check_eps(who, o.eps());
 }
-inline void validate(const char* who, const GroupNormOptions& o) {
+NORMKIT_NOINLINE inline void validate(const char* who, const GroupNormOptions& o) {
   if (o.num_groups() <= 0) {
-    throw_option(who,
-                 "Expected num groups to be greater than 0, got " + std::to_string(o.num_groups()));
+    fail(Fail::value, who, "Expected num groups to be greater than 0, got %lld",
+         static_cast<long long>(o.num_groups()));
   }
   check_features(who, "num_channels", o.num_channels());
   if (o.num_channels() % o.num_groups() != 0) {
-    throw_option(who, "num_channels must be divisible by num_groups, but got num_channels = " +
-                          std::to_string(o.num_channels()) +
-                          " and num_groups = " + std::to_string(o.num_groups()));
+    fail(Fail::value, who,
+         "num_channels must be divisible by num_groups, but got num_channels = %lld and "
+         "num_groups = %lld",
+         static_cast<long long>(o.num_channels()), static_cast<long long>(o.num_groups()));
   }
   check_eps(who, o.eps());
 }

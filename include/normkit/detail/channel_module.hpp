@@ -171,8 +171,8 @@ class ChannelModule : public ModuleBase<Scalar> {
   void set_checked(Vector& dst, const Vector& v, const char* name, bool exists) {
     const Index want = exists ? options_.num_features() : 0;
     if (v.size() != want) {
-      throw_shape(name_, std::string("expected ") + name + " of " + std::to_string(want) +
-                             " elements but got " + std::to_string(v.size()));
+      fail(Fail::shape, name_, "expected %s of %lld elements but got %lld", name,
+           static_cast<long long>(want), static_cast<long long>(v.size()));
     }
     dst = v;
   }

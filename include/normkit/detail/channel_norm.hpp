@@ -49,17 +49,20 @@ inline Index spatial_size(const Shape& sh) {
 /// deliberate difference: PyTorch skips it without affine parameters and running buffers).
 inline void check_channels(const char* who, const char* what, Index expected, const Shape& sh) {
   if (sh.rank < 2 || sh.dim[1] != expected) {
-    throw_shape(who, "expected input with " + std::to_string(expected) + " channels (" + what +
-                         ") at logical dim 1, but got input of size " + shape_str(sh));
+    fail(Fail::shape, who, "expected input with %lld channels (%s) at logical dim 1, but got input of size %s",
+         static_cast<long long>(expected), what, shape_text(sh).s);
   }
 }
 
+NORMKIT_ALWAYS_INLINE void check_size(const char* who, const char* name, bool present, Index size, Index n) {
+  if (present && size != n) {
+    fail(Fail::shape, who, "%s should contain %lld elements not %lld", name,
+         static_cast<long long>(n), static_cast<long long>(size));
+  }
+}
 template <class V>
 void check_size(const char* who, const char* name, const V& v, Index n) {
-  if (v && v.size() != n) {
-    throw_shape(who, std::string(name) + " should contain " + std::to_string(n) + " elements not " +
-                         std::to_string(v.size()));
-  }
+  check_size(who, name, v.present(), v.size(), n);
 }
 
 template <class T>
@@ -73,17 +76,17 @@ void channel_norm_check(const char* who,
   check_size(who, "weight", a.weight, C);
   check_size(who, "bias", a.bias, C);
   if (!a.batch_stats && (!a.running_mean || !a.running_var)) {
-    throw_value(who, std::string(!a.running_mean ? "running_mean" : "running_var") +
-                         " must be defined in evaluation mode");
+    fail(Fail::value, who, "%s must be defined in evaluation mode",
+         !a.running_mean ? "running_mean" : "running_var");
   }
   if (a.batch_stats) {
     if (kind == ChannelNormKind::batch && sh.dim[0] * spatial_size(sh) == 1) {
-      throw_value(who, "Expected more than 1 value per channel when training, got input size " +
-                           shape_str(sh));
+      fail(Fail::value, who, "Expected more than 1 value per channel when training, got input size %s",
+           shape_text(sh).s);
     }
     if (kind == ChannelNormKind::instance && spatial_size(sh) == 1) {
-      throw_value(who, "Expected more than 1 spatial element when training, got input size " +
-                           shape_str(sh));
+      fail(Fail::value, who, "Expected more than 1 spatial element when training, got input size %s",
+           shape_text(sh).s);
     }
   }
 }
@@ -139,9 +142,10 @@ void channel_norm_forward(ChannelNormKind kind,
   SmallBuffer<AffineCoef, 32> coef(slots);
   if (p.numel == 0) {  // empty batch: empty output, statistics untouched (§2.4)
     if (saved) {
-      saved->mean.resize(slots);  // no allocation when the size is unchanged
-      saved->mean.setZero();
-      saved->rstd = saved->mean;
+      double *sm, *sr;
+      stats_storage(*saved, slots, sm, sr);
+      std::fill(sm, sm + slots, 0.0);
+      std::fill(sr, sr + slots, 0.0);
       saved->batch_stats = a.batch_stats;
     }
     return;
@@ -205,12 +209,12 @@ void channel_norm_forward(ChannelNormKind kind,
     apply_all();
   }
   if (saved) {
-    saved->mean.resize(slots);  // no allocation when the size is unchanged
-    saved->rstd.resize(slots);
+    double *sm, *sr;
+    stats_storage(*saved, slots, sm, sr);
     for (Index l = 0; l < slots; ++l) {
       const auto s = static_cast<std::size_t>(plan_slot(kind, p, l, C));
-      saved->mean(l) = mean[s];
-      saved->rstd(l) = rstd[s];
+      sm[l] = mean[s];
+      sr[l] = rstd[s];
     }
     saved->batch_stats = a.batch_stats;
   }
@@ -230,12 +234,12 @@ void channel_norm_stats(ChannelNormKind kind,
   const Plan p = channel_plan(kind, sh);
   std::vector<double> mean(static_cast<std::size_t>(slots)), var(mean.size()), center(mean.size());
   moments(p, x, mean.data(), var.data(), center.data(), ex);
-  out.mean.resize(slots);
-  out.rstd.resize(slots);
+  double *om, *orr;
+  stats_storage(out, slots, om, orr);
   for (Index l = 0; l < slots; ++l) {
     const auto s = static_cast<std::size_t>(plan_slot(kind, p, l, C));
-    out.mean(l) = mean[s];
-    out.rstd(l) = p.numel == 0 ? 0.0 : rstd_of(var[s], eps, true);
+    om[l] = mean[s];
+    orr[l] = p.numel == 0 ? 0.0 : rstd_of(var[s], eps, true);
   }
   out.batch_stats = true;
 }
@@ -251,11 +255,11 @@ void running_saved_stats(ChannelNormKind kind,
                          SavedStats& out) {
   const Index C = sh.dim[1];
   const Index slots = kind == ChannelNormKind::batch ? C : sh.dim[0] * C;
-  out.mean.resize(slots);
-  out.rstd.resize(slots);
+  double *om, *orr;
+  stats_storage(out, slots, om, orr);
   for (Index l = 0; l < slots; ++l) {
-    out.mean(l) = static_cast<double>(running_mean[l % C]);
-    out.rstd(l) = rstd_of(static_cast<double>(running_var[l % C]), eps, false);
+    om[l] = static_cast<double>(running_mean[l % C]);
+    orr[l] = rstd_of(static_cast<double>(running_var[l % C]), eps, false);
   }
   out.batch_stats = false;
 }
@@ -271,8 +275,8 @@ void check_grad_args(const char* who,
   const Index C = sh.dim[1];
   const Index slots = kind == ChannelNormKind::batch ? C : sh.dim[0] * C;
   if (saved.mean.size() != slots || saved.rstd.size() != slots) {
-    throw_shape(who, "expected saved statistics of " + std::to_string(slots) + " slots but got " +
-                         std::to_string(saved.mean.size()));
+    fail(Fail::shape, who, "expected saved statistics of %lld slots but got %lld",
+         static_cast<long long>(slots), static_cast<long long>(saved.mean.size()));
   }
   check_size(who, "weight", weight, C);
   check_size(who, "grad_weight", gw, C);
@@ -311,8 +315,8 @@ void channel_norm_backward(ChannelNormKind kind,
   std::vector<double> mean(n), rstd(n), gs(n), s1(n), s2(n);
   for (Index l = 0; l < slots; ++l) {
     const auto s = static_cast<std::size_t>(plan_slot(kind, p, l, C));
-    mean[s] = saved.mean(l);
-    rstd[s] = saved.rstd(l);
+    mean[s] = saved.mean.data()[l];
+    rstd[s] = saved.rstd.data()[l];
     gs[s] = weight ? static_cast<double>(weight.data()[l % C]) : 1.0;
   }
   const double m = static_cast<double>(p.per_slot);
@@ -345,7 +349,7 @@ void channel_norm_backward(ChannelNormKind kind,
     for (std::size_t s = 0; s < n; ++s) ak[s] = affine_coef(0.0, gs[s] * rstd[s], 0.0);
   }
   if (dx && can_fuse(p, p, ex)) {
-    fused_slots<T>(p, p, rop, finish, aop, ex);  // dx while the slot is in cache
+    fused_slots<T>(p, p, rop, make_hooks(finish), aop, ex);  // dx while the slot is in cache
   } else {
     reduce(p, rop, s1.data(), s2.data(), ex);
     for (Index s = 0; s < slots; ++s)

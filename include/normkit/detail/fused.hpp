@@ -45,11 +45,6 @@ inline bool can_fuse(const Plan& ps, const Plan& pa, const Exec& ex) {
   return !(ex.parallel(ps.numel) && groups < Index{2} * ex.threads);
 }
 
-/// fused_slots()'s default `begin`: nothing to prepare per slot.
-struct NoBegin {
-  void operator()(Index, Index) const {}
-};
-
 /// Applies `apply` to every run of the slot group at `ka` of nest na.
 template <class T>
 void apply_group(const Nest& na, const Odometer& ka, const ApplyOp<T>& apply) {
@@ -70,18 +65,48 @@ void apply_group(const Nest& na, const Odometer& ka, const ApplyOp<T>& apply) {
   }
 }
 
+/// The per-slot callbacks of fused_slots(), by reference (one instantiation of fused_slots
+/// per scalar type, whatever the callers' lambdas).
+struct SlotHooks {
+  /// finish(fctx, slot, s1, s2): a slot's two sums -> the coefficients the apply op reads.
+  void (*finish)(void* ctx, Index slot, double s1, double s2) = nullptr;
+  void* fctx = nullptr;
+  /// begin(bctx, slot, offset): before the slot's sums, with its first element's offset.
+  void (*begin)(void* ctx, Index slot, Index offset) = nullptr;
+  void* bctx = nullptr;
+};
+template <class F>
+SlotHooks make_hooks(F& f) {
+  SlotHooks h;
+  h.finish = [](void* c, Index s, double s1, double s2) { (*static_cast<F*>(c))(s, s1, s2); };
+  h.fctx = &f;
+  return h;
+}
+template <class F, class B>
+SlotHooks make_hooks(F& f, B& b) {
+  SlotHooks h = make_hooks(f);
+  h.begin = [](void* c, Index s, Index o) { (*static_cast<B*>(c))(s, o); };
+  h.bctx = &b;
+  return h;
+}
+
 /// Reduction over `ps` and apply over `pa` (same key axes; pa may carry aux strides), slot
-/// group by slot group: `finish(slot, s1, s2)` turns a slot's two sums (op's, same blocks and
-/// order as reduce()) into the coefficients the apply op reads; `begin(slot, offset)` runs
-/// first, with the memory offset of the slot's first element. Call only when can_fuse().
-template <class T, class Finish, class Begin = NoBegin>
+/// group by slot group: hooks.finish(slot, s1, s2) turns a slot's two sums (op's, same blocks
+/// and order as reduce()) into the coefficients the apply op reads; hooks.begin(slot, offset),
+/// when set, runs first, with the memory offset of the slot's first element. Call only when
+/// can_fuse().
+template <class T>
 void fused_slots(const Plan& ps,
                  const Plan& pa,
                  const SumOp<T>& rop,
-                 Finish&& finish,
+                 const SlotHooks& hooks,
                  const ApplyOp<T>& apply,
-                 const Exec& ex,
-                 Begin&& begin = Begin()) {
+                 const Exec& ex) {
+  auto finish = [&](Index s, double s1, double s2) { hooks.finish(hooks.fctx, s, s1, s2); };
+  auto begin = [&](Index s, Index o) {
+    if (hooks.begin)
+      hooks.begin(hooks.bctx, s, o);
+  };
   const Nest ns = split(ps);
   const Nest na = split(pa);
   NORMKIT_ASSERT(ns.T == na.T);
@@ -162,17 +187,16 @@ bool fused_forward(const Plan& ps,
   if (!can_fuse(ps, pa, ex))
     return false;
   const Index n = ps.per_slot;
-  fused_slots<T>(
-      ps, pa, SumOp<T>{apply.leaf, x, nullptr, center},
-      [&](Index s, double s1, double s2) {
-        double mean, var;
-        finish_moments(center[s], s1, s2, n, mean, var);
-        finish(s, mean, var);
-      },
-      apply, ex,
-      // The shift (SumOp): the slot's first element, read as the slot starts (a separate
-      // pass over every slot's first line costs ~5% of a LayerNorm forward).
-      [&](Index s, Index offset) { center[s] = static_cast<double>(x[offset]); });
+  auto fin = [&](Index s, double s1, double s2) {
+    double mean, var;
+    finish_moments(center[s], s1, s2, n, mean, var);
+    finish(s, mean, var);
+  };
+  // The shift (SumOp): the slot's first element, read as the slot starts (a separate pass
+  // over every slot's first line costs ~5% of a LayerNorm forward).
+  auto beg = [&](Index s, Index offset) { center[s] = static_cast<double>(x[offset]); };
+  fused_slots<T>(ps, pa, SumOp<T>{apply.leaf, x, nullptr, center}, make_hooks(fin, beg), apply,
+                 ex);
   return true;
 }
 

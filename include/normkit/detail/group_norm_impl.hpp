@@ -64,25 +64,25 @@ void group_norm_check(const char* who,
                       const VectorRef<const T>& w,
                       const VectorRef<const T>& b) {
   if (G <= 0)
-    throw_value(who, "Expected num groups to be greater than 0, got " + std::to_string(G));
+    fail(Fail::value, who, "Expected num groups to be greater than 0, got %lld",
+         static_cast<long long>(G));
   const Index C = sh.dim[1];
   if (C % G != 0) {
-    throw_shape(who,
-                "Expected number of channels in input to be divisible by num_groups, but got input "
-                "of shape " +
-                    shape_str(sh) + " and num_groups=" + std::to_string(G));
+    fail(Fail::shape, who,
+         "Expected number of channels in input to be divisible by num_groups, but got input of "
+         "shape %s and num_groups=%lld",
+         shape_text(sh).s, static_cast<long long>(G));
   }
-  auto check = [&](const VectorRef<const T>& v, const char* name) {
+  for (int i = 0; i < 2; ++i) {
+    const VectorRef<const T>& v = i == 0 ? w : b;
+    const char* name = i == 0 ? "weight" : "bias";
     if (v && v.size() != C) {
-      throw_shape(who,
-                  std::string("Expected ") + name +
-                      " to be a vector of size equal to the number of channels in input, but got " +
-                      name + " of shape [" + std::to_string(v.size()) + "] and input of shape " +
-                      shape_str(sh));
+      fail(Fail::shape, who,
+           "Expected %s to be a vector of size equal to the number of channels in input, but got "
+           "%s of shape [%lld] and input of shape %s",
+           name, name, static_cast<long long>(v.size()), shape_text(sh).s);
     }
-  };
-  check(w, "weight");
-  check(b, "bias");
+  }
 }
 
 template <class T>
@@ -165,13 +165,13 @@ void group_norm_forward(const Shape& sh,
     apply_plan(gp.apply, op, ex);
   }
   if (saved) {
-    saved->mean.resize(NG);  // no allocation when the size is unchanged
-    saved->rstd.resize(NG);
+    double *sm, *sr;
+    stats_storage(*saved, NG, sm, sr);
     for (Index n = 0; n < gp.N; ++n) {
       for (Index g = 0; g < G; ++g) {
         const auto s = static_cast<std::size_t>(sslot(n, g));
-        saved->mean(n * G + g) = mean[s];
-        saved->rstd(n * G + g) = rstd[s];
+        sm[n * G + g] = mean[s];
+        sr[n * G + g] = rstd[s];
       }
     }
     saved->batch_stats = true;
@@ -185,14 +185,14 @@ void group_norm_stats(const Shape& sh, Index G, const T* x, double eps, SavedSta
   const Index NG = gp.N * G;
   std::vector<double> mean(static_cast<std::size_t>(NG)), var(mean.size()), center(mean.size());
   moments(gp.stats, x, mean.data(), var.data(), center.data(), ex);
-  out.mean.resize(NG);
-  out.rstd.resize(NG);
+  double *om, *orr;
+  stats_storage(out, NG, om, orr);
   for (Index n = 0; n < gp.N; ++n) {
     for (Index g = 0; g < G; ++g) {
       const auto s = static_cast<std::size_t>(n * gp.stats.logical_slot_stride[0] +
                                               g * gp.stats.logical_slot_stride[1]);
-      out.mean(n * G + g) = mean[s];
-      out.rstd(n * G + g) = rstd_of(var[s], eps, false);
+      om[n * G + g] = mean[s];
+      orr[n * G + g] = rstd_of(var[s], eps, false);
     }
   }
   out.batch_stats = true;
@@ -219,13 +219,13 @@ void group_norm_backward(const Shape& sh,
   std::vector<GradCoef> gk(nc);
   for (Index n = 0; n < gp.N; ++n) {
     for (Index c = 0; c < gp.C; ++c)
-      center[static_cast<std::size_t>(aslot(n, c))] = saved.mean(n * G + c / gp.Cg);
+      center[static_cast<std::size_t>(aslot(n, c))] = saved.mean.data()[n * G + c / gp.Cg];
   }
   const double m = static_cast<double>(gp.Cg * spatial_size(sh));
   auto gamma = [&](Index c) { return w ? static_cast<double>(w.data()[c]) : 1.0; };
   // dx coefficients of group (n, g) from its channels' sums (docs/semantics.md §8).
   auto coefficients = [&](Index n, Index g) {
-    const double r = saved.rstd(n * G + g);
+    const double r = saved.rstd.data()[n * G + g];
     double sdy = 0, sdyx = 0;
     for (Index c = g * gp.Cg; c < (g + 1) * gp.Cg; ++c) {
       const auto a = static_cast<std::size_t>(aslot(n, c));
@@ -292,7 +292,7 @@ void group_norm_backward(const Shape& sh,
   for (Index n = 0; n < gp.N; ++n) {
     for (Index c = 0; c < gp.C; ++c) {
       const auto a = static_cast<std::size_t>(aslot(n, c));
-      dw[static_cast<std::size_t>(c)] += s2[a] * saved.rstd(n * G + c / gp.Cg);
+      dw[static_cast<std::size_t>(c)] += s2[a] * saved.rstd.data()[n * G + c / gp.Cg];
       db[static_cast<std::size_t>(c)] += s1[a];
     }
   }

@@ -23,10 +23,8 @@
 NORMKIT_BEGIN_NAMESPACE
 namespace detail {
 
-inline std::string list_str(const std::vector<Index>& v) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
-  return s + "]";
+inline Text list_text(const std::vector<Index>& v) {
+  return dims_text(v.data(), static_cast<int>(v.size()));
 }
 
 inline Index product(const std::vector<Index>& v) {
@@ -44,9 +42,9 @@ void layer_norm_check(const char* who,
                       const VectorRef<const T>& w,
                       const VectorRef<const T>& b) {
   if (ns.empty()) {
-    throw_value(who,
-                "Expected normalized_shape to be at least 1-dimensional, i.e., containing "
-                "at least one element, but got normalized_shape = []");
+    fail(Fail::value, who,
+         "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one "
+         "element, but got normalized_shape = []");
   }
   const int D = static_cast<int>(ns.size());
   bool ok = sh.rank >= D;
@@ -55,21 +53,22 @@ void layer_norm_check(const char* who,
     ok = sh.dim[lead + static_cast<std::size_t>(j)] == ns[static_cast<std::size_t>(j)];
   }
   if (!ok) {
-    std::string want = list_str(ns);
-    throw_shape(who, "Given normalized_shape=" + want + ", expected input with shape [*, " +
-                         want.substr(1) + ", but got input of size" + shape_str(sh));
+    const Text want = list_text(ns);
+    fail(Fail::shape, who,
+         "Given normalized_shape=%s, expected input with shape [*, %s, but got input of size%s",
+         want.s, want.s + 1, shape_text(sh).s);
   }
   const Index n = product(ns);
-  auto check = [&](const VectorRef<const T>& v, const char* name) {
+  for (int i = 0; i < 2; ++i) {
+    const VectorRef<const T>& v = i == 0 ? w : b;
+    const char* name = i == 0 ? "weight" : "bias";
     if (v && v.size() != n) {
-      throw_shape(who, std::string("Expected ") + name +
-                           " to be of same shape as normalized_shape, but got " + name + " of " +
-                           std::to_string(v.size()) +
-                           " elements and normalized_shape = " + list_str(ns));
+      fail(Fail::shape, who,
+           "Expected %s to be of same shape as normalized_shape, but got %s of %lld elements and "
+           "normalized_shape = %s",
+           name, name, static_cast<long long>(v.size()), list_text(ns).s);
     }
-  };
-  check(w, "weight");
-  check(b, "bias");
+  }
 }
 
 // LayerNorm's plans. stats: leading axes are keys (one slot per row), trailing axes reduced,
@@ -124,12 +123,12 @@ inline void store_row_stats(const Shape& sh,
                             const std::vector<double>& rstd,
                             SavedStats& saved) {
   const std::vector<Index> map = slot_map(sh, lp.stats, 0, lp.lead);
-  saved.mean.resize(lp.rows);  // no allocation when the size is unchanged
-  saved.rstd.resize(lp.rows);
+  double *sm, *sr;
+  stats_storage(saved, lp.rows, sm, sr);
   for (Index l = 0; l < lp.rows; ++l) {
     const auto s = static_cast<std::size_t>(map[static_cast<std::size_t>(l)]);
-    saved.mean(l) = mean[s];
-    saved.rstd(l) = rstd[s];
+    sm[l] = mean[s];
+    sr[l] = rstd[s];
   }
   saved.batch_stats = true;
 }
@@ -285,8 +284,8 @@ void layer_norm_backward(const Shape& sh,
   {
     const std::vector<Index> map = slot_map(sh, lp.stats, 0, lp.lead);
     for (Index l = 0; l < lp.rows; ++l) {
-      mean[static_cast<std::size_t>(map[static_cast<std::size_t>(l)])] = saved.mean(l);
-      rstd[static_cast<std::size_t>(map[static_cast<std::size_t>(l)])] = saved.rstd(l);
+      mean[static_cast<std::size_t>(map[static_cast<std::size_t>(l)])] = saved.mean.data()[l];
+      rstd[static_cast<std::size_t>(map[static_cast<std::size_t>(l)])] = saved.rstd.data()[l];
     }
   }
   std::vector<double> gamma;

@@ -5,6 +5,7 @@
 #define NORMKIT_DETAIL_MODULE_HPP_
 // IWYU pragma: private, include <normkit/normkit.hpp>
 
+#include <algorithm>    // std::fill
 #include <array>        // std::array
 #include <string>       // std::string
 #include <type_traits>  // std::enable_if_t
@@ -37,7 +38,7 @@ using if_gradients = std::enable_if_t<is_gradients<std::decay_t<G>>::value, int>
 template <class Scalar>
 Eigen::Tensor<Scalar, 1> filled(Index n, Scalar v) {
   Eigen::Tensor<Scalar, 1> t(n);
-  t.setConstant(v);
+  std::fill(t.data(), t.data() + n, v);
   return t;
 }
 
@@ -162,19 +163,18 @@ class ModuleBase {
     constexpr int L = tensor_traits<DY>::layout;
     using Map = Eigen::TensorMap<const Eigen::Tensor<Scalar, R, L>>;
     if (!x_kept_) {
-      throw_value(who,
-                  "backward(dy) needs the input of the last training forward, and none is kept "
-                  "(no training forward since construction, train()/eval() or "
-                  "set_requires_grad(false), or keep_input() is false); call backward(x, dy)");
+      fail(Fail::value, who,
+           "backward(dy) needs the input of the last training forward, and none is kept (no "
+           "training forward since construction, train()/eval() or set_requires_grad(false), or "
+           "keep_input() is false); call backward(x, dy)");
     }
     bool same = kept_rank_ == R && kept_layout_ == L;
     for (int i = 0; same && i < R; ++i)
       same = kept_dims_[static_cast<std::size_t>(i)] == dim(dy, i);
     if (!same) {
-      throw_shape(who, "expected grad_output of size " + dims_str(kept_dims_, kept_rank_) +
-                           (kept_layout_ == L ? "" : " in the other storage order") +
-                           " (the last forward's input) but got " +
-                           dims_str(dy.dimensions(), R));
+      fail(Fail::shape, who, "expected grad_output of size %s%s (the last forward's input) but got %s",
+           dims_text(kept_dims_.data(), kept_rank_).s,
+           kept_layout_ == L ? "" : " in the other storage order", dims_of(dy.dimensions(), R).s);
     }
     std::array<Index, R> d{};
     for (int i = 0; i < R; ++i) d[static_cast<std::size_t>(i)] = kept_dims_[static_cast<std::size_t>(i)];

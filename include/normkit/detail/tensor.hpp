@@ -14,6 +14,7 @@
 #include <vector>       // std::vector
 
 #include <normkit/config.hpp>
+#include <normkit/detail/fail.hpp>
 #include <normkit/detail/plan.hpp>
 #include <normkit/error.hpp>
 
@@ -43,6 +44,17 @@ struct Gradients {
 };
 
 namespace detail {
+
+/// Sizes s for n slots (no allocation when the size is unchanged) and returns its mean and
+/// rstd storage (out of line: Eigen's resize is a page of code at every call site).
+NORMKIT_NOINLINE inline void stats_storage(SavedStats& s, Index n, double*& mean, double*& rstd) {
+  if (s.mean.size() != n)
+    s.mean.resize(n);
+  if (s.rstd.size() != n)
+    s.rstd.resize(n);
+  mean = s.mean.data();
+  rstd = s.rstd.data();
+}
 
 /// True for Eigen::Tensor and Eigen::TensorMap (the argument types normkit accepts); used to
 /// tell forward(x, y) from forward(x, device).
@@ -115,6 +127,18 @@ std::string dims_str(const Dims& d, int rank) {
   return os.str();
 }
 
+/// A shape's logical dims as the user gave them.
+inline Text shape_text(const Shape& s) {
+  return dims_text(s.dim.data(), s.rank, s.shown_from);
+}
+/// Eigen dims (DSizes, std::array) as text.
+template <class Dims>
+Text dims_of(const Dims& d, int rank) {
+  Index a[kMaxAxes] = {};
+  for (int i = 0; i < rank && i < kMaxAxes; ++i) a[i] = static_cast<Index>(d[static_cast<std::size_t>(i)]);
+  return dims_text(a, rank);
+}
+
 [[noreturn]] inline void throw_shape(const char* who, const std::string& what) {
   throw shape_error(std::string("[normkit.") + who + "] " + what);
 }
@@ -136,11 +160,11 @@ Shape logical_shape(const X& x, bool channels_last, const char* who, bool batche
   Index numel = 1;
   for (int i = 0; i < R; ++i) {
     if (d[static_cast<std::size_t>(i)] < 0)
-      throw_shape(who, "negative extent in input of size " + dims_str(d, R));
+      fail(Fail::shape, who, "negative extent in input of size %s", dims_text(d.data(), R).s);
     if (d[static_cast<std::size_t>(i)] != 0 &&
         numel > std::numeric_limits<Index>::max() / d[static_cast<std::size_t>(i)]) {
-      throw_shape(who,
-                  "input of size " + dims_str(d, R) + " has more elements than Eigen::Index holds");
+      fail(Fail::shape, who, "input of size %s has more elements than Eigen::Index holds",
+           dims_text(d.data(), R).s);
     }
     numel *= d[static_cast<std::size_t>(i)];
   }
@@ -204,8 +228,8 @@ auto* prepare_output(const X& x, Y& y, const char* who, const char* name = "outp
                                Eigen::Tensor<scalar_of<X>, R, tensor_traits<X>::layout>>::value) {
       y.resize(x.dimensions());
     } else {
-      throw_shape(who, std::string("expected ") + name + " of size " + dims_str(x.dimensions(), R) +
-                           " but got " + dims_str(y.dimensions(), R));
+      fail(Fail::shape, who, "expected %s of size %s but got %s", name,
+           dims_of(x.dimensions(), R).s, dims_of(y.dimensions(), R).s);
     }
   }
   return y.data();
@@ -252,9 +276,8 @@ void check_same_dims(const char* who, const char* name, const A& a, const B& b) 
   constexpr int R = tensor_traits<A>::rank;
   for (int i = 0; i < R; ++i) {
     if (dim(a, i) != dim(b, i)) {
-      throw_shape(who, std::string("expected ") + name + " of size " +
-                           dims_str(a.dimensions(), R) + " (the input's) but got " +
-                           dims_str(b.dimensions(), R));
+      fail(Fail::shape, who, "expected %s of size %s (the input's) but got %s", name,
+           dims_of(a.dimensions(), R).s, dims_of(b.dimensions(), R).s);
     }
   }
 }

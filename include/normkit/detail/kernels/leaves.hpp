@@ -31,24 +31,27 @@ NORMKIT_KINLINE void mom_run(
   D8 cv;
   splat(cv, c);
   Index i = 0;
-  for (; i + 16 <= len; i += 16) {
-    D8 d, e;
-    load(d, xp + i);
-    load(e, xp + i + 8);
-    d -= cv;
-    e -= cv;
-    a1 += d;
-    a2 += d * d;
-    b1 += e;
-    b2 += e * e;
+  if constexpr (kTwoPairs) {
+    for (; i + 16 <= len; i += 16) {
+      D8 d, e;
+      load(d, xp + i);
+      load(e, xp + i + 8);
+      d -= cv;
+      e -= cv;
+      a1 += d;
+      a2 += d * d;
+      b1 += e;
+      b2 += e * e;
+    }
+  } else {
+    (void)b1, (void)b2;
   }
-  if (i + 8 <= len) {
+  for (; i + 8 <= len; i += 8) {
     D8 d;
     load(d, xp + i);
     d -= cv;
     a1 += d;
     a2 += d * d;
-    i += 8;
   }
   for (; i < len; ++i) {  // Scalar tail.
     const double d = static_cast<double>(xp[i]) - c;
@@ -72,27 +75,30 @@ NORMKIT_KINLINE void grad_run(const T* xp,
   D8 cv;
   splat(cv, c);
   Index i = 0;
-  for (; i + 16 <= len; i += 16) {
-    D8 g, h, d, e;
-    load(g, gp + i);
-    load(h, gp + i + 8);
-    load(d, xp + i);
-    load(e, xp + i + 8);
-    d -= cv;
-    e -= cv;
-    a1 += g;
-    a2 += g * d;
-    b1 += h;
-    b2 += h * e;
+  if constexpr (kTwoPairs) {
+    for (; i + 16 <= len; i += 16) {
+      D8 g, h, d, e;
+      load(g, gp + i);
+      load(h, gp + i + 8);
+      load(d, xp + i);
+      load(e, xp + i + 8);
+      d -= cv;
+      e -= cv;
+      a1 += g;
+      a2 += g * d;
+      b1 += h;
+      b2 += h * e;
+    }
+  } else {
+    (void)b1, (void)b2;
   }
-  if (i + 8 <= len) {
+  for (; i + 8 <= len; i += 8) {
     D8 g, d;
     load(g, gp + i);
     load(d, xp + i);
     d -= cv;
     a1 += g;
     a2 += g * d;
-    i += 8;
   }
   for (; i < len; ++i) {
     const double g = static_cast<double>(gp[i]);
@@ -305,18 +311,28 @@ NORMKIT_KINLINE void fmap(Index len, float* y, const F& f, const P*... in) {
   for (; j < len; ++j) f(y[j], in[j]...);
 }
 
+// The double path of float input (coefficients beyond float: rare, extreme data) runs one
+// element at a time; double input vectorizes.
 template <class T, class F, class... P>
 NORMKIT_KINLINE void dmap(Index len, T* y, const F& f, const P*... in) {
-  Index j = 0;
-  for (; j + 8 <= len; j += 8) {
-    D8 r;
-    f(r, load8d(in + j)...);
-    store(y + j, r);
-  }
-  for (; j < len; ++j) {
-    double r;
-    f(r, static_cast<double>(in[j])...);
-    y[j] = static_cast<T>(r);
+  if constexpr (std::is_same<T, float>::value) {
+    for (Index j = 0; j < len; ++j) {
+      double r;
+      f(r, static_cast<double>(in[j])...);
+      y[j] = static_cast<T>(r);
+    }
+  } else {
+    Index j = 0;
+    for (; j + 8 <= len; j += 8) {
+      D8 r;
+      f(r, load8d(in + j)...);
+      store(y + j, r);
+    }
+    for (; j < len; ++j) {
+      double r;
+      f(r, static_cast<double>(in[j])...);
+      y[j] = static_cast<T>(r);
+    }
   }
 }
 

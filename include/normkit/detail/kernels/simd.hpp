@@ -123,6 +123,10 @@ NORMKIT_KINLINE fvec fsplat(float v) { return v; }
 #endif
 
 inline constexpr int kDK = 8 / kDW;   // native registers per D8
+// Two accumulator pairs (elements 0-7 and 8-15 of every 16 in different registers) hide the
+// add latency where a D8 is one or two registers; with 16 xmm registers (SSE2) they spill,
+// so the narrow copies use one pair (their results differ in the last bits anyway: no FMA).
+inline constexpr bool kTwoPairs = kDW >= 4;
 inline constexpr int kFK = 16 / kFW;  // native registers per F16
 
 /// 8 logical double lanes.
