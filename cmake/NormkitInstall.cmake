@@ -15,6 +15,11 @@ install(DIRECTORY "${PROJECT_SOURCE_DIR}/include/"
         FILES_MATCHING PATTERN "*.hpp")
 
 install(TARGETS normkit EXPORT normkitTargets)
+if(NORMKIT_COMPILED)
+  # The compiled mode's library (architecture-dependent, unlike the headers).
+  install(TARGETS normkit_compiled EXPORT normkitTargets
+          ARCHIVE DESTINATION "${CMAKE_INSTALL_LIBDIR}" COMPONENT normkit_Development)
+endif()
 install(EXPORT normkitTargets
         NAMESPACE normkit::
         DESTINATION "${NORMKIT_CONFIG_INSTALL_DIR}"
@@ -24,12 +29,18 @@ configure_package_config_file(
   "${CMAKE_CURRENT_LIST_DIR}/normkitConfig.cmake.in"
   "${PROJECT_BINARY_DIR}/normkitConfig.cmake"
   INSTALL_DESTINATION "${NORMKIT_CONFIG_INSTALL_DIR}")
-# ARCH_INDEPENDENT (3.14): a 32-bit consumer may use a copy installed by a 64-bit build.
+# ARCH_INDEPENDENT (3.14): a 32-bit consumer may use a copy installed by a 64-bit build --
+# unless the compiled mode's library is installed too.
+if(NORMKIT_COMPILED)
+  set(_nk_arch "")
+else()
+  set(_nk_arch ARCH_INDEPENDENT)
+endif()
 write_basic_package_version_file(
   "${PROJECT_BINARY_DIR}/normkitConfigVersion.cmake"
   VERSION "${PROJECT_VERSION}"
   COMPATIBILITY SameMajorVersion
-  ARCH_INDEPENDENT)
+  ${_nk_arch})
 install(FILES "${PROJECT_BINARY_DIR}/normkitConfig.cmake"
               "${PROJECT_BINARY_DIR}/normkitConfigVersion.cmake"
         DESTINATION "${NORMKIT_CONFIG_INSTALL_DIR}"

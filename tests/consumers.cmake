@@ -65,6 +65,7 @@ else()
 endif()
 
 _normkit_add_consumer_test(add_subdirectory OPTIONS "-DNORMKIT_SOURCE_DIR=${_nk_checkout}")
+_normkit_add_consumer_test(compiled OPTIONS "-DNORMKIT_SOURCE_DIR=${_nk_checkout}")
 _normkit_add_consumer_test(fetchcontent OPTIONS "-DNORMKIT_SOURCE_DIR=${_nk_checkout}")
 
 # FetchContent from git. The clone sees commits only, so the test builds the checkout's HEAD

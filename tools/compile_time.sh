@@ -70,8 +70,24 @@ best() {  # best wall time of REPS compilations, in seconds
 base=$(best "$tmp/eigen_only.cpp")
 echo "| translation unit ($CXX -O2, best of $REPS) | seconds | ratio to Eigen-only |"
 echo "|---|---|---|"
-echo "| Eigen Tensor include + one reduction | $base | 1.00 |"
+echo "| Eigen Tensor include + one reduction (the baseline) | $base | 1.00 |"
+describe() {
+  case $1 in
+    include_only) echo "\`#include <normkit/normkit.hpp>\` only" ;;
+    one_module) echo "BatchNorm2d<float> forward + backward" ;;
+    all_modules) echo "every module (float) forward + backward" ;;
+  esac
+}
 for tu in include_only one_module all_modules; do
   t=$(best "$tmp/$tu.cpp")
-  printf '| %s | %s | %.2f |\n' "$tu" "$t" "$(echo "$t / $base" | bc -l)"
+  printf '| %s, header-only | %s | %.2f |\n' "$(describe $tu)" "$t" "$(echo "$t / $base" | bc -l)"
 done
+# The compiled mode (normkit::compiled): translation units only declare the kernels; the
+# library's one object is compiled once per project.
+for tu in one_module all_modules; do
+  t=$(best -DNORMKIT_SEPARATE_COMPILATION "$tmp/$tu.cpp")
+  printf '| %s, compiled mode | %s | %.2f |\n' "$(describe $tu)" "$t" "$(echo "$t / $base" | bc -l)"
+done
+t=$(best src/normkit.cpp)
+printf '| src/normkit.cpp (the compiled mode library, once per project) | %s | %.2f |\n' "$t" \
+  "$(echo "$t / $base" | bc -l)"

@@ -14,6 +14,7 @@
 #include <normkit/detail/apply.hpp>
 #include <normkit/detail/exec.hpp>
 #include <normkit/detail/fused.hpp>
+#include <normkit/detail/instantiate.hpp>
 #include <normkit/detail/moments.hpp>
 #include <normkit/detail/plan.hpp>
 #include <normkit/detail/reduction.hpp>
@@ -372,6 +373,8 @@ void channel_norm_backward(ChannelNormKind kind,
   store_grad(gw, dw.data());
   store_grad(gb, db.data());
 }
+
+NORMKIT_DECLARE_EXTERN(NORMKIT_CHANNEL_NORM_ENTRY_POINTS)
 
 }  // namespace detail
 NORMKIT_END_NAMESPACE

@@ -14,6 +14,7 @@
 #include <normkit/detail/channel_norm.hpp>
 #include <normkit/detail/exec.hpp>
 #include <normkit/detail/fused.hpp>
+#include <normkit/detail/instantiate.hpp>
 #include <normkit/detail/moments.hpp>
 #include <normkit/detail/plan.hpp>
 #include <normkit/detail/reduction.hpp>
@@ -299,6 +300,8 @@ void group_norm_backward(const Shape& sh,
   store_grad(gw, dw.data());
   store_grad(gb, db.data());
 }
+
+NORMKIT_DECLARE_EXTERN(NORMKIT_GROUP_NORM_ENTRY_POINTS)
 
 }  // namespace detail
 NORMKIT_END_NAMESPACE

@@ -15,6 +15,7 @@
 #include <normkit/detail/dispatch.hpp>
 #include <normkit/detail/exec.hpp>
 #include <normkit/detail/fused.hpp>
+#include <normkit/detail/instantiate.hpp>
 #include <normkit/detail/moments.hpp>
 #include <normkit/detail/plan.hpp>
 #include <normkit/detail/reduction.hpp>
@@ -332,6 +333,8 @@ void layer_norm_backward(const Shape& sh,
   store_grad(gw, dg.data());
   store_grad(gb, dbv.data());
 }
+
+NORMKIT_DECLARE_EXTERN(NORMKIT_LAYER_NORM_ENTRY_POINTS)
 
 }  // namespace detail
 NORMKIT_END_NAMESPACE
