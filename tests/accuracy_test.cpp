@@ -11,8 +11,11 @@
 #include "support/fixture.hpp"
 #include "support/fixture_runner.hpp"
 #include "support/reference.hpp"
+#include "support/isa_param.hpp"
 
 namespace {
+
+class AccuracyTest : public normkit_test::PerIsa {};
 
 using namespace normkit_test;
 
@@ -55,7 +58,7 @@ std::vector<double> normkit_output(const FixtureCase& c, const FixtureTensor& xt
   return std::vector<double>(y.data(), y.data() + y.size());
 }
 
-TEST(AccuracyTest, NoWorseThanPyTorchOnStressFixtures) {
+TEST_P(AccuracyTest, NoWorseThanPyTorchOnStressFixtures) {
   int checked = 0;
   std::printf("%-28s %-14s %12s %12s\n", "case", "module", "normkit err", "PyTorch err");
   for (const char* file :
@@ -126,5 +129,7 @@ TEST(AccuracyTest, NoWorseThanPyTorchOnStressFixtures) {
   }
   EXPECT_GE(checked, 10);
 }
+
+NORMKIT_INSTANTIATE_PER_ISA(AccuracyTest);
 
 }  // namespace

@@ -10,8 +10,11 @@
 #include <normkit/normkit.hpp>
 
 #include "support/reference.hpp"
+#include "support/isa_param.hpp"
 
 namespace {
+
+class MomentsAccuracy : public normkit_test::PerIsa {};
 
 using RowT4 = Eigen::Tensor<float, 4, Eigen::RowMajor>;
 
@@ -55,7 +58,7 @@ TEST(BatchNormHandCheck, TrainingOutputAndRunningStatsMatchHandComputation) {
 // Issue #2: float data with mean 1e4 and std 1 must match a float64 reference about as well
 // as the float rounding of the output allows (docs/semantics.md §10.1; PyTorch LN 1.2e-3, naive
 // one-pass 1.2e3). normkit computes in double and rounds once.
-TEST(MomentsAccuracy, LargeOffsetMatchesDoubleReference) {
+TEST_P(MomentsAccuracy, LargeOffsetMatchesDoubleReference) {
   for (double offset : {1e3, 1e4, 1e6}) {
     Eigen::Tensor<float, 2, Eigen::RowMajor> x(16, 1024);
     fill_normal(x, offset, 1.0, 11);
@@ -84,7 +87,7 @@ TEST(MomentsAccuracy, LargeOffsetMatchesDoubleReference) {
 
 // docs/semantics.md §6.5: float32 row [1e20, -1e20, 3e19, 0]: PyTorch returns zeros (squared
 // deviations overflow float); normkit returns the correct values.
-TEST(MomentsAccuracy, NoOverflowNear1e20) {
+TEST_P(MomentsAccuracy, NoOverflowNear1e20) {
   Eigen::Tensor<float, 2, Eigen::RowMajor> x(1, 4);
   x.setValues({{1e20f, -1e20f, 3e19f, 0.0f}});
   normkit::LayerNorm<float> ln(normkit::LayerNormOptions({4}));
@@ -100,7 +103,7 @@ TEST(MomentsAccuracy, NoOverflowNear1e20) {
 }
 
 // docs/semantics.md §11.3: constant slices and one-element rows return beta exactly.
-TEST(MomentsAccuracy, ConstantSliceReturnsBetaExactly) {
+TEST_P(MomentsAccuracy, ConstantSliceReturnsBetaExactly) {
   Eigen::Tensor<float, 3, Eigen::RowMajor> x(4, 2, 3);
   x.setConstant(7.0f);
   normkit::BatchNorm1d<float> bn(2);
@@ -122,7 +125,7 @@ TEST(MomentsAccuracy, ConstantSliceReturnsBetaExactly) {
 
 // Found by the fuzzer: a slice of denormals with eps = 0 has rstd ~ 5e44, beyond float; the
 // float fast path must not be taken there (the right answer is still -1, +1).
-TEST(MomentsAccuracy, DenormalSliceWithZeroEps) {
+TEST_P(MomentsAccuracy, DenormalSliceWithZeroEps) {
   const float tiny = -4.20389539e-45f;  // -3 * 2^-149
   Eigen::Tensor<float, 3, Eigen::RowMajor> x(1, 1, 2);
   x.setValues({{{tiny, 0.0f}}});
@@ -207,5 +210,7 @@ TEST(ModuleProperties, ColMajorEqualsRowMajorAndTensorMapEqualsTensor) {
   for (Eigen::Index i = 0; i < x.size(); ++i)
     EXPECT_EQ(out[static_cast<std::size_t>(i)], yr.data()[i]);
 }
+
+NORMKIT_INSTANTIATE_PER_ISA(MomentsAccuracy);
 
 }  // namespace

@@ -13,8 +13,11 @@
 #include <normkit/normkit.hpp>
 
 #include "support/reference.hpp"
+#include "support/isa_param.hpp"
 
 namespace {
+
+class StressTest : public normkit_test::PerIsa {};
 
 using X = Eigen::Tensor<float, 3, Eigen::RowMajor>;  // (N, C, L) = (4, 6, 64)
 
@@ -44,7 +47,7 @@ Result run(Module m, const X& x, long slots, SlotFn slot) {
   return r;
 }
 
-TEST(StressTest, WorstErrorAcrossMeanAndStdGrid) {
+TEST_P(StressTest, WorstErrorAcrossMeanAndStdGrid) {
   std::printf("%-12s %10s %10s %12s %12s\n", "module", "mean", "std", "worst err", "bound");
   unsigned seed = 1;
   const std::vector<std::pair<double, double>> regimes = {
@@ -79,7 +82,7 @@ namespace {
 // of dweight/dbias over 4 rows, flushed to double) and a double path for rows whose
 // coefficients do not fit float (eps = 0 and a variance near 1e-70): the same call mixes
 // both. Float results are compared with the double module on the same (float) values.
-TEST(StressTest, LayerNormBackwardFloatPathsAgainstDouble) {
+TEST_P(StressTest, LayerNormBackwardFloatPathsAgainstDouble) {
   const Eigen::Index rows = 150, n = 200;  // several 4-row groups and a partial one
   Eigen::Tensor<float, 2, Eigen::RowMajor> x(rows, n), dy(rows, n);
   std::mt19937 gen(11);
@@ -123,5 +126,7 @@ TEST(StressTest, LayerNormBackwardFloatPathsAgainstDouble) {
     EXPECT_LE(std::abs(double(gf.bias(j)) - gd.bias(j)), 1e-6 * mag_b) << "dbias " << j;
   }
 }
+
+NORMKIT_INSTANTIATE_PER_ISA(StressTest);
 
 }  // namespace

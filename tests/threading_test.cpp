@@ -2,10 +2,6 @@
 // and 8 threads (fixed work items merged in a fixed order), and eval-mode forward on one
 // module from several threads at once is safe.
 #define EIGEN_USE_THREADS
-// The default threshold (1 Mi elements) would leave most shapes below single-threaded:
-// lowered here so that every parallel path (split slots, fused vs two-pass, partial
-// merges) runs on tensors small enough for a unit test.
-#define NORMKIT_MIN_PARALLEL_ELEMENTS (1 << 16)
 #include <cstring>
 #include <random>
 #include <thread>
@@ -15,7 +11,19 @@
 
 #include <normkit/normkit.hpp>
 
+#include "support/isa_param.hpp"
+
 namespace {
+
+// Every parallel path (split slots, fused vs two-pass, partial merges) must run on tensors
+// small enough for a unit test: the threshold is lowered for the whole program (a runtime
+// setting, normkit::set_min_parallel_elements, shared by every translation unit).
+[[maybe_unused]] const int kThreshold = [] {
+  normkit::set_min_parallel_elements(Eigen::Index{1} << 12);
+  return 0;
+}();
+
+class ThreadingTest : public normkit_test::PerIsa {};
 
 template <class Tensor>
 void fill(Tensor& t, unsigned seed, float offset = 0.0f) {
@@ -50,7 +58,8 @@ void check_threads(const Module& proto, const Tensor& x, const Tensor& dy, const
   }
 }
 
-TEST(ThreadingTest, BitwiseIdenticalForAnyThreadCount) {
+TEST_P(ThreadingTest, BitwiseIdenticalForAnyThreadCount) {
+  EXPECT_EQ(normkit::min_parallel_elements(), Eigen::Index{1} << 12);
   // Large enough to cross the parallel threshold and to split slots into several blocks.
   Eigen::Tensor<float, 4, Eigen::RowMajor> x(8, 16, 48, 48), dy(8, 16, 48, 48);
   fill(x, 1, 3.0f);
@@ -95,13 +104,12 @@ TEST(ThreadingTest, BitwiseIdenticalForAnyThreadCount) {
   check_threads(normkit::BatchNorm1d<float>(2), xs, dys, "BatchNorm1d few channels");
 }
 
-TEST(ThreadingTest, ConcurrentEvalForwardIsSafeAndIdentical) {
+TEST_P(ThreadingTest, ConcurrentEvalForwardIsSafeAndIdentical) {
   normkit::BatchNorm2d<float> bn(8);
   Eigen::Tensor<float, 4, Eigen::RowMajor> x(4, 8, 16, 16);
   fill(x, 9);
   bn.forward(x);  // one training step so the running stats are non-trivial
-  bn.eval();
-  bn.set_requires_grad(false);  // eval forward then only reads the module
+  bn.eval();  // an evaluation forward only reads the module (by default)
   const auto want = bn.forward(x);
   std::vector<Eigen::Tensor<float, 4, Eigen::RowMajor>> out(4);
   std::vector<std::thread> ts;
@@ -113,5 +121,7 @@ TEST(ThreadingTest, ConcurrentEvalForwardIsSafeAndIdentical) {
   for (auto& t : ts) t.join();
   for (const auto& o : out) EXPECT_TRUE(same_bits(o, want));
 }
+
+NORMKIT_INSTANTIATE_PER_ISA(ThreadingTest);
 
 }  // namespace
