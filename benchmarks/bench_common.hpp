@@ -21,7 +21,7 @@ enum class Kind { batch, layer, group, instance };
 enum class Mode { train, eval, backward };
 
 struct Case {
-  std::string id;      // BENCHMARKS.md id, e.g. "bn2d-resnet" (also the benchmark's label)
+  std::string id;      // shape-suite id, e.g. "bn2d-resnet" (also the benchmark's label)
   std::string family;  // "BatchNorm2d": the BM_<family> part of the name
   std::string name;    // "resnet": the case part of the name
   Kind kind = Kind::batch;
@@ -50,7 +50,7 @@ bool smoke_shapes();
 
 const char* mode_name(Mode m);
 
-/// Bytes the traffic model says a call moves (DESIGN.md "Numbers we design for"):
+/// Bytes the traffic model says a call moves (benchmarks/README.md, "What the numbers mean"):
 /// eval forward 2B (read x, write y: statistics known), training forward 3B (statistics
 /// pass + normalize pass + write), backward 5B (read x, dy twice, write dx). Norms whose
 /// "eval" forward still computes statistics (LayerNorm, GroupNorm, InstanceNorm without
@@ -92,6 +92,7 @@ benchmark::internal::Benchmark* add(const std::string& name, F&& f) {
 
 void register_floor(const Case& c, int threads);            // bench_normkit.cpp
 void register_normkit(const Case& c, Mode m, int threads);  // bench_normkit.cpp
+void register_module(const Case& c, Mode m, int threads);   // bench_normkit.cpp
 void register_naive(const Case& c, Mode m, int threads);    // bench_normkit.cpp
 #ifdef NORMKIT_BENCH_TORCH
 void register_torch(const Case& c, Mode m, int threads);  // bench_torch.cpp

@@ -1,19 +1,25 @@
 // normkit benchmarks — the shape suite, counters, and main().
 // SPDX-License-Identifier: MIT
 //
-// Usage: normkit_bench [--smoke] [google-benchmark flags]
-//   --smoke  shrink every case (same family, rank, layout, code paths): the ctest run.
+// Usage: normkit_bench [--smoke] [--isa=LEVEL] [google-benchmark flags]
+//   --smoke      shrink every case (same family, rank, layout, code paths): the ctest run.
+//   --isa=LEVEL  run normkit on LEVEL (avx512, avx2, baseline: normkit::set_isa) and cap the
+//                peers alike (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, unless already set):
+//                on an AVX-512 machine --isa=avx2 is a proxy for an AVX2-only CPU.
 // Environment: NORMKIT_BENCH_KEEP_MMAP=1 keeps glibc's default large-allocation policy
 // (see the NB in main).
 #include <atomic>   // std::atomic
 #include <cstdint>  // std::uint32_t, std::int64_t
 #include <cstdlib>  // std::getenv
-#include <cstring>  // std::strcmp
+#include <cstdio>   // std::fprintf
+#include <cstring>  // std::strcmp, std::strncmp
 #include <fstream>  // std::ifstream
 #include <string>   // std::string
 #include <vector>   // std::vector
 
 #include <malloc.h>  // mallopt (glibc)
+
+#include <normkit/isa.hpp>
 
 #include "bench_common.hpp"
 
@@ -168,6 +174,23 @@ int main(int argc, char** argv) {
   for (int i = 0; i < argc; ++i) {
     if (i > 0 && std::strcmp(argv[i], "--smoke") == 0) {
       use_smoke_shapes();
+    } else if (i > 0 && std::strncmp(argv[i], "--isa=", 6) == 0) {
+      normkit::Isa level = normkit::Isa::baseline;
+      if (!normkit::detail::parse_isa(argv[i] + 6, level)) {
+        std::fprintf(stderr, "normkit_bench: unknown --isa value %s (avx512, avx2, baseline)\n",
+                     argv[i] + 6);
+        return 2;
+      }
+      normkit::set_isa(level);  // throws when the CPU lacks it
+      // The peers read these when they first dispatch, after this point.
+      const char* aten = level == normkit::Isa::avx512 ? "avx512"
+                         : level == normkit::Isa::avx2 ? "avx2"
+                                                       : "default";
+      const char* dnnl = level == normkit::Isa::avx512 ? "AVX512_CORE"
+                         : level == normkit::Isa::avx2 ? "AVX2"
+                                                       : "SSE41";
+      setenv("ATEN_CPU_CAPABILITY", aten, 0);
+      setenv("ONEDNN_MAX_CPU_ISA", dnnl, 0);
     } else {
       args.push_back(argv[i]);
     }
@@ -188,7 +211,13 @@ int main(int argc, char** argv) {
     return 1;
 
   benchmark::AddCustomContext("cpu_model", cpu_model());
-  benchmark::AddCustomContext("shapes", smoke_shapes() ? "smoke" : "BENCHMARKS.md");
+  benchmark::AddCustomContext("shapes", smoke_shapes() ? "smoke" : "suite");
+  benchmark::AddCustomContext("normkit_isa", normkit::isa_name(normkit::isa()));
+  benchmark::AddCustomContext("normkit_cpu_isa", normkit::isa_name(normkit::cpu_isa()));
+  const char* aten_cap = std::getenv("ATEN_CPU_CAPABILITY");
+  const char* dnnl_isa = std::getenv("ONEDNN_MAX_CPU_ISA");
+  benchmark::AddCustomContext("ATEN_CPU_CAPABILITY", aten_cap ? aten_cap : "(unset: best)");
+  benchmark::AddCustomContext("ONEDNN_MAX_CPU_ISA", dnnl_isa ? dnnl_isa : "(unset: best)");
   benchmark::AddCustomContext("floor_model",
                               "eval 2B (BatchNorm) / 3B (norms computing stats), train 3B, "
                               "backward 5B; floor = model bytes / memcpy bandwidth (same B, "
@@ -211,6 +240,7 @@ int main(int argc, char** argv) {
     for (Mode m : modes) {
       for (int threads : {1, 2}) {
         register_normkit(c, m, threads);
+        register_module(c, m, threads);
         if (c.naive)
           register_naive(c, m, threads);
 #ifdef NORMKIT_BENCH_TORCH

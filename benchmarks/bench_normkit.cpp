@@ -181,6 +181,77 @@ void run_normkit(benchmark::State& st, const Case& c, Mode m, int threads) {
   set_counters(st, c, m, threads);
 }
 
+// The modules, as a user runs them: training forward with set_keep_input(false) (statistics
+// kept, no input copy), evaluation forward, and backward(x, dy) into reused gradients.
+template <int R>
+void run_module(benchmark::State& st, const Case& c, Mode m, int threads) {
+  using T = Eigen::Tensor<float, R, Eigen::RowMajor>;
+  const auto dims = dims_of<R>(c);
+  T x(dims), y(dims), dy;
+  fill_random(x.data(), static_cast<std::size_t>(x.size()), 1, 0.5f);
+  if (m == Mode::backward) {
+    dy.resize(dims);
+    fill_random(dy.data(), static_cast<std::size_t>(dy.size()), 2);
+  }
+  const Index P =
+      c.kind == Kind::layer ? static_cast<Index>(c.last()) : static_cast<Index>(c.channels());
+  with_device(threads, [&](const auto& dev) {
+    auto go = [&](auto& mod) {
+      mod.set_keep_input(false);
+      mod.train(m != Mode::eval);
+      normkit::Gradients<float, R, Eigen::RowMajor> g;
+      if (m == Mode::backward)
+        mod.forward(x, y, dev);
+      auto call = [&] {
+        if (m == Mode::backward) {
+          mod.backward(x, dy, g, dev);
+        } else {
+          mod.forward(x, y, dev);
+        }
+      };
+      call();
+      for (auto _ : st) {
+        call();
+        benchmark::DoNotOptimize(m == Mode::backward ? g.input.data() : y.data());
+        benchmark::ClobberMemory();
+      }
+    };
+    switch (c.kind) {
+      case Kind::batch: {
+        if constexpr (R == 2 || R == 3) {
+          normkit::BatchNorm1d<float> mod(normkit::BatchNormOptions(P).channels_last(c.channels_last));
+          go(mod);
+        } else if constexpr (R == 4) {
+          normkit::BatchNorm2d<float> mod(normkit::BatchNormOptions(P).channels_last(c.channels_last));
+          go(mod);
+        } else {
+          normkit::BatchNorm3d<float> mod(normkit::BatchNormOptions(P).channels_last(c.channels_last));
+          go(mod);
+        }
+        break;
+      }
+      case Kind::instance: {
+        if constexpr (R == 4) {
+          normkit::InstanceNorm2d<float> mod(P);
+          go(mod);
+        }
+        break;
+      }
+      case Kind::layer: {
+        normkit::LayerNorm<float> mod(normkit::LayerNormOptions({P}));
+        go(mod);
+        break;
+      }
+      case Kind::group: {
+        normkit::GroupNorm<float> mod(normkit::GroupNormOptions(static_cast<Index>(c.groups), P));
+        go(mod);
+        break;
+      }
+    }
+  });
+  set_counters(st, c, m, threads);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
@@ -250,6 +321,29 @@ void register_floor(const Case& c, int threads) {
           st.SetLabel(c.id);
         });
   }
+}
+
+void register_module(const Case& c, Mode m, int threads) {
+  add(bench_name(c, mode_name(m), threads, "normkit_module"), [c, m, threads](benchmark::State& st) {
+    guarded(st, [&] {
+      switch (c.shape.size()) {
+        case 2:
+          run_module<2>(st, c, m, threads);
+          break;
+        case 3:
+          run_module<3>(st, c, m, threads);
+          break;
+        case 4:
+          run_module<4>(st, c, m, threads);
+          break;
+        case 5:
+          run_module<5>(st, c, m, threads);
+          break;
+        default:
+          fail(st, "unsupported rank");
+      }
+    });
+  });
 }
 
 void register_normkit(const Case& c, Mode m, int threads) {

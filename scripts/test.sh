@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Builds and runs normkit's whole test suite (unit, fixture, gradient, threading tests,
-# examples, consumer projects, and a smoke run of the benchmarks) with warnings as errors.
-# Installs missing Debian packages first. Usage: scripts/test.sh [build-dir] [extra cmake args]
+# Builds and runs normkit's whole test suite (unit, fixture, gradient, threading and per-ISA
+# tests, examples, consumer projects, and a smoke run of the benchmarks) with warnings as
+# errors. Installs missing Debian packages first (not the benchmark peers: scripts/bench.sh
+# installs libtorch and oneDNN for the comparisons). Usage: scripts/test.sh [build-dir] [extra
+# cmake args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh cmake g++ make ninja-build libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev
-# Peers for the benchmark comparison (compiled in when present); not needed by the tests.
-bash scripts/deps.sh libtorch-dev libdnnl-dev || echo "normkit: benchmarks build without libtorch/oneDNN"
 build=${1:-build/test}
 shift || true
-cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNORMKIT_WERROR=ON "$@" >/dev/null
+# The benchmark peers are left out of the test build even when installed (the smoke run only
+# checks that normkit's own benchmarks run).
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNORMKIT_WERROR=ON \
+  -DCMAKE_DISABLE_FIND_PACKAGE_Torch=ON -DCMAKE_DISABLE_FIND_PACKAGE_dnnl=ON "$@" >/dev/null
 cmake --build "$build" -j "$(nproc)"
 ctest --test-dir "$build" --output-on-failure -j "$(nproc)"

@@ -11,8 +11,10 @@ unless --no-interleave); every number is the median over the N repetitions (each
 repetition is the mean wall time per call over Google Benchmark's run).
 
 Benchmark names are BM_<family>/<case>/<mode>/threads:<n>/<impl>[/real_time], with
-impl one of normkit, eigen_naive, libtorch, onednn (modes train, eval, backward) or
-memcpy, stream (family Floor, mode copy); the label is the BENCHMARKS.md case id.
+impl one of normkit (free functions), normkit_module (the modules: training forward
+with set_keep_input(false), evaluation forward, backward(x, dy) into reused gradients),
+eigen_naive, libtorch, onednn (modes train, eval, backward) or
+memcpy, stream (family Floor, mode copy); the label is the shape-suite case id.
 
 Floor: for a case of B bytes and a thread count, W = 2B / (median time of the memcpy
 probe BM_Floor/<case>/copy/threads:<n>/memcpy of the same run), and the floor time of a
@@ -33,7 +35,7 @@ import subprocess
 import sys
 from collections import OrderedDict
 
-IMPLS = ("normkit", "eigen_naive", "libtorch", "onednn")
+IMPLS = ("normkit", "normkit_module", "eigen_naive", "libtorch", "onednn")
 MODES = ("train", "eval", "backward")
 NAME_RE = re.compile(
     r"^BM_(?P<family>[^/]+)/(?P<case>[^/]+)/(?P<mode>[^/]+)/threads:(?P<threads>\d+)/(?P<impl>[^/]+)")
@@ -67,6 +69,8 @@ def run_binary(args):
         cmd.append("--benchmark_enable_random_interleaving=true")
     if args.smoke:
         cmd.append("--smoke")
+    if args.isa:
+        cmd.append("--isa=%s" % args.isa)
     print("running: " + " ".join(cmd), file=sys.stderr)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, universal_newlines=True)
     if proc.returncode != 0:
@@ -100,7 +104,7 @@ def collect(data):
             "model_bytes": float(b.get("model_bytes", 0.0)),
             "B": float(b.get("B", 0.0)),
         }
-    # Registration order (the binary registers BENCHMARKS.md's order), whatever order the
+    # Registration order (the binary registers the suite's order), whatever order the
     # interleaved run reported them in.
     results = OrderedDict(sorted(results.items(), key=lambda kv: kv[1]["order"]))
     return results, errors
@@ -158,8 +162,17 @@ def markdown(rows, floor, cases, data, reps):
     out.append("- CPU: %s" % cpu_model())
     out.append("- Threads: 1 and 2 (normkit/naive Eigen: Eigen::ThreadPoolDevice; libtorch: "
                "at::set_num_threads; oneDNN: omp_set_num_threads)")
-    out.append("- libtorch: %s; oneDNN: %s; normkit flags: %s" % (
+    out.append("- libtorch: %s; oneDNN: %s; normkit compiled with: %s" % (
         ctx.get("libtorch", "not built"), ctx.get("onednn", "not built"), ctx.get("normkit_flags", "?")))
+    isa, cpu_isa = ctx.get("normkit_isa", "?"), ctx.get("normkit_cpu_isa", "?")
+    proxy = ""
+    if isa != cpu_isa:
+        proxy = (" — all three libraries capped below what this CPU has: a proxy for a CPU "
+                 "whose best is %s, not a measurement on one" % isa)
+    out.append("- ISA paths: normkit %s (CPU best: %s, chosen at run time); libtorch "
+               "ATEN_CPU_CAPABILITY=%s; oneDNN ONEDNN_MAX_CPU_ISA=%s%s" % (
+                   isa, cpu_isa, ctx.get("ATEN_CPU_CAPABILITY", "?"),
+                   ctx.get("ONEDNN_MAX_CPU_ISA", "?"), proxy))
     out.append("- Date: %s; host: %s; load average at start: %s; repetitions: %d (medians)" % (
         ctx.get("date", "?"), ctx.get("host_name", "?"), ", ".join("%.2f" % x for x in ctx.get("load_avg", [])),
         reps))
@@ -169,9 +182,9 @@ def markdown(rows, floor, cases, data, reps):
     out.append("- Speed-up = peer time / normkit time (> 1: normkit faster). **Bold**: normkit slower "
                "than a peer, or above %.1f× floor. †: 1-thread run whose CPU time is below %d%% of its "
                "wall time (descheduled by other load: read with care).\n" % (SLOW_FLOOR, PREEMPTED * 100))
-    out.append("| case | mode | thr | normkit | GB/s | ×floor | naive Eigen | libtorch | speed-up | "
-               "oneDNN | speed-up |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    out.append("| case | mode | thr | normkit | GB/s | ×floor | module | ×free fn | naive Eigen | "
+               "libtorch | speed-up | oneDNN | speed-up |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         nk = r["normkit"]
         gbs = r["model_bytes"] / nk / 1e9 if nk and r.get("model_bytes") else None
@@ -189,9 +202,12 @@ def markdown(rows, floor, cases, data, reps):
         def tm(impl):
             return fmt_time(r[impl]) + (" †" if impl in r["preempted"] else "")
 
-        out.append("| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        mod = r["normkit_module"]
+        mod_ratio = "—" if not (mod and nk) else (("**%.2f**" if mod / nk > 1.05 else "%.2f") % (mod / nk))
+        out.append("| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             r["label"], r["mode"], r["threads"], tm("normkit"), "—" if gbs is None else "%.1f" % gbs, xf_s,
-            tm("eigen_naive"), tm("libtorch"), sp("libtorch"), tm("onednn"), sp("onednn")))
+            tm("normkit_module"), mod_ratio, tm("eigen_naive"), tm("libtorch"), sp("libtorch"), tm("onednn"),
+            sp("onednn")))
     out.append("\nFloor probes (copy of B bytes; bandwidth counts read + write):\n")
     out.append("| case | B | memcpy 1 thr | stream 1 thr | memcpy 2 thr | stream 2 thr |")
     out.append("|---|---|---|---|---|---|")
@@ -351,6 +367,7 @@ def main():
     ap.add_argument("--no-interleave", dest="interleave", action="store_false",
                     help="run each benchmark's repetitions back to back (default: random interleaving)")
     ap.add_argument("--smoke", action="store_true", help="pass --smoke (shrunken shapes)")
+    ap.add_argument("--isa", default=None, help="pass --isa=LEVEL (normkit and the peers capped alike)")
     ap.add_argument("--markdown", default="-", help="Markdown output file ('-': stdout)")
     ap.add_argument("--svg", default="bench.svg", help="SVG output file ('' to skip)")
     ap.add_argument("--compact", default=None,
