@@ -92,16 +92,21 @@ void channel_norm_check(const char* who,
   }
 }
 
-/// The plan of a channel norm: batch = key C; instance = keys N, C.
-inline Plan channel_plan(ChannelNormKind kind, const Shape& sh) {
+/// The plan of a channel norm: batch = key C; instance = keys N, C. BatchNorm marks N as the
+/// sample axis and takes per-sample blocks (reduction.hpp) when a sample's share of a channel
+/// has at least kSampleBlockMin elements, or always when `sample_blocks` (SyncBatchNorm).
+inline Plan channel_plan(ChannelNormKind kind, const Shape& sh, bool sample_blocks = false) {
   std::array<AxisSpec, kMaxAxes> ax{};
   for (int i = 0; i < sh.rank; ++i) {
     const bool key = i == 1 || (i == 0 && kind == ChannelNormKind::instance);
     ax[static_cast<std::size_t>(i)] =
         AxisSpec{sh.dim[static_cast<std::size_t>(i)], sh.stride[static_cast<std::size_t>(i)],
-                 key ? Role::key : Role::reduce, 0};
+                 key ? Role::key : Role::reduce, 0, kind == ChannelNormKind::batch && i == 0};
   }
-  return make_plan(ax.data(), sh.rank);
+  Plan p = make_plan(ax.data(), sh.rank);
+  p.sample_blocks = kind == ChannelNormKind::batch &&
+                    (sample_blocks || spatial_size(sh) >= kSampleBlockMin);
+  return p;
 }
 
 /// Plan slot of logical slot l (batch: l = c; instance: l = n * C + c).
@@ -130,15 +135,14 @@ void channel_norm_forward(ChannelNormKind kind,
   const Index N = sh.dim[0], C = sh.dim[1];
   const Index slots = kind == ChannelNormKind::batch ? C : N * C;
   const Plan p = channel_plan(kind, sh);
-  // One scratch block: mean, rstd, var, gamma, beta, centers (per slot), channel sums (2C).
-  SmallBuffer<double> ws(6 * slots + 2 * C);
+  // One scratch block: mean, rstd, var, gamma, beta (per slot), channel sums (2C).
+  SmallBuffer<double> ws(5 * slots + 2 * C);
   double* mean = ws.data();
   double* rstd = mean + slots;
   double* var = rstd + slots;
   double* gamma = var + slots;
   double* beta = gamma + slots;
-  double* center = beta + slots;
-  double* cm = center + slots;
+  double* cm = beta + slots;
   double* cv = cm + C;
   SmallBuffer<AffineCoef, 32> coef(slots);
   if (p.numel == 0) {  // empty batch: empty output, statistics untouched (§2.4)
@@ -178,8 +182,8 @@ void channel_norm_forward(ChannelNormKind kind,
       rstd[s] = rstd_of(v, a.eps, true);
       coef.data()[s] = affine_coef(m, gamma[s] * rstd[s], beta[s]);
     };
-    if (!fused_forward(p, p, x, center, finish, op, ex)) {
-      moments(p, x, mean, var, center, ex);
+    if (!fused_forward(p, p, x, finish, op, ex)) {
+      moments(p, x, mean, var, ex);
       for (Index s = 0; s < slots; ++s) finish(s, mean[s], var[s]);
       apply_all();
     }
@@ -233,8 +237,8 @@ void channel_norm_stats(ChannelNormKind kind,
   const Index C = sh.dim[1];
   const Index slots = kind == ChannelNormKind::batch ? C : sh.dim[0] * C;
   const Plan p = channel_plan(kind, sh);
-  std::vector<double> mean(static_cast<std::size_t>(slots)), var(mean.size()), center(mean.size());
-  moments(p, x, mean.data(), var.data(), center.data(), ex);
+  std::vector<double> mean(static_cast<std::size_t>(slots)), var(mean.size());
+  moments(p, x, mean.data(), var.data(), ex);
   double *om, *orr;
   stats_storage(out, slots, om, orr);
   for (Index l = 0; l < slots; ++l) {
@@ -324,8 +328,9 @@ void channel_norm_backward(ChannelNormKind kind,
   const bool batch = saved.batch_stats;
   std::vector<GradCoef> gk(batch ? n : 0);
   std::vector<AffineCoef> ak(batch ? 0 : n);
-  auto finish = [&](Index si, double sum_dy, double sum_dyx) {
+  auto finish = [&](Index si, const Part& part) {
     const auto s = static_cast<std::size_t>(si);
+    const double sum_dy = part.a, sum_dyx = part.b;
     s1[s] = sum_dy;
     s2[s] = sum_dyx;
     const double g = gs[s], r = rstd[s];
@@ -352,9 +357,9 @@ void channel_norm_backward(ChannelNormKind kind,
   if (dx && can_fuse(p, p, ex)) {
     fused_slots<T>(p, p, rop, make_hooks(finish), aop, ex);  // dx while the slot is in cache
   } else {
-    reduce(p, rop, s1.data(), s2.data(), ex);
-    for (Index s = 0; s < slots; ++s)
-      finish(s, s1[static_cast<std::size_t>(s)], s2[static_cast<std::size_t>(s)]);
+    std::vector<Part> sums(n);
+    reduce(p, rop, sums.data(), ex);
+    for (Index s = 0; s < slots; ++s) finish(s, sums[static_cast<std::size_t>(s)]);
     if (dx) {
       std::vector<double> dtab;
       std::vector<float> ftab;

@@ -65,35 +65,25 @@ void apply_group(const Nest& na, const Odometer& ka, const ApplyOp<T>& apply) {
   }
 }
 
-/// The per-slot callbacks of fused_slots(), by reference (one instantiation of fused_slots
-/// per scalar type, whatever the callers' lambdas).
+/// The per-slot callback of fused_slots(), by reference (one instantiation of fused_slots
+/// per scalar type, whatever the callers' lambdas): finish(ctx, slot, part) turns a slot's
+/// reduction (moments or backward sums, as reduce() computes them) into the coefficients the
+/// apply op reads.
 struct SlotHooks {
-  /// finish(fctx, slot, s1, s2): a slot's two sums -> the coefficients the apply op reads.
-  void (*finish)(void* ctx, Index slot, double s1, double s2) = nullptr;
-  void* fctx = nullptr;
-  /// begin(bctx, slot, offset): before the slot's sums, with its first element's offset.
-  void (*begin)(void* ctx, Index slot, Index offset) = nullptr;
-  void* bctx = nullptr;
+  void (*finish)(void* ctx, Index slot, const Part& part) = nullptr;
+  void* ctx = nullptr;
 };
 template <class F>
 SlotHooks make_hooks(F& f) {
   SlotHooks h;
-  h.finish = [](void* c, Index s, double s1, double s2) { (*static_cast<F*>(c))(s, s1, s2); };
-  h.fctx = &f;
-  return h;
-}
-template <class F, class B>
-SlotHooks make_hooks(F& f, B& b) {
-  SlotHooks h = make_hooks(f);
-  h.begin = [](void* c, Index s, Index o) { (*static_cast<B*>(c))(s, o); };
-  h.bctx = &b;
+  h.finish = [](void* c, Index s, const Part& p) { (*static_cast<F*>(c))(s, p); };
+  h.ctx = &f;
   return h;
 }
 
 /// Reduction over `ps` and apply over `pa` (same key axes; pa may carry aux strides), slot
-/// group by slot group: hooks.finish(slot, s1, s2) turns a slot's two sums (op's, same blocks
-/// and order as reduce()) into the coefficients the apply op reads; hooks.begin(slot, offset),
-/// when set, runs first, with the memory offset of the slot's first element. Call only when
+/// group by slot group: hooks.finish(slot, part) gets the slot's reduction (same blocks and
+/// order as reduce()) and sets the coefficients the apply op reads. Call only when
 /// can_fuse().
 template <class T>
 void fused_slots(const Plan& ps,
@@ -102,11 +92,8 @@ void fused_slots(const Plan& ps,
                  const SlotHooks& hooks,
                  const ApplyOp<T>& apply,
                  const Exec& ex) {
-  auto finish = [&](Index s, double s1, double s2) { hooks.finish(hooks.fctx, s, s1, s2); };
-  auto begin = [&](Index s, Index o) {
-    if (hooks.begin)
-      hooks.begin(hooks.bctx, s, o);
-  };
+  auto finish = [&](Index s, const Part& part) { hooks.finish(hooks.ctx, s, part); };
+  const bool mom = rop.moments();
   const Nest ns = split(ps);
   const Nest na = split(pa);
   NORMKIT_ASSERT(ns.T == na.T);
@@ -133,18 +120,22 @@ void fused_slots(const Plan& ps,
       for (Index t0 = first; t0 < last; t0 += kChannelBlock) {
         const Index k = std::min(kChannelBlock, last - t0);
         RowAcc st[kChannelBlock] = {};
-        for (Index i = 0; i < k; ++i)
-          begin(ks.slot + i * kax.slot_stride, ks.offset + i * kax.stride);
-        for (Index r = 0; r < ns.R; ++r) {
-          rop.rows_multi(ks.offset + r * rax.stride, ns.L, k, kax.stride, ks.slot,
-                         kax.slot_stride, st, 1);
-        }
+        // Each slot's one block: shifted by its first element (moments, as row_block does),
+        // or by the slot's center (backward sums).
+        double shift[kChannelBlock];
         for (Index i = 0; i < k; ++i) {
-          double p1, p2, a1 = 0, a2 = 0;
-          finish_acc(st[i], p1, p2);
-          a1 += p1;  // as row_group merges its one block
-          a2 += p2;
-          finish(ks.slot + i * kax.slot_stride, a1, a2);
+          shift[i] = mom ? static_cast<double>(rop.x[ks.offset + i * kax.stride])
+                         : rop.center[ks.slot + i * kax.slot_stride];
+        }
+        for (Index r = 0; r < ns.R; ++r)
+          rop.rows(ks.offset + r * rax.stride, ns.L, k, kax.stride, shift, 1, st, 1);
+        const Index count = ns.R * ns.L;
+        for (Index i = 0; i < k; ++i) {
+          double s1, s2;
+          finish_acc(st[i], s1, s2);
+          Part acc;  // as row_group merges its one block
+          merge_part(mom, acc, mom ? block_moments(shift[i], s1, s2, count) : Part{s1, s2, count});
+          finish(ks.slot + i * kax.slot_stride, acc);
         }
         for (Index r = 0; r < na.R; ++r) {
           apply.batch(false, ka.offset + r * raa.stride, na.L, k, aax.stride, ka.slot,
@@ -158,11 +149,9 @@ void fused_slots(const Plan& ps,
       return;
     }
     for (Index t = first; t < last; ++t, ks.next(), ka.next()) {
-      double a1, a2;
-      begin(ks.slot, ks.offset);
-      row_group(ns, bl, rop, ks, a1, a2);
+      const Part part = row_group(ns, bl, rop, ks);
       NORMKIT_ASSERT(ka.slot == ks.slot);
-      finish(ks.slot, a1, a2);
+      finish(ks.slot, part);
       apply_group(na, ka, apply);
     }
   };
@@ -180,23 +169,13 @@ template <class T, class Finish>
 bool fused_forward(const Plan& ps,
                    const Plan& pa,
                    const T* x,
-                   double* center,
                    Finish&& finish,
                    const ApplyOp<T>& apply,
                    const Exec& ex) {
   if (!can_fuse(ps, pa, ex))
     return false;
-  const Index n = ps.per_slot;
-  auto fin = [&](Index s, double s1, double s2) {
-    double mean, var;
-    finish_moments(center[s], s1, s2, n, mean, var);
-    finish(s, mean, var);
-  };
-  // The shift (SumOp): the slot's first element, read as the slot starts (a separate pass
-  // over every slot's first line costs ~5% of a LayerNorm forward).
-  auto beg = [&](Index s, Index offset) { center[s] = static_cast<double>(x[offset]); };
-  fused_slots<T>(ps, pa, SumOp<T>{apply.leaf, x, nullptr, center}, make_hooks(fin, beg), apply,
-                 ex);
+  auto fin = [&](Index s, const Part& p) { finish(s, p.a, variance(p)); };
+  fused_slots<T>(ps, pa, SumOp<T>{apply.leaf, x, nullptr, nullptr}, make_hooks(fin), apply, ex);
   return true;
 }
 

@@ -99,7 +99,7 @@ void group_norm_forward(const Shape& sh,
                         const Exec& ex) {
   const GroupPlans gp = group_plans(sh, G);
   const Index NG = gp.N * G, NC = gp.N * gp.C;
-  std::vector<double> mean(static_cast<std::size_t>(NG)), rstd(mean.size()), center(mean.size());
+  std::vector<double> mean(static_cast<std::size_t>(NG)), rstd(mean.size());
   std::vector<AffineCoef> coef(static_cast<std::size_t>(NC));
   auto gamma = [&](Index c) { return w ? static_cast<double>(w.data()[c]) : 1.0; };
   auto beta = [&](Index c) { return b ? static_cast<double>(b.data()[c]) : 0.0; };
@@ -122,7 +122,7 @@ void group_norm_forward(const Shape& sh,
   op.y = y;
   op.ak = coef.data();
   op.copy = copy;
-  const SumOp<T> rop{op.leaf, x, nullptr, center.data()};
+  const SumOp<T> rop{op.leaf, x, nullptr, nullptr};
   if (gp.planes && can_fuse(gp.stats, gp.stats, ex)) {
     // Per group, while its Cg planes are in cache: statistics, coefficients, apply.
     const Nest ns = split(gp.stats);
@@ -134,13 +134,9 @@ void group_norm_forward(const Shape& sh,
       ks.seek(first);
       for (Index q = first; q < last; ++q, ks.next()) {
         const Index s = ks.slot;
-        center[static_cast<std::size_t>(s)] = static_cast<double>(x[ks.offset]);
-        double s1, s2;
-        row_group(ns, bl, rop, ks, s1, s2);
-        double m, v;
-        finish_moments(center[static_cast<std::size_t>(s)], s1, s2, gp.stats.per_slot, m, v);
-        mean[static_cast<std::size_t>(s)] = m;
-        rstd[static_cast<std::size_t>(s)] = rstd_of(v, eps, false);
+        const Part part = row_group(ns, bl, rop, ks);
+        mean[static_cast<std::size_t>(s)] = part.a;
+        rstd[static_cast<std::size_t>(s)] = rstd_of(variance(part), eps, false);
         const Index n = q / G, g = q % G;
         coefficients(n, g, s);
         const Index t0 = n * gp.C + g * gp.Cg;  // apply slot group of channel g*Cg (planes)
@@ -155,7 +151,7 @@ void group_norm_forward(const Shape& sh,
       groups(0, NG);
     }
   } else {
-    moments(gp.stats, x, mean.data(), rstd.data(), center.data(), ex);
+    moments(gp.stats, x, mean.data(), rstd.data(), ex);
     for (std::size_t s = 0; s < mean.size(); ++s) rstd[s] = rstd_of(rstd[s], eps, false);
     for (Index n = 0; n < gp.N; ++n)
       for (Index g = 0; g < G; ++g) coefficients(n, g, sslot(n, g));
@@ -184,8 +180,8 @@ template <class T>
 void group_norm_stats(const Shape& sh, Index G, const T* x, double eps, SavedStats& out, const Exec& ex) {
   const GroupPlans gp = group_plans(sh, G);
   const Index NG = gp.N * G;
-  std::vector<double> mean(static_cast<std::size_t>(NG)), var(mean.size()), center(mean.size());
-  moments(gp.stats, x, mean.data(), var.data(), center.data(), ex);
+  std::vector<double> mean(static_cast<std::size_t>(NG)), var(mean.size());
+  moments(gp.stats, x, mean.data(), var.data(), ex);
   double *om, *orr;
   stats_storage(out, NG, om, orr);
   for (Index n = 0; n < gp.N; ++n) {
@@ -264,7 +260,9 @@ void group_norm_backward(const Shape& sh,
         const Odometer start = ko;
         for (Index i = 0; i < Cg; ++i, ko.next()) {
           const auto a = static_cast<std::size_t>(ko.slot);
-          row_group(na, bl, rop, ko, s1[a], s2[a]);
+          const Part part = row_group(na, bl, rop, ko);
+          s1[a] = part.a;
+          s2[a] = part.b;
         }
         coefficients(q / G, q % G);
         aop.batch(false, start.offset, na.L, Cg, pstride, start.slot, 1, 0, 0, 0);
@@ -277,7 +275,12 @@ void group_norm_backward(const Shape& sh,
     }
   } else {
     // Per (n, c): sum dy and sum dy * (x - mean_ng) -- the same core as every other norm.
-    reduce(gp.apply, rop, s1.data(), s2.data(), ex);
+    std::vector<Part> sums(nc);
+    reduce(gp.apply, rop, sums.data(), ex);
+    for (std::size_t a = 0; a < nc; ++a) {
+      s1[a] = sums[a].a;
+      s2[a] = sums[a].b;
+    }
     for (Index n = 0; n < gp.N; ++n) {
       for (Index g = 0; g < G; ++g) coefficients(n, g);
     }

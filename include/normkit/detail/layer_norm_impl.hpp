@@ -147,7 +147,7 @@ void layer_norm_forward(const Shape& sh,
                         const Exec& ex) {
   const LayerPlans lp = layer_plans(sh, D);
   const auto rows = static_cast<std::size_t>(lp.rows);
-  std::vector<double> mean(rows), rstd(rows), center(rows);
+  std::vector<double> mean(rows), rstd(rows);
   std::vector<AffineCoef> coef(rows);
   auto finish = [&](Index s, double m, double v) {
     const auto u = static_cast<std::size_t>(s);
@@ -173,8 +173,8 @@ void layer_norm_forward(const Shape& sh,
   } else {
     op.kind = ApplyKind::affine;
   }
-  if (!fused_forward(lp.stats, lp.stats, x, center.data(), finish, op, ex)) {
-    moments(lp.stats, x, mean.data(), rstd.data(), center.data(), ex);
+  if (!fused_forward(lp.stats, lp.stats, x, finish, op, ex)) {
+    moments(lp.stats, x, mean.data(), rstd.data(), ex);
     for (std::size_t s = 0; s < rows; ++s) finish(static_cast<Index>(s), mean[s], rstd[s]);
     std::vector<double> dtab;
     std::vector<float> ftab;
@@ -191,8 +191,8 @@ template <class T>
 void layer_norm_stats(const Shape& sh, int D, const T* x, double eps, SavedStats& out, const Exec& ex) {
   const LayerPlans lp = layer_plans(sh, D);
   const auto rows = static_cast<std::size_t>(lp.rows);
-  std::vector<double> mean(rows), rstd(rows), center(rows);
-  moments(lp.stats, x, mean.data(), rstd.data(), center.data(), ex);
+  std::vector<double> mean(rows), rstd(rows);
+  moments(lp.stats, x, mean.data(), rstd.data(), ex);
   for (std::size_t s = 0; s < rows; ++s) rstd[s] = rstd_of(rstd[s], eps, false);
   store_row_stats(sh, lp, mean, rstd, out);
 }

@@ -37,53 +37,22 @@ class SmallBuffer {
   T* ptr_ = local_;
 };
 
-/// Mean and biased variance from the shifted sums s1 = sum(x - c), s2 = sum((x - c)^2) of n
-/// elements. (mean, var may alias s1, s2.) Not inlined: the fused and two-pass paths must
-/// round alike (see rows_batch in kernels/leaves.hpp on FMA contraction).
-NORMKIT_NOINLINE inline void finish_moments(
-    double c, double s1, double s2, Index count, double& mean, double& var) {
-  const double n = static_cast<double>(count);
-  const double d = s1 / n;
-  double v = (s2 - s1 * d) / n;
-  // NB: (s2 - s1^2/n) is a sum of squared deviations, >= 0 in exact arithmetic; a tiny
-  // negative value is rounding residue of the shift (never the E[x^2]-E[x]^2 cancellation
-  // this scheme avoids), so it is clamped. NaN stays NaN (the comparison is false). An
-  // infinite s2 with a finite s1 (double input beyond 1e154) means an infinite variance.
-  if (v < 0)
-    v = 0;
-  if (std::isinf(s2) && std::isfinite(s1))
-    v = s2;
-  mean = c + d;
-  var = v;
-}
-
-/// The shift of every slot: its first element (see SumOp).
-template <class T>
-void slot_centers(const Plan& p, const T* x, double* center) {
-  Odometer keys;
-  for (int i = 0; i < p.rank; ++i) {
-    if (p.axes[static_cast<std::size_t>(i)].role == Role::key)
-      keys.add(p.axes[static_cast<std::size_t>(i)]);
-  }
-  const Index n_keys = keys.size();
-  keys.seek(0);
-  for (Index k = 0; k < n_keys; ++k, keys.next())
-    center[keys.slot] = static_cast<double>(x[keys.offset]);
+/// Biased variance of a moments reduction (M2 / n; 0 for no elements).
+NORMKIT_ALWAYS_INLINE double variance(const Part& p) {
+  return p.n > 0 ? p.b / static_cast<double>(p.n) : 0.0;
 }
 
 /// Per-slot mean and biased variance of x over a plan (plan slot order), through the one
-/// reduction core. `center` is scratch of plan.slots elements.
+/// reduction core.
 template <class T>
-void moments(const Plan& p, const T* x, double* mean, double* var, double* center, const Exec& ex) {
+void moments(const Plan& p, const T* x, double* mean, double* var, const Exec& ex) {
   const Index slots = p.slots;
-  if (p.numel == 0) {
-    for (Index s = 0; s < slots; ++s) mean[s] = var[s] = 0.0;
-    return;
+  SmallBuffer<Part, 64> out(slots);
+  reduce(p, SumOp<T>{&leaves<T>(), x, nullptr, nullptr}, out.data(), ex);
+  for (Index s = 0; s < slots; ++s) {
+    mean[s] = out.data()[s].a;
+    var[s] = variance(out.data()[s]);
   }
-  slot_centers(p, x, center);
-  reduce(p, SumOp<T>{&leaves<T>(), x, nullptr, center}, mean, var, ex);
-  for (Index s = 0; s < slots; ++s)
-    finish_moments(center[s], mean[s], var[s], p.per_slot, mean[s], var[s]);
 }
 
 /// 1/sqrt(var + eps). BatchNorm and InstanceNorm define it as 0 when var == 0 and eps == 0

@@ -42,6 +42,7 @@ struct AxisSpec {
   Index stride = 0;  // memory stride, in elements
   Role role = Role::reduce;
   Index aux_stride = 0;  // step of the auxiliary index (0: the axis does not move it)
+  bool sample = false;   // the batch axis N (never coalesced with the axis inside it)
 };
 
 /// One axis of the coalesced loop nest.
@@ -51,6 +52,7 @@ struct LoopAxis {
   Index slot_stride = 0;  // 0 on reduce axes
   Index aux_stride = 0;
   Role role = Role::reduce;
+  bool sample = false;
 };
 
 struct Plan {
@@ -60,6 +62,8 @@ struct Plan {
   Index slots = 1;     // number of statistic slots (product of key extents)
   Index per_slot = 1;  // elements reduced into one slot (product of reduce extents)
   std::array<Index, kMaxAxes> logical_slot_stride{};  // per input AxisSpec
+  /// Blocks of the reduction never straddle two samples (reduction.hpp: per-sample blocks).
+  bool sample_blocks = false;
 
   const LoopAxis& inner() const { return axes[static_cast<std::size_t>(rank - 1)]; }
   bool column_mode() const { return inner().role == Role::key; }
@@ -109,10 +113,11 @@ inline Plan make_plan(const AxisSpec* spec, int n) {
   // Coalesce from the outside in.
   for (int i = 0; i < m; ++i) {
     const AxisSpec& s = spec[order[static_cast<std::size_t>(i)]];
-    LoopAxis ax{s.extent, s.stride, sstride[static_cast<std::size_t>(i)], s.aux_stride, s.role};
+    LoopAxis ax{s.extent, s.stride, sstride[static_cast<std::size_t>(i)], s.aux_stride, s.role,
+                s.sample};
     if (p.rank > 0) {
       LoopAxis& o = p.axes[static_cast<std::size_t>(p.rank - 1)];
-      if (o.role == ax.role && o.stride == ax.stride * ax.extent &&
+      if (!o.sample && !ax.sample && o.role == ax.role && o.stride == ax.stride * ax.extent &&
           o.slot_stride == ax.slot_stride * ax.extent &&
           o.aux_stride == ax.aux_stride * ax.extent) {
         o.extent *= ax.extent;
@@ -125,7 +130,7 @@ inline Plan make_plan(const AxisSpec* spec, int n) {
     p.axes[static_cast<std::size_t>(p.rank++)] = ax;
   }
   if (p.rank == 0) {  // a single element: one run of length 1
-    p.axes[0] = LoopAxis{1, 1, 0, 0, Role::reduce};
+    p.axes[0] = LoopAxis{1, 1, 0, 0, Role::reduce, false};
     p.rank = 1;
   }
   return p;

@@ -9,6 +9,7 @@
 
 #include <algorithm>  // std::min, std::max, std::fill
 #include <array>      // std::array
+#include <cmath>      // std::isinf, std::isfinite
 #include <vector>     // std::vector
 
 #include <normkit/config.hpp>
@@ -34,10 +35,12 @@ inline constexpr Index kMaxColumnTile = 1024;
 inline constexpr Index kShortRunElements = 256;
 
 /// A plan split into key-outer axes (ko), reduce-outer axes (ro) and the contiguous inner
-/// axis of extent L.
+/// axis of extent L. sample_runs: positions of ro per sample when the plan asks for
+/// per-sample blocks and its sample axis is ro's outermost axis (else 0).
 struct Nest {
   Odometer ko, ro;
   Index T = 1, R = 1, L = 1, aux_step = 0;
+  Index sample_runs = 0;
 };
 
 inline Nest split(const Plan& p) {
@@ -54,27 +57,61 @@ inline Nest split(const Plan& p) {
   n.R = n.ro.size();
   n.L = p.inner().extent;
   n.aux_step = p.inner().aux_stride;
+  if (p.sample_blocks && n.ro.n > 0 && n.ro.ax[0]->sample)
+    n.sample_runs = n.R / n.ro.ax[0]->extent;
   return n;
 }
 
+// NB: per-sample blocks (SyncBatchNorm, issue #13). When a plan asks for them and its batch
+// axis N is the outermost reduce axis (NCHW, NHWC, channels-last), no block holds elements of
+// two samples: a block is a run of one sample (or a chunk of it), or rows of one sample. A
+// process holding samples [a, b) of a batch then computes exactly the blocks a single process
+// computes for those samples, and merging every process's blocks in global order gives the
+// single process's bits. BatchNorm asks for them when a sample's share of a channel has at
+// least kSampleBlockMin elements: below that the per-block cost (a horizontal sum and a
+// merge, ~15 ns) would show.
+inline constexpr Index kSampleBlockMin = 1024;
+
 /// Row-mode blocks of one slot: `chunks` blocks per run (runs longer than kBlockElements), or
-/// `rpb` whole runs per block.
+/// `rpb` whole runs per block (per sample: `bps` blocks of each sample's `per_sample` runs).
 struct RowBlocks {
   Index chunks = 1;
   Index rpb = 1;
   Index count = 1;
+  Index per_sample = 0;
+  Index bps = 1;
 };
 
 inline RowBlocks row_blocks(const Nest& n) {
   RowBlocks b;
   if (n.L > kBlockElements) {
+    // Each run is in one sample: chunks never straddle samples.
     b.chunks = (n.L + kBlockElements - 1) / kBlockElements;
     b.count = n.R * b.chunks;
   } else {
     b.rpb = std::max<Index>(1, kBlockElements / std::max<Index>(1, n.L));
-    b.count = (n.R + b.rpb - 1) / b.rpb;
+    if (n.sample_runs > 0) {
+      b.per_sample = n.sample_runs;
+      b.rpb = std::min(b.rpb, b.per_sample);
+      b.bps = (b.per_sample + b.rpb - 1) / b.rpb;
+      b.count = (n.R / b.per_sample) * b.bps;
+    } else {
+      b.count = (n.R + b.rpb - 1) / b.rpb;
+    }
   }
   return b;
+}
+
+/// Runs [r0, r1) of block b (whole-run blocks).
+NORMKIT_ALWAYS_INLINE void block_runs(const RowBlocks& bl, Index R, Index b, Index& r0, Index& r1) {
+  if (bl.per_sample > 0) {
+    const Index s = b / bl.bps, k = b % bl.bps;
+    r0 = s * bl.per_sample + k * bl.rpb;
+    r1 = std::min(r0 + bl.rpb, (s + 1) * bl.per_sample);
+  } else {
+    r0 = b * bl.rpb;
+    r1 = std::min(R, r0 + bl.rpb);
+  }
 }
 
 /// Calls f(offset, len, count, stride) for the runs of block b of the slot group at which
@@ -89,12 +126,12 @@ void for_block_runs(const Nest& n, const RowBlocks& bl, const Odometer& ko, Inde
     f(ko.offset + ro.offset + start, std::min(kBlockElements, n.L - start), Index{1}, Index{0});
     return;
   }
-  Index r0 = b * bl.rpb;
-  const Index r1 = std::min(n.R, r0 + bl.rpb);
   if (ro.n == 0) {  // one run
     f(ko.offset, n.L, Index{1}, Index{0});
     return;
   }
+  Index r0, r1;
+  block_runs(bl, n.R, b, r0, r1);
   ro.seek(r0);
   const Index stride = ro.ax[static_cast<std::size_t>(ro.n - 1)]->stride;
   while (r0 < r1) {
@@ -118,95 +155,132 @@ NORMKIT_NOINLINE inline void finish_acc(const RowAcc& s, double& s1, double& s2)
   s2 = ((q[0] + q[4]) + (q[2] + q[6])) + ((q[1] + q[5]) + (q[3] + q[7])) + s.t2;
 }
 
-/// What a reduction sums, per slot s with shift c = center[s]:
-///  - moments (dy null): s1 = sum(x - c), s2 = sum((x - c)^2);
-///  - backward sums: s1 = sum(dy), s2 = sum(dy * (x - c)).
+/// A partial reduction of n elements: moments (a = mean, b = M2, the sum of squared
+/// deviations) or backward sums (a = sum dy, b = sum dy * (x - mean)).
+struct Part {
+  double a = 0, b = 0;
+  Index n = 0;
+};
+
+/// A block's moments from its shifted sums s1 = sum(x - c), s2 = sum((x - c)^2).
 ///
-/// NB: "shifted data" one-pass moments (Chan, Golub & LeVeque 1983), accumulated in double.
-/// With c = the slot's first element, var = (s2 - s1^2/n)/n loses at most a factor
-/// ((mean - c)/sigma)^2 <= n of relative precision to cancellation -- since one element at
-/// distance D from the mean forces sigma^2 >= D^2/n -- i.e. < 1e-10 relative error for a
-/// million elements in double, far below float rounding; for ordinary data the factor is
-/// O(1). It reads memory once (the two-pass scheme reads it twice), needs no division per
-/// element (Welford does), merges by plain addition (so blocks and threads combine in a
-/// fixed order), and in double cannot overflow for any finite float input (|x| ~ 1e20
-/// squares to 1e40). E[x^2] - E[x]^2 without the shift is the classic failure (#40308).
+/// NB: "shifted data" moments (Chan, Golub & LeVeque 1983), in double, with c = the block's
+/// first element: M2 = s2 - s1^2/n loses at most a factor ((mean - c)/sigma)^2 <= n of
+/// relative precision to cancellation -- one element at distance D from the mean forces
+/// sigma^2 >= D^2/n -- i.e. < 1e-10 relative error for a million elements in double, far
+/// below float rounding; for ordinary data the factor is O(1). It reads memory once (two
+/// passes read it twice), needs no division per element (Welford does), and in double cannot
+/// overflow for any finite float input (|x| ~ 1e20 squares to 1e40). E[x^2] - E[x]^2 without
+/// the shift is the classic failure (#40308). A tiny negative M2 is rounding residue of the
+/// shift and is clamped; NaN stays NaN; an infinite s2 with a finite s1 (double input beyond
+/// 1e154) is an infinite M2.
+NORMKIT_NOINLINE inline Part block_moments(double c, double s1, double s2, Index count) {
+  Part p;
+  p.n = count;
+  if (count == 0)
+    return p;
+  const double d = s1 / static_cast<double>(count);
+  double m2 = s2 - s1 * d;
+  if (m2 < 0)
+    m2 = 0;
+  if (std::isinf(s2) && std::isfinite(s1))
+    m2 = s2;
+  p.a = c + d;
+  p.b = m2;
+  return p;
+}
+
+/// acc <- acc merged with p, in that order: Chan's formula for moments (blocks shifted
+/// differently merge exactly in algebra, and the same way in every process), plain sums for
+/// backward sums. Not inlined, so that every caller rounds alike.
+NORMKIT_NOINLINE inline void merge_part(bool moments, Part& acc, const Part& p) {
+  if (!moments) {
+    acc.a += p.a;
+    acc.b += p.b;
+    acc.n += p.n;
+    return;
+  }
+  if (p.n == 0)
+    return;
+  if (acc.n == 0) {
+    acc = p;
+    return;
+  }
+  const double na = static_cast<double>(acc.n), nb = static_cast<double>(p.n);
+  const double n = na + nb;
+  const double d = p.a - acc.a;
+  acc.a = acc.a + d * (nb / n);
+  acc.b = acc.b + p.b + d * d * (na * (nb / n));
+  acc.n += p.n;
+}
+
+/// What a reduction sums, per slot:
+///  - moments (dy null): mean and M2, each block shifted by its first element;
+///  - backward sums: s1 = sum(dy), s2 = sum(dy * (x - c)), c = center[slot] (the mean the
+///    forward used).
 template <class T>
 struct SumOp {
   const Leaves<T>* leaf;
   const T* x;
-  const T* dy;  // null: moments
-  const double* center;
+  const T* dy;              // null: moments
+  const double* center;     // backward sums only (per slot)
 
-  /// Runs of one slot into one accumulator.
-  void rows(Index off, Index len, Index count, Index stride, Index slot, RowAcc* st) const {
-    rows_multi(off, len, count, stride, slot, 0, st, 0);
-  }
-  /// Run r into st[r * st_step] with shift center[slot + r * slot_step].
-  void rows_multi(Index off,
-                  Index len,
-                  Index count,
-                  Index stride,
-                  Index slot,
-                  Index slot_step,
-                  RowAcc* st,
-                  Index st_step) const {
+  bool moments() const { return dy == nullptr; }
+  /// Run r (at off + r*stride) into st[r * st_step] with shift c[r * c_step].
+  void rows(Index off,
+            Index len,
+            Index count,
+            Index stride,
+            const double* c,
+            Index c_step,
+            RowAcc* st,
+            Index st_step) const {
     if (dy) {
-      leaf->grad_rows(x + off, dy + off, len, count, stride, center + slot, slot_step, st,
-                      st_step);
+      leaf->grad_rows(x + off, dy + off, len, count, stride, c, c_step, st, st_step);
     } else {
-      leaf->mom_rows(x + off, len, count, stride, center + slot, slot_step, st, st_step);
+      leaf->mom_rows(x + off, len, count, stride, c, c_step, st, st_step);
     }
   }
-  /// Rows of consecutive slots slot, slot + 1, ... (column mode).
+  /// Rows of consecutive slots (column mode), column j shifted by c[j].
   void cols(Index off,
             Index row_stride,
             Index rows,
             Index len,
-            Index slot,
+            const double* c,
             double* s1,
             double* s2) const {
     if (dy) {
-      leaf->grad_cols(x + off, dy + off, row_stride, rows, len, center + slot, s1, s2);
+      leaf->grad_cols(x + off, dy + off, row_stride, rows, len, c, s1, s2);
     } else {
-      leaf->mom_cols(x + off, row_stride, rows, len, center + slot, s1, s2);
+      leaf->mom_cols(x + off, row_stride, rows, len, c, s1, s2);
     }
   }
 };
 
-/// Sums of block b of the slot group at `ko` (fresh accumulator).
+/// Block b of the slot group at `ko`, from a fresh accumulator.
 template <class T>
-void row_block(const Nest& n,
-               const RowBlocks& bl,
-               const SumOp<T>& op,
-               const Odometer& ko,
-               Index b,
-               double& s1,
-               double& s2) {
+Part row_block(const Nest& n, const RowBlocks& bl, const SumOp<T>& op, const Odometer& ko, Index b) {
   RowAcc st{};
+  double shift = 0;
+  Index count = 0;
+  const bool mom = op.moments();
   for_block_runs(n, bl, ko, b, [&](Index off, Index len, Index cnt, Index stride) {
-    op.rows(off, len, cnt, stride, ko.slot, &st);
+    if (count == 0 && mom)
+      shift = static_cast<double>(op.x[off]);
+    op.rows(off, len, cnt, stride, mom ? &shift : op.center + ko.slot, 0, &st, 0);
+    count += len * cnt;
   });
+  double s1, s2;
   finish_acc(st, s1, s2);
+  return mom ? block_moments(shift, s1, s2, count) : Part{s1, s2, count};
 }
 
-/// Sums of every block of the slot group at `ko`, merged in block order.
+/// Every block of the slot group at `ko`, merged in block order.
 template <class T>
-void row_group(const Nest& n,
-               const RowBlocks& bl,
-               const SumOp<T>& op,
-               const Odometer& ko,
-               double& s1,
-               double& s2) {
-  double a1 = 0, a2 = 0;
-  for (Index b = 0; b < bl.count; ++b) {
-    double p1, p2;
-    row_block(n, bl, op, ko, b, p1, p2);
-    a1 += p1;
-    a2 += p2;
-  }
-  s1 = a1;
-  s2 = a2;
+Part row_group(const Nest& n, const RowBlocks& bl, const SumOp<T>& op, const Odometer& ko) {
+  Part acc;
+  for (Index b = 0; b < bl.count; ++b) merge_part(op.moments(), acc, row_block(n, bl, op, ko, b));
+  return acc;
 }
 
 inline Index slot_of_group(const Nest& n, Index t) {
@@ -215,9 +289,11 @@ inline Index slot_of_group(const Nest& n, Index t) {
   return ko.slot;
 }
 
-/// Column-mode geometry: tiles of at most kMaxColumnTile slots, blocks of rows.
+/// Column-mode geometry: tiles of at most kMaxColumnTile slots, blocks of rows (per sample:
+/// `bps` blocks of each sample's `per_sample` rows).
 struct ColBlocks {
   Index tile_w = 1, tiles = 1, rpb = 1, count = 1;
+  Index per_sample = 0, bps = 1;
 };
 
 inline ColBlocks col_blocks(const Nest& n) {
@@ -225,50 +301,72 @@ inline ColBlocks col_blocks(const Nest& n) {
   c.tile_w = std::max<Index>(1, std::min(n.L, kMaxColumnTile));
   c.tiles = (n.L + c.tile_w - 1) / c.tile_w;
   c.rpb = std::max<Index>(1, kBlockElements / c.tile_w);
-  c.count = (n.R + c.rpb - 1) / c.rpb;
+  if (n.sample_runs > 0) {
+    c.per_sample = n.sample_runs;
+    c.rpb = std::min(c.rpb, c.per_sample);
+    c.bps = (c.per_sample + c.rpb - 1) / c.rpb;
+    c.count = (n.R / c.per_sample) * c.bps;
+  } else {
+    c.count = (n.R + c.rpb - 1) / c.rpb;
+  }
   return c;
 }
 
-/// Column mode: rows of block b for column tile `tile` of slot group t, into fresh s1, s2.
+/// Column mode: rows of block b for column tile `tile` of slot group t, into fresh s1, s2
+/// (moments: each column shifted by its value in the block's first row, kept in `shift`).
+/// Returns the block's row count.
 template <class T>
-void col_block(const Nest& n,
-               const ColBlocks& cb,
-               const SumOp<T>& op,
-               Index t,
-               Index tile,
-               Index b,
-               double* s1,
-               double* s2) {
+Index col_block(const Nest& n,
+                const ColBlocks& cb,
+                const SumOp<T>& op,
+                Index t,
+                Index tile,
+                Index b,
+                double* s1,
+                double* s2,
+                double* shift) {
   Odometer ko = n.ko, ro = n.ro;
   ko.seek(t);
   const Index c0 = tile * cb.tile_w;
   const Index ct = std::min(cb.tile_w, n.L - c0);
   std::fill(s1, s1 + ct, 0.0);
   std::fill(s2, s2 + ct, 0.0);
-  Index r0 = b * cb.rpb;
-  const Index r1 = std::min(n.R, r0 + cb.rpb);
+  const bool mom = op.moments();
+  const double* c = mom ? shift : op.center + ko.slot + c0;
   if (ro.n == 0) {
-    op.cols(ko.offset + c0, 0, 1, ct, ko.slot + c0, s1, s2);
-    return;
+    if (mom) {
+      for (Index j = 0; j < ct; ++j) shift[j] = static_cast<double>(op.x[ko.offset + c0 + j]);
+    }
+    op.cols(ko.offset + c0, 0, 1, ct, c, s1, s2);
+    return 1;
   }
+  Index r0, r1;
+  block_runs(RowBlocks{1, cb.rpb, cb.count, cb.per_sample, cb.bps}, n.R, b, r0, r1);
+  const Index rows = r1 - r0;
   ro.seek(r0);
+  if (mom) {
+    const Index first = ko.offset + ro.offset + c0;
+    for (Index j = 0; j < ct; ++j) shift[j] = static_cast<double>(op.x[first + j]);
+  }
   const Index stride = ro.ax[static_cast<std::size_t>(ro.n - 1)]->stride;
   while (r0 < r1) {
     const Index cnt = std::min(r1 - r0, ro.inner_room());
-    op.cols(ko.offset + ro.offset + c0, stride, cnt, ct, ko.slot + c0, s1, s2);
+    op.cols(ko.offset + ro.offset + c0, stride, cnt, ct, c, s1, s2);
     r0 += cnt;
     if (r0 < r1)
       ro.advance(cnt);
   }
+  return rows;
 }
 
-/// Computes, for every slot s of the plan, out1[s] and out2[s] as the op's two sums over the
-/// slot's elements (plan slot order; overwritten).
+/// Computes, for every slot s of the plan, out[s]: the op's moments or sums over the slot's
+/// elements (plan slot order; overwritten). Blocks are fixed by the shape and merged in
+/// block order, whatever the executor.
 template <class T>
-void reduce(const Plan& p, const SumOp<T>& op, double* out1, double* out2, const Exec& ex) {
+void reduce(const Plan& p, const SumOp<T>& op, Part* out, const Exec& ex) {
+  const bool mom = op.moments();
   if (p.numel == 0) {
-    std::fill(out1, out1 + p.slots, 0.0);
-    std::fill(out2, out2 + p.slots, 0.0);
+    std::fill(out, out + p.slots, Part{});
     return;
   }
   const Nest n = split(p);
@@ -278,8 +376,7 @@ void reduce(const Plan& p, const SumOp<T>& op, double* out1, double* out2, const
     auto groups = [&](Index first, Index last) {
       Odometer ko = n.ko;
       ko.seek(first);
-      for (Index t = first; t < last; ++t, ko.next())
-        row_group(n, bl, op, ko, out1[ko.slot], out2[ko.slot]);
+      for (Index t = first; t < last; ++t, ko.next()) out[ko.slot] = row_group(n, bl, op, ko);
     };
     if (!parallel || bl.count == 1 || n.T >= Index{4} * ex.threads) {
       if (!parallel) {
@@ -290,45 +387,48 @@ void reduce(const Plan& p, const SumOp<T>& op, double* out1, double* out2, const
       return;
     }
     // Few slots, many blocks: blocks side by side, partials merged in block order after.
-    std::vector<double> part(static_cast<std::size_t>(2 * n.T * bl.count));
+    std::vector<Part> part(static_cast<std::size_t>(n.T * bl.count));
     run_ranges(ex, n.T * bl.count, items_for(ex, n.T * bl.count), [&](Index first, Index last) {
       Odometer ko = n.ko;
       for (Index it = first; it < last; ++it) {
         ko.seek(it / bl.count);
-        row_block(n, bl, op, ko, it % bl.count, part[static_cast<std::size_t>(2 * it)],
-                  part[static_cast<std::size_t>(2 * it + 1)]);
+        part[static_cast<std::size_t>(it)] = row_block(n, bl, op, ko, it % bl.count);
       }
     });
     for (Index t = 0; t < n.T; ++t) {
-      double a1 = 0, a2 = 0;
-      for (Index b = 0; b < bl.count; ++b) {
-        a1 += part[static_cast<std::size_t>(2 * (t * bl.count + b))];
-        a2 += part[static_cast<std::size_t>(2 * (t * bl.count + b) + 1)];
-      }
-      const Index s = slot_of_group(n, t);
-      out1[s] = a1;
-      out2[s] = a2;
+      Part acc;
+      for (Index b = 0; b < bl.count; ++b)
+        merge_part(mom, acc, part[static_cast<std::size_t>(t * bl.count + b)]);
+      out[slot_of_group(n, t)] = acc;
     }
     return;
   }
   // Column mode.
   const ColBlocks cb = col_blocks(n);
   const Index G = n.T * cb.tiles;
-  auto merge_into = [&](Index g, const double* p1, const double* p2, bool first) {
+  const auto tw = static_cast<std::size_t>(cb.tile_w);
+  // Merges block b's column sums (rows of them) into the slots of tile group g.
+  auto merge_into = [&](Index g, const double* p1, const double* p2, const double* sh, Index rows,
+                        bool first) {
     const Index t = g / cb.tiles, c0 = (g % cb.tiles) * cb.tile_w;
     const Index ct = std::min(cb.tile_w, n.L - c0);
     const Index s = slot_of_group(n, t) + c0;
     for (Index j = 0; j < ct; ++j) {
-      out1[s + j] = first ? p1[j] : out1[s + j] + p1[j];
-      out2[s + j] = first ? p2[j] : out2[s + j] + p2[j];
+      const Part q = mom ? block_moments(sh[j], p1[j], p2[j], rows) : Part{p1[j], p2[j], rows};
+      if (first) {
+        out[s + j] = q;
+      } else {
+        merge_part(mom, out[s + j], q);
+      }
     }
   };
   auto groups = [&](Index first, Index last) {
-    std::vector<double> buf(static_cast<std::size_t>(2 * cb.tile_w));
+    std::vector<double> buf(3 * tw);
     for (Index g = first; g < last; ++g) {
       for (Index b = 0; b < cb.count; ++b) {
-        col_block(n, cb, op, g / cb.tiles, g % cb.tiles, b, buf.data(), buf.data() + cb.tile_w);
-        merge_into(g, buf.data(), buf.data() + cb.tile_w, b == 0);
+        const Index rows = col_block(n, cb, op, g / cb.tiles, g % cb.tiles, b, buf.data(),
+                                     buf.data() + tw, buf.data() + 2 * tw);
+        merge_into(g, buf.data(), buf.data() + tw, buf.data() + 2 * tw, rows, b == 0);
       }
     }
   };
@@ -340,18 +440,21 @@ void reduce(const Plan& p, const SumOp<T>& op, double* out1, double* out2, const
     }
     return;
   }
-  std::vector<double> part(static_cast<std::size_t>(2 * G * cb.count * cb.tile_w));
+  std::vector<double> part(static_cast<std::size_t>(G * cb.count) * 3 * tw);
+  std::vector<Index> rows(static_cast<std::size_t>(G * cb.count));
   run_ranges(ex, G * cb.count, items_for(ex, G * cb.count), [&](Index first, Index last) {
     for (Index it = first; it < last; ++it) {
-      double* buf = part.data() + 2 * it * cb.tile_w;
+      double* buf = part.data() + static_cast<std::size_t>(it) * 3 * tw;
       const Index g = it / cb.count;
-      col_block(n, cb, op, g / cb.tiles, g % cb.tiles, it % cb.count, buf, buf + cb.tile_w);
+      rows[static_cast<std::size_t>(it)] =
+          col_block(n, cb, op, g / cb.tiles, g % cb.tiles, it % cb.count, buf, buf + tw, buf + 2 * tw);
     }
   });
   for (Index g = 0; g < G; ++g) {
     for (Index b = 0; b < cb.count; ++b) {
-      const double* buf = part.data() + 2 * (g * cb.count + b) * cb.tile_w;
-      merge_into(g, buf, buf + cb.tile_w, b == 0);
+      const std::size_t it = static_cast<std::size_t>(g * cb.count + b);
+      const double* buf = part.data() + it * 3 * tw;
+      merge_into(g, buf, buf + tw, buf + 2 * tw, rows[it], b == 0);
     }
   }
 }
