@@ -88,6 +88,7 @@ inline RowBlocks row_blocks(const Nest& n) {
     // Each run is in one sample: chunks never straddle samples.
     b.chunks = (n.L + kBlockElements - 1) / kBlockElements;
     b.count = n.R * b.chunks;
+    b.per_sample = n.sample_runs;
   } else {
     b.rpb = std::max<Index>(1, kBlockElements / std::max<Index>(1, n.L));
     if (n.sample_runs > 0) {
@@ -100,6 +101,15 @@ inline RowBlocks row_blocks(const Nest& n) {
     }
   }
   return b;
+}
+
+/// The sample of block b (per-sample blocks), or b itself (no samples: every block alone).
+NORMKIT_ALWAYS_INLINE Index sample_of(const RowBlocks& bl, Index b) {
+  if (bl.per_sample == 0)
+    return b;
+  if (bl.chunks > 1)
+    return (b / bl.chunks) / bl.per_sample;
+  return b / bl.bps;
 }
 
 /// Runs [r0, r1) of block b (whole-run blocks).
@@ -214,6 +224,34 @@ NORMKIT_NOINLINE inline void merge_part(bool moments, Part& acc, const Part& p) 
   acc.n += p.n;
 }
 
+/// Folds block partials in block order, per sample first: acc = ((s0 ⊕ s1) ⊕ s2) ... with
+/// each sample's s = (its first block ⊕ its second ...). A sample's partial is then the same
+/// whether one process or several compute the batch (SyncBatchNorm exchanges them); without
+/// samples every block is its own and this is the plain fold.
+struct Folder {
+  bool moments;
+  Part acc, cur;
+  Index cur_sample = -1;
+  void add(Index sample, const Part& p) {
+    if (sample != cur_sample) {
+      if (cur_sample >= 0)
+        merge_part(moments, acc, cur);
+      cur = Part{};
+      cur_sample = sample;
+    }
+    merge_part(moments, cur, p);
+  }
+  /// The fold so far; the folder starts over.
+  Part done() {
+    if (cur_sample >= 0)
+      merge_part(moments, acc, cur);
+    const Part r = acc;
+    acc = cur = Part{};
+    cur_sample = -1;
+    return r;
+  }
+};
+
 /// What a reduction sums, per slot:
 ///  - moments (dy null): mean and M2, each block shifted by its first element;
 ///  - backward sums: s1 = sum(dy), s2 = sum(dy * (x - c)), c = center[slot] (the mean the
@@ -275,12 +313,12 @@ Part row_block(const Nest& n, const RowBlocks& bl, const SumOp<T>& op, const Odo
   return mom ? block_moments(shift, s1, s2, count) : Part{s1, s2, count};
 }
 
-/// Every block of the slot group at `ko`, merged in block order.
+/// Every block of the slot group at `ko`, merged in block order (per sample first).
 template <class T>
 Part row_group(const Nest& n, const RowBlocks& bl, const SumOp<T>& op, const Odometer& ko) {
-  Part acc;
-  for (Index b = 0; b < bl.count; ++b) merge_part(op.moments(), acc, row_block(n, bl, op, ko, b));
-  return acc;
+  Folder f{op.moments(), {}, {}};
+  for (Index b = 0; b < bl.count; ++b) f.add(sample_of(bl, b), row_block(n, bl, op, ko, b));
+  return f.done();
 }
 
 inline Index slot_of_group(const Nest& n, Index t) {
@@ -396,10 +434,10 @@ void reduce(const Plan& p, const SumOp<T>& op, Part* out, const Exec& ex) {
       }
     });
     for (Index t = 0; t < n.T; ++t) {
-      Part acc;
+      Folder f{mom, {}, {}};
       for (Index b = 0; b < bl.count; ++b)
-        merge_part(mom, acc, part[static_cast<std::size_t>(t * bl.count + b)]);
-      out[slot_of_group(n, t)] = acc;
+        f.add(sample_of(bl, b), part[static_cast<std::size_t>(t * bl.count + b)]);
+      out[slot_of_group(n, t)] = f.done();
     }
     return;
   }
@@ -407,28 +445,31 @@ void reduce(const Plan& p, const SumOp<T>& op, Part* out, const Exec& ex) {
   const ColBlocks cb = col_blocks(n);
   const Index G = n.T * cb.tiles;
   const auto tw = static_cast<std::size_t>(cb.tile_w);
-  // Merges block b's column sums (rows of them) into the slots of tile group g.
-  auto merge_into = [&](Index g, const double* p1, const double* p2, const double* sh, Index rows,
-                        bool first) {
-    const Index t = g / cb.tiles, c0 = (g % cb.tiles) * cb.tile_w;
+  // The sample of block b (per-sample blocks), or b.
+  auto col_sample = [&](Index b) { return cb.per_sample > 0 ? b / cb.bps : b; };
+  // Folds block b's column sums (rows of them) into the per-column folders of tile group g;
+  // `last` finishes them into the slots.
+  auto merge_into = [&](Index g, Folder* fold, Index b, const double* p1, const double* p2,
+                        const double* sh, Index rows) {
+    const Index c0 = (g % cb.tiles) * cb.tile_w;
     const Index ct = std::min(cb.tile_w, n.L - c0);
-    const Index s = slot_of_group(n, t) + c0;
     for (Index j = 0; j < ct; ++j) {
-      const Part q = mom ? block_moments(sh[j], p1[j], p2[j], rows) : Part{p1[j], p2[j], rows};
-      if (first) {
-        out[s + j] = q;
-      } else {
-        merge_part(mom, out[s + j], q);
-      }
+      fold[j].add(col_sample(b),
+                  mom ? block_moments(sh[j], p1[j], p2[j], rows) : Part{p1[j], p2[j], rows});
+    }
+    if (b + 1 == cb.count) {
+      const Index s = slot_of_group(n, g / cb.tiles) + c0;
+      for (Index j = 0; j < ct; ++j) out[s + j] = fold[j].done();
     }
   };
   auto groups = [&](Index first, Index last) {
     std::vector<double> buf(3 * tw);
+    std::vector<Folder> fold(tw, Folder{mom, {}, {}});
     for (Index g = first; g < last; ++g) {
       for (Index b = 0; b < cb.count; ++b) {
         const Index rows = col_block(n, cb, op, g / cb.tiles, g % cb.tiles, b, buf.data(),
                                      buf.data() + tw, buf.data() + 2 * tw);
-        merge_into(g, buf.data(), buf.data() + tw, buf.data() + 2 * tw, rows, b == 0);
+        merge_into(g, fold.data(), b, buf.data(), buf.data() + tw, buf.data() + 2 * tw, rows);
       }
     }
   };
@@ -450,11 +491,12 @@ void reduce(const Plan& p, const SumOp<T>& op, Part* out, const Exec& ex) {
           col_block(n, cb, op, g / cb.tiles, g % cb.tiles, it % cb.count, buf, buf + tw, buf + 2 * tw);
     }
   });
+  std::vector<Folder> fold(tw, Folder{mom, {}, {}});
   for (Index g = 0; g < G; ++g) {
     for (Index b = 0; b < cb.count; ++b) {
       const std::size_t it = static_cast<std::size_t>(g * cb.count + b);
       const double* buf = part.data() + it * 3 * tw;
-      merge_into(g, buf, buf + tw, buf + 2 * tw, rows[it], b == 0);
+      merge_into(g, fold.data(), b, buf, buf + tw, buf + 2 * tw, rows[it]);
     }
   }
 }
