@@ -8,6 +8,7 @@
 #include <normkit/batch_norm.hpp>
 #include <normkit/config.hpp>
 #include <normkit/error.hpp>
+#include <normkit/fold.hpp>
 #include <normkit/group_norm.hpp>
 #include <normkit/instance_norm.hpp>
 #include <normkit/isa.hpp>
