@@ -19,6 +19,13 @@
 NORMKIT_BEGIN_NAMESPACE
 namespace detail {
 
+/// Batch statistics computed elsewhere (per channel; see ChannelNormArgs::batch_mean).
+struct GivenStats {
+  const double* mean;
+  const double* var;
+  double count;
+};
+
 /// Parameters (weight, bias), buffers (running_mean, running_var, num_batches_tracked) and
 /// the forward/backward of a channel norm module; `Options` is BatchNormOptions or
 /// InstanceNormOptions.
@@ -107,8 +114,15 @@ class ChannelModule : public ModuleBase<Scalar> {
     return a;
   }
 
+  /// A forward in the current mode; `batch` (SyncBatchNorm, training) gives the batch
+  /// statistics merged over every process instead of x's own.
   template <class X, class Y>
-  void forward_impl(ChannelNormKind kind, const Shape& sh, const X& x, Y& y, const Exec& ex) {
+  void forward_impl(ChannelNormKind kind,
+                    const Shape& sh,
+                    const X& x,
+                    Y& y,
+                    const Exec& ex,
+                    const GivenStats* batch = nullptr) {
     check_channels(name_, "num_features", options_.num_features(), sh);
     // docs/semantics.md §2.4: BatchNorm's counter moves (and sets the momentum-none factor)
     // in training with tracking, even for an empty batch; committed only after success.
@@ -121,7 +135,12 @@ class ChannelModule : public ModuleBase<Scalar> {
       if (!options_.momentum())
         factor = 1.0 / static_cast<double>(nbt);
     }
-    const ChannelNormArgs<Scalar> a = args(factor);
+    ChannelNormArgs<Scalar> a = args(factor);
+    if (batch && a.batch_stats) {
+      a.batch_mean = batch->mean;
+      a.batch_var = batch->var;
+      a.batch_count = batch->count;
+    }
     channel_norm_check(name_, kind, sh, a);
     auto* y_ptr = prepare_output(x, y, name_);
     // Every check has passed: from here on the call succeeds.

@@ -38,6 +38,11 @@ struct ChannelNormArgs {
   bool update_running = false;  // and blend them into the running statistics
   double momentum = 0.1;
   double eps = 1e-5;
+  // Batch statistics computed elsewhere (SyncBatchNorm: merged over every process), per
+  // channel in logical order, over batch_count elements per channel; BatchNorm only.
+  const double* batch_mean = nullptr;
+  const double* batch_var = nullptr;
+  double batch_count = 0;
 };
 
 inline Index spatial_size(const Shape& sh) {
@@ -80,7 +85,14 @@ void channel_norm_check(const char* who,
     fail(Fail::value, who, "%s must be defined in evaluation mode",
          !a.running_mean ? "running_mean" : "running_var");
   }
-  if (a.batch_stats) {
+  if (a.batch_stats && a.batch_mean) {
+    if (a.batch_count == 1) {
+      fail(Fail::value, who,
+           "Expected more than 1 value per channel when training, got 1 value per channel over "
+           "the whole batch (input size %s here)",
+           shape_text(sh).s);
+    }
+  } else if (a.batch_stats) {
     if (kind == ChannelNormKind::batch && sh.dim[0] * spatial_size(sh) == 1) {
       fail(Fail::value, who, "Expected more than 1 value per channel when training, got input size %s",
            shape_text(sh).s);
@@ -145,7 +157,7 @@ void channel_norm_forward(ChannelNormKind kind,
   double* cm = beta + slots;
   double* cv = cm + C;
   SmallBuffer<AffineCoef, 32> coef(slots);
-  if (p.numel == 0) {  // empty batch: empty output, statistics untouched (§2.4)
+  if (p.numel == 0 && !a.batch_mean) {  // empty batch: empty output, statistics untouched
     if (saved) {
       double *sm, *sr;
       stats_storage(*saved, slots, sm, sr);
@@ -182,7 +194,13 @@ void channel_norm_forward(ChannelNormKind kind,
       rstd[s] = rstd_of(v, a.eps, true);
       coef.data()[s] = affine_coef(m, gamma[s] * rstd[s], beta[s]);
     };
-    if (!fused_forward(p, p, x, finish, op, ex)) {
+    if (a.batch_mean) {
+      for (Index c = 0; c < C; ++c) {
+        const Index s = plan_slot(kind, p, c, C);
+        finish(s, a.batch_mean[c], a.batch_var[c]);
+      }
+      apply_all();
+    } else if (!fused_forward(p, p, x, finish, op, ex)) {
       moments(p, x, mean, var, ex);
       for (Index s = 0; s < slots; ++s) finish(s, mean[s], var[s]);
       apply_all();
@@ -190,7 +208,7 @@ void channel_norm_forward(ChannelNormKind kind,
     if (a.update_running) {
       // Per-channel batch statistics in logical order, averaged over n for InstanceNorm.
       std::fill(cm, cm + 2 * C, 0.0);
-      const double m = static_cast<double>(p.per_slot);
+      const double m = a.batch_mean ? a.batch_count : static_cast<double>(p.per_slot);
       const Index reps = slots / C;
       for (Index l = 0; l < slots; ++l) {
         const auto s = static_cast<std::size_t>(plan_slot(kind, p, l, C));
@@ -286,6 +304,76 @@ void check_grad_args(const char* who,
   check_size(who, "weight", weight, C);
   check_size(who, "grad_weight", gw, C);
   check_size(who, "grad_bias", gb, C);
+}
+
+/// Per-sample partials of BatchNorm (SyncBatchNorm): out[n * C + c] is sample n's moments of
+/// channel c (dy null), or its backward sums sum(dy), sum(dy * (x - mean[c])) -- exactly
+/// the per-sample partials BatchNorm folds when its plan takes per-sample blocks
+/// (reduction.hpp), whatever the layout.
+template <class T>
+void channel_sample_parts(const Shape& sh,
+                          const T* x,
+                          const T* dy,
+                          const double* mean,
+                          Part* out,
+                          const Exec& ex) {
+  const Index N = sh.dim[0], C = sh.dim[1];
+  Shape one = sh;
+  one.dim[0] = 1;
+  const Plan p = channel_plan(ChannelNormKind::batch, one, true);
+  std::vector<double> center(static_cast<std::size_t>(C));
+  if (dy) {
+    for (Index c = 0; c < C; ++c)
+      center[static_cast<std::size_t>(plan_slot(ChannelNormKind::batch, p, c, C))] = mean[c];
+  }
+  std::vector<Part> parts(static_cast<std::size_t>(C));
+  const Leaves<T>& L = leaves<T>();
+  for (Index n = 0; n < N; ++n) {
+    const Index off = n * sh.stride[0];
+    reduce(p, SumOp<T>{&L, x + off, dy ? dy + off : nullptr, center.data()}, parts.data(), ex);
+    for (Index c = 0; c < C; ++c)
+      out[n * C + c] =
+          parts[static_cast<std::size_t>(plan_slot(ChannelNormKind::batch, p, c, C))];
+  }
+}
+
+/// BatchNorm's dx from the statistics the forward used (per channel: mean, rstd) and the
+/// per-channel backward sums over `count` elements per channel (SyncBatchNorm: the sums of
+/// every process): the same coefficients and apply as channel_norm_backward.
+template <class T>
+void channel_norm_dx(const Shape& sh,
+                     const T* x,
+                     const T* dy,
+                     T* dx,
+                     const double* mean_c,
+                     const double* rstd_c,
+                     const Part* sums_c,
+                     double count,
+                     const VectorRef<const T>& weight,
+                     const Exec& ex) {
+  const Index C = sh.dim[1];
+  const Plan p = channel_plan(ChannelNormKind::batch, sh);
+  if (p.numel == 0)
+    return;
+  std::vector<GradCoef> gk(static_cast<std::size_t>(C));
+  for (Index c = 0; c < C; ++c) {
+    const double g = weight ? static_cast<double>(weight.data()[c]) : 1.0, r = rstd_c[c];
+    gk[static_cast<std::size_t>(plan_slot(ChannelNormKind::batch, p, c, C))] =
+        grad_coef(mean_c[c], g * r, -g * r * r * r * sums_c[c].b / count,
+                  -g * r * sums_c[c].a / count);
+  }
+  ApplyOp<T> aop;
+  aop.kind = ApplyKind::gradin;
+  aop.leaf = &leaves<T>();
+  aop.x = x;
+  aop.dy = dy;
+  aop.y = dx;
+  aop.gk = gk.data();
+  std::vector<double> dtab;
+  std::vector<float> ftab;
+  if (want_tables(p))
+    column_tables(aop, C, dtab, ftab);
+  apply_plan(p, aop, ex);
 }
 
 /// Backward from the statistics the forward used: dx (when not null), dweight and dbias

@@ -21,7 +21,11 @@
                                 SavedStats&))                                                    \
   X(void channel_norm_backward<T>(ChannelNormKind, const Shape&, const T*, const T*, T*,          \
                                   const SavedStats&, const VectorRef<const T>&,                  \
-                                  const VectorRef<T>&, const VectorRef<T>&, const Exec&))
+                                  const VectorRef<T>&, const VectorRef<T>&, const Exec&))        \
+  X(void channel_sample_parts<T>(const Shape&, const T*, const T*, const double*, Part*,          \
+                                 const Exec&))                                                   \
+  X(void channel_norm_dx<T>(const Shape&, const T*, const T*, T*, const double*, const double*,   \
+                            const Part*, double, const VectorRef<const T>&, const Exec&))
 #define NORMKIT_LAYER_NORM_ENTRY_POINTS(X, T)                                                   \
   X(void layer_norm_forward<T>(const Shape&, int, const T*, T*, const VectorRef<const T>&,       \
                                const VectorRef<const T>&, double, SavedStats*, T*, const Exec&)) \
