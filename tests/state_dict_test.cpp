@@ -65,10 +65,11 @@ void round_trip(Make make, const std::string& tag) {
   M a = make();
   if (a.weight().size())
     a.set_weight(ramp<S>(a.weight().size(), 0.7));
-  if (a.bias().size())
-    a.set_bias(ramp<S>(a.bias().size(), -0.3));
-  if constexpr (!normkit::detail::is_layer_norm<M>::value &&
-                !normkit::detail::is_group_norm<M>::value) {
+  if constexpr (!normkit::detail::is_rms_norm<M>::value) {
+    if (a.bias().size())
+      a.set_bias(ramp<S>(a.bias().size(), -0.3));
+  }
+  if constexpr (!normkit::detail::stateless_v<M>) {
     if (a.running_mean().size())
       a.set_running_mean(ramp<S>(a.running_mean().size(), 1.1));
     if (a.running_var().size())
@@ -87,7 +88,9 @@ void round_trip(Make make, const std::string& tag) {
   normkit::load_state_dict(b, back);
   EXPECT_TRUE(same_dict(sd, normkit::state_dict(b))) << tag;
   EXPECT_TRUE(same_bits(a.weight(), b.weight())) << tag;
-  EXPECT_TRUE(same_bits(a.bias(), b.bias())) << tag;
+  if constexpr (!normkit::detail::is_rms_norm<M>::value) {
+    EXPECT_TRUE(same_bits(a.bias(), b.bias())) << tag;
+  }
 }
 
 TEST(StateDictTest, KeysFollowPyTorchOrder) {
@@ -115,6 +118,11 @@ TEST(StateDictTest, KeysFollowPyTorchOrder) {
   EXPECT_EQ(keys(normkit::state_dict(ln_nobias)), (V{"weight"}));
   normkit::GroupNorm<double> gn(normkit::GroupNormOptions(2, 4));
   EXPECT_EQ(keys(normkit::state_dict(gn)), (V{"weight", "bias"}));
+  normkit::RMSNorm<float> rms(normkit::RMSNormOptions({2, 8}));
+  EXPECT_EQ(keys(normkit::state_dict(rms, "norm.")), (V{"norm.weight"}));
+  EXPECT_EQ(normkit::state_dict(rms)[0].second.shape, (std::vector<std::int64_t>{2, 8}));
+  normkit::RMSNorm<float> rms_plain(normkit::RMSNormOptions({8}).elementwise_affine(false));
+  EXPECT_TRUE(normkit::state_dict(rms_plain).empty());
 }
 
 TEST(StateDictTest, DtypesAndShapesMatchPyTorch) {
@@ -159,6 +167,20 @@ TEST(StateDictTest, RoundTripIsBitExactForEveryModule) {
       "ln_nobias");
   round_trip<normkit::GroupNorm<float>>(
       [] { return normkit::GroupNorm<float>(normkit::GroupNormOptions(2, 6)); }, "gn");
+  round_trip<normkit::RMSNorm<double>>(
+      [] { return normkit::RMSNorm<double>(normkit::RMSNormOptions({3, 4})); }, "rms");
+}
+
+TEST(StateDictTest, RMSNormRejectsABias) {
+  normkit::RMSNorm<float> rms(normkit::RMSNormOptions({4}));
+  normkit::StateDict sd{
+      {"weight", normkit::make_state_tensor(std::vector<float>{1, 2, 3, 4}, {4})},
+      {"bias", normkit::make_state_tensor(std::vector<float>{0, 0, 0, 0}, {4})}};
+  EXPECT_THROW(normkit::load_state_dict(rms, sd), normkit::shape_error);
+  EXPECT_EQ(rms.weight()(3), 1.0f);  // unchanged
+  sd.pop_back();
+  normkit::load_state_dict(rms, sd);
+  EXPECT_EQ(rms.weight()(3), 4.0f);
 }
 
 TEST(StateDictTest, LayerNormAcceptsFlatWeight) {

@@ -69,6 +69,7 @@ TEST_P(ThreadingTest, BitwiseIdenticalForAnyThreadCount) {
                 dy, "InstanceNorm2d");
   check_threads(normkit::GroupNorm<float>(normkit::GroupNormOptions(4, 16)), x, dy, "GroupNorm");
   check_threads(normkit::LayerNorm<float>(normkit::LayerNormOptions({48, 48})), x, dy, "LayerNorm");
+  check_threads(normkit::RMSNorm<float>(normkit::RMSNormOptions({48, 48})), x, dy, "RMSNorm");
   Eigen::Tensor<float, 4, Eigen::RowMajor> xl(8, 48, 48, 16), dyl(8, 48, 48, 16);
   fill(xl, 3, -2.0f);
   fill(dyl, 4);
@@ -85,6 +86,8 @@ TEST_P(ThreadingTest, BitwiseIdenticalForAnyThreadCount) {
   fill(dyf, 10);
   check_threads(normkit::LayerNorm<float>(normkit::LayerNormOptions({30000})), xf, dyf,
                 "LayerNorm fused vs two-pass");
+  check_threads(normkit::RMSNorm<float>(normkit::RMSNormOptions({30000})), xf, dyf,
+                "RMSNorm fused vs two-pass");
   check_threads(normkit::BatchNorm1d<float>(4),
                 Eigen::Tensor<float, 3, Eigen::RowMajor>(
                     xf.reshape(Eigen::array<Eigen::Index, 3>{1, 4, 30000})),

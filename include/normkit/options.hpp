@@ -106,6 +106,28 @@ class LayerNormOptions {
   NORMKIT_ARG(bool, bias) = true;
 };
 
+/// Options of RMSNorm (torch.nn.RMSNorm, PyTorch >= 2.4): y = x / sqrt(mean(x^2) + eps) *
+/// weight over the trailing dims equal to normalized_shape.
+class RMSNormOptions {
+ public:
+  /// Normalizes over the trailing dims equal to normalized_shape; other options at PyTorch's
+  /// defaults.
+  /* implicit */ RMSNormOptions(std::vector<Index> normalized_shape)  // NOLINT
+      : normalized_shape_(std::move(normalized_shape)) {}
+  /// Normalizes over the trailing dims equal to normalized_shape, e.g. RMSNormOptions({4096}).
+  /* implicit */ RMSNormOptions(std::initializer_list<Index> normalized_shape)  // NOLINT
+      : normalized_shape_(normalized_shape) {}
+  /// Trailing input dims normalized over (no default); non-empty, extents >= 0.
+  NORMKIT_ARG(std::vector<Index>, normalized_shape);
+  /// Added to the mean of squares inside the square root; std::nullopt (the default) means the
+  /// machine epsilon of the computation type, as PyTorch: float's (1.1920929e-07) for float,
+  /// half and bfloat16 input, double's (2.220446e-16) for double. When set: finite and >= 0.
+  NORMKIT_ARG(std::optional<double>, eps);
+  /// Learnable elementwise weight (init 1), flat prod(normalized_shape) values, row-major over
+  /// normalized_shape (default true). RMSNorm has no bias.
+  NORMKIT_ARG(bool, elementwise_affine) = true;
+};
+
 /// Options of GroupNorm: num_channels split into num_groups contiguous groups.
 class GroupNormOptions {
  public:
@@ -172,6 +194,20 @@ NORMKIT_NOINLINE inline void validate(const char* who, const LayerNormOptions& o
            static_cast<long long>(d));
   }
   check_eps(who, o.eps());
+}
+NORMKIT_NOINLINE inline void validate(const char* who, const RMSNormOptions& o) {
+  if (o.normalized_shape().empty()) {
+    fail(Fail::value, who,
+         "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one "
+         "element, but got normalized_shape = []");
+  }
+  for (Index d : o.normalized_shape()) {
+    if (d < 0)
+      fail(Fail::value, who, "expected normalized_shape extents >= 0, but got %lld",
+           static_cast<long long>(d));
+  }
+  if (o.eps())
+    check_eps(who, *o.eps());
 }
 NORMKIT_NOINLINE inline void validate(const char* who, const GroupNormOptions& o) {
   if (o.num_groups() <= 0) {

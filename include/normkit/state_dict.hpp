@@ -230,7 +230,15 @@ struct is_layer_norm : std::false_type {};
 template <class S>
 struct is_layer_norm<LayerNorm<S>> : std::true_type {};
 template <class M>
+struct is_rms_norm : std::false_type {};
+template <class S>
+struct is_rms_norm<RMSNorm<S>> : std::true_type {};
+template <class M>
 struct is_group_norm : std::false_type {};
+/// Modules without running statistics (LayerNorm, RMSNorm, GroupNorm).
+template <class M>
+inline constexpr bool stateless_v =
+    is_layer_norm<M>::value || is_rms_norm<M>::value || is_group_norm<M>::value;
 template <class S>
 struct is_group_norm<GroupNorm<S>> : std::true_type {};
 
@@ -238,7 +246,13 @@ struct is_group_norm<GroupNorm<S>> : std::true_type {};
 template <class M>
 std::vector<StateSpec> state_specs(const M& m) {
   std::vector<StateSpec> out;
-  if constexpr (is_layer_norm<M>::value) {
+  if constexpr (is_rms_norm<M>::value) {
+    const auto& o = m.options();
+    std::vector<std::int64_t> ns(o.normalized_shape().begin(), o.normalized_shape().end());
+    const std::vector<std::int64_t> flat{static_cast<std::int64_t>(product(o.normalized_shape()))};
+    if (o.elementwise_affine())
+      out.push_back({"weight", ns, flat, false});
+  } else if constexpr (is_layer_norm<M>::value) {
     const auto& o = m.options();
     std::vector<std::int64_t> ns(o.normalized_shape().begin(), o.normalized_shape().end());
     const std::vector<std::int64_t> flat{static_cast<std::int64_t>(product(o.normalized_shape()))};
@@ -272,25 +286,29 @@ std::vector<StateSpec> state_specs(const M& m) {
 
 template <class M>
 const typename M::Vector& state_vector(const M& m, const std::string& name) {
-  if (name == "weight")
+  if constexpr (is_rms_norm<M>::value) {
     return m.weight();
-  if constexpr (!is_layer_norm<M>::value && !is_group_norm<M>::value) {
-    if (name == "running_mean")
-      return m.running_mean();
-    if (name == "running_var")
-      return m.running_var();
+  } else {
+    if (name == "weight")
+      return m.weight();
+    if constexpr (!stateless_v<M>) {
+      if (name == "running_mean")
+        return m.running_mean();
+      if (name == "running_var")
+        return m.running_var();
+    }
+    return m.bias();
   }
-  return m.bias();
 }
 
 template <class M>
 void set_state_vector(M& m, const std::string& name, const typename M::Vector& v) {
   if (name == "weight") {
     m.set_weight(v);
-  } else if (name == "bias") {
-    m.set_bias(v);
-  } else {
-    if constexpr (!is_layer_norm<M>::value && !is_group_norm<M>::value) {
+  } else if constexpr (!is_rms_norm<M>::value) {
+    if (name == "bias")
+      m.set_bias(v);
+    if constexpr (!stateless_v<M>) {
       if (name == "running_mean")
         m.set_running_mean(v);
       if (name == "running_var")
@@ -325,7 +343,7 @@ StateDict state_dict(const M& m, const std::string& prefix = "") {
   StateDict out;
   for (const detail::StateSpec& s : detail::state_specs(m)) {
     if (s.integer) {
-      if constexpr (!detail::is_layer_norm<M>::value && !detail::is_group_norm<M>::value) {
+      if constexpr (!detail::stateless_v<M>) {
         const std::int64_t n = m.num_batches_tracked();
         out.emplace_back(prefix + s.name, detail::make_state_tensor(&n, 1, s.shape));
       }
@@ -429,7 +447,7 @@ void load_state_dict(M& m, const StateDict& dict, const std::string& prefix = ""
   // NB: the commit. The setters check sizes that were checked above, and assigning a vector of
   // the same size does not allocate, so none of these throws: m is never left half loaded.
   for (const auto& nv : vectors) detail::set_state_vector(m, nv.first, nv.second);
-  if constexpr (!detail::is_layer_norm<M>::value && !detail::is_group_norm<M>::value) {
+  if constexpr (!detail::stateless_v<M>) {
     if (set_nbt)
       m.set_num_batches_tracked(nbt);
   }

@@ -28,11 +28,13 @@
                             const Part*, double, const VectorRef<const T>&, const Exec&))
 #define NORMKIT_LAYER_NORM_ENTRY_POINTS(X, T)                                                   \
   X(void layer_norm_forward<T>(const Shape&, int, const T*, T*, const VectorRef<const T>&,       \
-                               const VectorRef<const T>&, double, SavedStats*, T*, const Exec&)) \
-  X(void layer_norm_stats<T>(const Shape&, int, const T*, double, SavedStats&, const Exec&))     \
+                               const VectorRef<const T>&, double, SavedStats*, T*, const Exec&,  \
+                               bool))                                                            \
+  X(void layer_norm_stats<T>(const Shape&, int, const T*, double, SavedStats&, const Exec&,      \
+                             bool))                                                              \
   X(void layer_norm_backward<T>(const Shape&, int, const T*, const T*, T*, const SavedStats&,    \
                                 const VectorRef<const T>&, const VectorRef<T>&,                  \
-                                const VectorRef<T>&, const Exec&))
+                                const VectorRef<T>&, const Exec&, bool))
 #define NORMKIT_GROUP_NORM_ENTRY_POINTS(X, T)                                                   \
   X(void group_norm_forward<T>(const Shape&, Index, const T*, T*, const VectorRef<const T>&,     \
                                const VectorRef<const T>&, double, SavedStats*, T*, const Exec&)) \

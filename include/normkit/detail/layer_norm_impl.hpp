@@ -134,6 +134,13 @@ inline void store_row_stats(const Shape& sh,
   saved.batch_stats = true;
 }
 
+// NB: RMSNorm (rms = true) is this same view and this same reduction: the mean of squares is
+// var + mean^2 of the row's moments (exact in algebra, and in double far below float rounding:
+// the moments are accurate to ~1e-16 relative and both terms are non-negative), saved as
+// "mean" 0 and rstd = 1/sqrt(mean of squares + eps); the apply is LayerNorm's with mean 0 and
+// no bias. The backward is LayerNorm's with mean 0 and without the -r * mean(g) term.
+
+/// LayerNorm (or RMSNorm) forward.
 template <class T>
 void layer_norm_forward(const Shape& sh,
                         int D,
@@ -144,16 +151,17 @@ void layer_norm_forward(const Shape& sh,
                         double eps,
                         SavedStats* saved,
                         T* copy,
-                        const Exec& ex) {
+                        const Exec& ex,
+                        bool rms = false) {
   const LayerPlans lp = layer_plans(sh, D);
   const auto rows = static_cast<std::size_t>(lp.rows);
   std::vector<double> mean(rows), rstd(rows);
   std::vector<AffineCoef> coef(rows);
   auto finish = [&](Index s, double m, double v) {
     const auto u = static_cast<std::size_t>(s);
-    mean[u] = m;
-    rstd[u] = rstd_of(v, eps, false);
-    coef[u] = affine_coef(m, rstd[u], 0.0);
+    mean[u] = rms ? 0.0 : m;
+    rstd[u] = rstd_of(rms ? v + m * m : v, eps, false);
+    coef[u] = affine_coef(mean[u], rstd[u], 0.0);
   };
   ApplyOp<T> op;
   op.leaf = &leaves<T>();
@@ -174,8 +182,9 @@ void layer_norm_forward(const Shape& sh,
     op.kind = ApplyKind::affine;
   }
   if (!fused_forward(lp.stats, lp.stats, x, finish, op, ex)) {
-    moments(lp.stats, x, mean.data(), rstd.data(), ex);
-    for (std::size_t s = 0; s < rows; ++s) finish(static_cast<Index>(s), mean[s], rstd[s]);
+    std::vector<double> var(rows);
+    moments(lp.stats, x, mean.data(), var.data(), ex);
+    for (std::size_t s = 0; s < rows; ++s) finish(static_cast<Index>(s), mean[s], var[s]);
     std::vector<double> dtab;
     std::vector<float> ftab;
     if (op.kind == ApplyKind::affine && lp.stats.column_mode())
@@ -188,12 +197,22 @@ void layer_norm_forward(const Shape& sh,
 
 /// The row statistics of x, as a forward would save them.
 template <class T>
-void layer_norm_stats(const Shape& sh, int D, const T* x, double eps, SavedStats& out, const Exec& ex) {
+void layer_norm_stats(const Shape& sh,
+                      int D,
+                      const T* x,
+                      double eps,
+                      SavedStats& out,
+                      const Exec& ex,
+                      bool rms = false) {
   const LayerPlans lp = layer_plans(sh, D);
   const auto rows = static_cast<std::size_t>(lp.rows);
-  std::vector<double> mean(rows), rstd(rows);
-  moments(lp.stats, x, mean.data(), rstd.data(), ex);
-  for (std::size_t s = 0; s < rows; ++s) rstd[s] = rstd_of(rstd[s], eps, false);
+  std::vector<double> mean(rows), var(rows), rstd(rows);
+  moments(lp.stats, x, mean.data(), var.data(), ex);
+  for (std::size_t s = 0; s < rows; ++s) {
+    rstd[s] = rstd_of(rms ? var[s] + mean[s] * mean[s] : var[s], eps, false);
+    if (rms)
+      mean[s] = 0;
+  }
   store_row_stats(sh, lp, mean, rstd, out);
 }
 
@@ -231,7 +250,8 @@ void layer_norm_backward_generic(const LayerPlans& lp,
                                  const double* rstd,
                                  const double* gamma,
                                  double* dg,
-                                 double* db) {
+                                 double* db,
+                                 bool rms) {
   const Plan& p = lp.stats;
   const double m = static_cast<double>(lp.n);
   std::fill(dg, dg + lp.n, 0.0);
@@ -259,7 +279,7 @@ void layer_norm_backward_generic(const LayerPlans& lp,
     db[k] += g;
     if (dx) {
       const double B = -r * r * r * s2[static_cast<std::size_t>(s)] / m;
-      const double C = -r * s1[static_cast<std::size_t>(s)] / m;
+      const double C = rms ? 0.0 : -r * s1[static_cast<std::size_t>(s)] / m;
       dx[o] = static_cast<T>(r * (gamma ? gamma[k] : 1.0) * g + B * xd + C);
     }
   });
@@ -277,7 +297,8 @@ void layer_norm_backward(const Shape& sh,
                          const VectorRef<const T>& w,
                          const VectorRef<T>& gw,
                          const VectorRef<T>& gb,
-                         const Exec& ex) {
+                         const Exec& ex,
+                         bool rms = false) {
   const LayerPlans lp = layer_plans(sh, D);
   const auto rows = static_cast<std::size_t>(lp.rows);
   const auto n = static_cast<std::size_t>(lp.n);
@@ -300,7 +321,7 @@ void layer_norm_backward(const Shape& sh,
     if (!w)
       ones.assign(n, T(1));
     const LnBwdArgs<T> args{x,           dy, dx, mean.data(), rstd.data(), w ? gamma.data() : nullptr,
-                            w ? w.data() : ones.data(), lp.n, gw ? 1 : 0};
+                            w ? w.data() : ones.data(), lp.n, gw ? 1 : 0, rms ? 1 : 0};
     const LnLeaves<T>& L = ln_leaves<T>();
     const Index rpb = std::max(Index{1}, kLnRowBlock / lp.n);
     const Index blocks = (lp.rows + rpb - 1) / rpb;
@@ -328,7 +349,7 @@ void layer_norm_backward(const Shape& sh,
     }
   } else {
     layer_norm_backward_generic(lp, x, dy, dx, mean.data(), rstd.data(),
-                                w ? gamma.data() : nullptr, dg.data(), dbv.data());
+                                w ? gamma.data() : nullptr, dg.data(), dbv.data(), rms);
   }
   store_grad(gw, dg.data());
   store_grad(gb, dbv.data());

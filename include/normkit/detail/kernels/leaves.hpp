@@ -621,7 +621,7 @@ void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* 
     double s1, s2;
     cur.finish(s1, s2);
     const double mu = A.mean[t], r = A.rstd[t];
-    const double B = -r * r * r * s2 / m, C = -r * s1 / m;
+    const double B = -r * r * r * s2 / m, C = A.rms ? 0.0 : -r * s1 / m;
     const bool more = t + 1 < r1;
     const T* nxp = xp + n;
     const T* ngp = gp + n;

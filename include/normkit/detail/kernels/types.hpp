@@ -12,11 +12,14 @@
 NORMKIT_BEGIN_NAMESPACE
 namespace detail {
 
-/// Whether a coefficient can take the float apply path: finite with ample headroom, so that no
-/// product overflows and a denormal (x - mean) contributes below 2^-49 (found by the fuzzer:
-/// denormal inputs with eps = 0 give rstd ~ 5e44, beyond float). NaN fails (double path).
+/// Whether a coefficient can take the float apply path: zero, or of a magnitude within
+/// [2^-100, 2^100], so that no product overflows, a denormal (x - mean) contributes below
+/// 2^-49 (found by the fuzzer: denormal inputs with eps = 0 give rstd ~ 5e44, beyond float),
+/// and no coefficient is itself a float denormal (RMSNorm of |x| ~ 1e20 has a dx coefficient
+/// ~1e-40, whose float copy would keep a few bits). NaN fails (double path).
 NORMKIT_ALWAYS_INLINE bool fits_float(double v) {
-  return std::abs(v) <= 0x1p100;
+  const double a = std::abs(v);
+  return a == 0 || (a >= 0x1p-100 && a <= 0x1p100);
 }
 
 /// Accumulator of a row reduction (a run of elements of one slot, or many runs in turn):
@@ -67,6 +70,7 @@ struct LnBwdArgs {
   const T* gamma_t;     // per position in T (float path; ones when there is no weight)
   Index n;
   int want_dg;
+  int rms;  // RMSNorm: no mean term (the mean is 0 and dx has no -r * mean(g) part)
 };
 
 /// The leaf kernels of one ISA copy for scalar type T (detail/kernels/leaves.hpp documents
