@@ -185,6 +185,11 @@ std::vector<Hostile> hostile_files() {
                "tensor \"w\": F64 shape [1152921504606846976] overflows: its byte count at 8 "
                "bytes per element exceeds 2^63 - 1 = " +
                    big});
+  h.push_back({"byte-count-overflow-f16",
+               file_of("{" + entry("w", "\"F16\"", "[4611686018427387904]", "[0,0]") + "}"), "w",
+               "tensor \"w\": F16 shape [4611686018427387904] overflows: its byte count at 2 "
+               "bytes per element exceeds 2^63 - 1 = " +
+                   big});
   // Offsets.
   h.push_back({"offsets-single", file_of("{" + entry("w", "\"F32\"", "[3]", "[0]") + "}", d12), "w",
                "tensor \"w\": data_offsets = [0] is not [begin, end]"});
@@ -208,6 +213,13 @@ std::vector<Hostile> hostile_files() {
   h.push_back({"span-mismatch",
                file_of("{" + entry("w", "\"F32\"", "[3]", "[0,8]") + "}", Bytes(8, 0)), "w",
                "tensor \"w\": data_offsets [0, 8] span 8 bytes, but F32 of shape [3] needs 12"});
+  // 16-bit floats: 2 bytes per element.
+  h.push_back({"span-mismatch-bf16",
+               file_of("{" + entry("w", "\"BF16\"", "[3]", "[0,12]") + "}", d12), "w",
+               "tensor \"w\": data_offsets [0, 12] span 12 bytes, but BF16 of shape [3] needs 6"});
+  h.push_back({"span-mismatch-f16",
+               file_of("{" + entry("w", "\"F16\"", "[2,3]", "[0,6]") + "}", Bytes(6, 0)), "w",
+               "tensor \"w\": data_offsets [0, 6] span 6 bytes, but F16 of shape [2, 3] needs 12"});
   // Tiling of the data section.
   h.push_back({"overlap",
                file_of("{" + entry("a", "\"F32\"", "[3]", "[0,12]") + "," +
@@ -338,6 +350,31 @@ std::vector<std::pair<std::string, Bytes>> valid_files() {
              {"running_mean", normkit::make_state_tensor(std::vector<double>{1, 2, 3}, {3})},
              {"running_var", normkit::make_state_tensor(std::vector<float>{1, 2, 3}, {3})},
              {"num_batches_tracked", raw_tensor("I32", {}, {7, 0, 0, 0})}}));
+  }
+  {
+    // BF16 and F16 entries (load exactly into float and double modules): subnormals,
+    // infinities, a signaling NaN and a NaN with a payload.
+    auto raw16 = [](const std::string& dtype, const std::vector<std::uint16_t>& p) {
+      Bytes b;
+      for (std::uint16_t u : p) {
+        b.push_back(static_cast<unsigned char>(u & 0xffu));
+        b.push_back(static_cast<unsigned char>(u >> 8));
+      }
+      return raw_tensor(dtype, {static_cast<std::int64_t>(p.size())}, b);
+    };
+    add("bf16-f16-dtypes", sd_of({{"bn.weight", raw16("BF16", {0x3f81, 0x0001, 0xff80})},
+                                  {"bn.bias", raw16("F16", {0x3c01, 0x03ff, 0x7c00})},
+                                  {"bn.running_mean", raw16("BF16", {0x7f81, 0x8000, 0x7f7f})},
+                                  {"bn.running_var", raw16("F16", {0xfe01, 0x0001, 0x7bff})},
+                                  {"bn.num_batches_tracked",
+                                   normkit::make_state_tensor(std::vector<std::int64_t>{4}, {})}}));
+  }
+  {
+    // What modules over Eigen::bfloat16 and Eigen::half save.
+    normkit::BatchNorm2d<Eigen::bfloat16> bn(3);
+    add("bn2d-bfloat16", normkit::state_dict(perturbed(bn), "bn."));
+    normkit::LayerNorm<Eigen::half> ln(normkit::LayerNormOptions({2, 3}));
+    add("ln-half", normkit::state_dict(perturbed(ln)));
   }
   {
     // Empty tensors: a large extent next to a zero one, several at one offset.

@@ -5,17 +5,18 @@
 
 // PyTorch-style state dicts: a module's parameters and buffers under PyTorch's names, in
 // PyTorch's order (weight, bias, running_mean, running_var, num_batches_tracked), as raw
-// little-endian bytes with safetensors dtype names ("F32", "F64", "I64"). Not included by
-// <normkit/normkit.hpp>; <normkit/safetensors.hpp> reads and writes them to files.
+// little-endian bytes with safetensors dtype names ("F32", "F64", "BF16", "F16", "I64"). Not
+// included by <normkit/normkit.hpp>; <normkit/safetensors.hpp> reads and writes them to files.
 
-#include <algorithm>    // std::min
+#include <algorithm>    // std::min, std::max
+#include <cmath>        // std::ldexp
 #include <cstddef>      // std::size_t
 #include <cstdint>      // std::int64_t, std::uint64_t
 #include <cstring>      // std::memcpy
 #include <limits>       // std::numeric_limits
 #include <set>          // std::set
 #include <string>       // std::string
-#include <type_traits>  // std::is_same
+#include <type_traits>  // std::is_same, std::conditional_t
 #include <utility>      // std::pair
 #include <vector>       // std::vector
 
@@ -101,7 +102,8 @@ inline std::string check_shape(const std::vector<std::int64_t>& shape,
 /// One tensor of a state dict: safetensors dtype name, PyTorch shape (empty for a 0-dim
 /// tensor such as num_batches_tracked) and the elements as little-endian bytes, row-major.
 struct StateTensor {
-  /// safetensors dtype name: "F32" or "F64" for parameters, "I64" for num_batches_tracked.
+  /// safetensors dtype name: "F32", "F64", "BF16" or "F16" for parameters and float buffers
+  /// (the module's Scalar), "I64" for num_batches_tracked.
   std::string dtype;
   /// PyTorch shape; empty for a 0-dim tensor.
   std::vector<std::int64_t> shape;
@@ -161,16 +163,160 @@ T load_le(const unsigned char* in) {
     for (std::size_t i = 0; i < sizeof(T) / 2; ++i) std::swap(b[i], b[sizeof(T) - 1 - i]);
   }
   T v;
-  std::memcpy(&v, b, sizeof(T));
+  // void*: T may be Eigen::bfloat16 or Eigen::half, trivially copyable but not trivial.
+  std::memcpy(static_cast<void*>(&v), b, sizeof(T));
   return v;
 }
 
 template <class T>
+inline constexpr bool is_float16_v =
+    std::is_same<T, Eigen::bfloat16>::value || std::is_same<T, Eigen::half>::value;
+
+template <class T>
 constexpr const char* dtype_name() {
   static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value ||
-                    std::is_same<T, std::int64_t>::value,
-                "state dicts hold float, double or int64 tensors");
-  return std::is_same<T, float>::value ? "F32" : std::is_same<T, double>::value ? "F64" : "I64";
+                    is_float16_v<T> || std::is_same<T, std::int64_t>::value,
+                "state dicts hold float, double, Eigen::bfloat16, Eigen::half or int64 tensors");
+  if constexpr (std::is_same<T, float>::value)
+    return "F32";
+  else if constexpr (std::is_same<T, double>::value)
+    return "F64";
+  else if constexpr (std::is_same<T, Eigen::bfloat16>::value)
+    return "BF16";
+  else if constexpr (std::is_same<T, Eigen::half>::value)
+    return "F16";
+  else
+    return "I64";
+}
+
+// ---- 16-bit floats: exact widening, and one round-to-nearest-even step from double ----
+
+/// The layout of a 16-bit float: kExp exponent bits and kMan stored significand bits (bias
+/// 2^(kExp-1) - 1, one sign bit on top).
+template <class T>
+struct Float16Format;
+template <>
+struct Float16Format<Eigen::bfloat16> {
+  static constexpr int kExp = 8, kMan = 7;
+};
+template <>
+struct Float16Format<Eigen::half> {
+  static constexpr int kExp = 5, kMan = 10;
+};
+
+/// The bit pattern of a 16-bit float (T = Eigen::bfloat16 or Eigen::half), and back.
+template <class T>
+std::uint16_t float16_bits(T v) {
+  static_assert(is_float16_v<T> && sizeof(T) == 2 && std::is_trivially_copyable<T>::value,
+                "a 16-bit float");
+  std::uint16_t u = 0;
+  std::memcpy(&u, &v, 2);
+  return u;
+}
+template <class T>
+T float16_from_bits(std::uint16_t u) {
+  static_assert(is_float16_v<T> && sizeof(T) == 2 && std::is_trivially_copyable<T>::value,
+                "a 16-bit float");
+  T v;
+  std::memcpy(static_cast<void*>(&v), &u, 2);
+  return v;
+}
+
+/// The exact value of the 16-bit float with bits h (layout Float16Format<F>) as T (float or
+/// double: every such value is representable). Infinities stay infinite; a NaN keeps its sign
+/// and its payload, moved to the top of T's significand and not quieted (as PyTorch's bit-shift
+/// bfloat16 -> float does).
+template <class T, class F>
+T widen_float16(std::uint16_t h) {
+  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value,
+                "widen to float or double");
+  using U = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+  constexpr int kExp = Float16Format<F>::kExp, kMan = Float16Format<F>::kMan;
+  constexpr int kBias = (1 << (kExp - 1)) - 1;
+  constexpr int kTMan = std::numeric_limits<T>::digits - 1;  // stored significand bits of T
+  constexpr int kTBits = static_cast<int>(sizeof(T)) * 8;
+  const bool negative = (h >> 15) != 0;
+  const int e = (h >> kMan) & ((1 << kExp) - 1);
+  const auto m = static_cast<unsigned>(h & ((1u << kMan) - 1));
+  if (e == (1 << kExp) - 1) {  // infinity or NaN: built bit by bit, so that nothing quiets it
+    const U exp_all = ((U{1} << (kTBits - 1 - kTMan)) - 1) << kTMan;
+    const U u = (negative ? U{1} << (kTBits - 1) : U{0}) | exp_all | (U{m} << (kTMan - kMan));
+    T v;
+    std::memcpy(&v, &u, sizeof(T));
+    return v;
+  }
+  // m x 2^(1 - bias - kMan) for a subnormal, (2^kMan + m) x 2^(e - bias - kMan) otherwise: a
+  // kMan + 1 bit integer scaled by a power of two within T's range, so exact.
+  const T v =
+      std::ldexp(static_cast<T>(e == 0 ? m : m + (1u << kMan)), (e == 0 ? 1 : e) - kBias - kMan);
+  return negative ? -v : v;
+}
+
+/// x rounded to the nearest 16-bit float of layout Float16Format<F>, ties to even, in one step
+/// (never through float, which would round twice): the bit pattern. Subnormal results are
+/// rounded the same way; magnitudes from the largest finite value plus half an ulp up round to
+/// infinity; infinities stay infinite. A NaN stays a NaN with its sign and the top bits of its
+/// payload, quieted (as hardware conversions between binary formats do).
+template <class F>
+std::uint16_t round_to_float16_bits(double x) {
+  constexpr int kExp = Float16Format<F>::kExp, kMan = Float16Format<F>::kMan;
+  constexpr int kBias = (1 << (kExp - 1)) - 1;
+  constexpr std::uint64_t kDoubleInf = std::uint64_t{0x7ff} << 52;
+  constexpr std::uint64_t kDoubleMan = (std::uint64_t{1} << 52) - 1;
+  constexpr std::uint64_t kInf = ((std::uint64_t{1} << kExp) - 1) << kMan;  // F's infinity
+  std::uint64_t u = 0;
+  std::memcpy(&u, &x, 8);
+  const std::uint64_t sign = (u >> 48) & 0x8000u;
+  const std::uint64_t a = u & ~(std::uint64_t{1} << 63);  // |x|
+  std::uint64_t r = 0;                                    // |result|
+  if (a > kDoubleInf) {                                   // NaN
+    r = kInf | (std::uint64_t{1} << (kMan - 1)) | ((a & kDoubleMan) >> (52 - kMan));
+  } else if (a == kDoubleInf) {
+    r = kInf;
+  } else if (const int biased = static_cast<int>(a >> 52); biased != 0) {
+    // Zero and double subnormals (below 2^-1022) round to zero: the smallest subnormal here
+    // is 2^-133 (bfloat16) or 2^-24 (half).
+    const int exp = biased - 1023;  // |x| = sig x 2^(exp - 52), sig in [2^52, 2^53)
+    if (exp > kBias) {
+      r = kInf;  // |x| >= 2^(emax + 1)
+    } else {
+      const std::uint64_t sig = (a & kDoubleMan) | (std::uint64_t{1} << 52);
+      // The bits to drop: 52 - kMan, and more below the smallest normal exponent 1 - bias.
+      const int shift = 52 - kMan + std::max(0, 1 - kBias - exp);
+      // shift >= 54: sig < 2^53 <= 2^(shift - 1), so |x| is below half the smallest
+      // subnormal and rounds to zero (and every shift below stays under 64).
+      if (shift <= 53) {
+        std::uint64_t q = sig >> shift;
+        const std::uint64_t rest = sig & ((std::uint64_t{1} << shift) - 1);
+        const std::uint64_t half = std::uint64_t{1} << (shift - 1);
+        if (rest > half || (rest == half && (q & 1u) != 0))
+          ++q;
+        // q is the rounded significand with its leading bit. Normal: q in [2^kMan, 2^(kMan+1)]
+        // and the encoding is ((exp + bias - 1) << kMan) + q, so that q's leading bit (or the
+        // carry of rounding) adds one to the exponent field, and the carry past the largest
+        // finite value gives exactly kInf. Subnormal: q in [0, 2^kMan] is the encoding (2^kMan:
+        // the smallest normal).
+        const bool normal = exp >= 1 - kBias;
+        r = (normal ? static_cast<std::uint64_t>(exp + kBias - 1) << kMan : 0) + q;
+      }
+    }
+  }
+  return static_cast<std::uint16_t>(sign | r);
+}
+
+/// x converted to Scalar (float, double, Eigen::bfloat16 or Eigen::half) with one
+/// round-to-nearest-even step: exact for double; the hardware's conversion for float;
+/// round_to_float16_bits for the 16-bit floats (Eigen 3.4's own conversion from double goes
+/// through float and can round twice).
+template <class Scalar>
+Scalar round_to(double x) {
+  static_assert(std::is_same<Scalar, float>::value || std::is_same<Scalar, double>::value ||
+                    is_float16_v<Scalar>,
+                "round_to: Scalar is float, double, Eigen::bfloat16 or Eigen::half");
+  if constexpr (is_float16_v<Scalar>)
+    return float16_from_bits<Scalar>(round_to_float16_bits<Scalar>(x));
+  else
+    return static_cast<Scalar>(x);
 }
 
 template <class T>
@@ -317,14 +463,50 @@ void set_state_vector(M& m, const std::string& name, const typename M::Vector& v
   }
 }
 
+/// Decodes n elements of a float entry (dtype F16, BF16, F32 or F64, byte count checked) into
+/// Scalar (float, double, Eigen::bfloat16 or Eigen::half) with one rounding step from the
+/// stored value: the same dtype is copied bit for bit; a widening (BF16/F16 -> float or
+/// double, F32 -> double) is exact; a narrowing rounds to nearest even once, from the stored
+/// value (F64 -> bfloat16 directly from double, never through float). torch's
+/// load_state_dict copies with a cast (param.copy_(input_param)); so do we, except that
+/// libtorch's CPU cast from double to bfloat16 or half goes through float and may round twice
+/// (docs/semantics.md §11.9).
 template <class Scalar>
 Eigen::Tensor<Scalar, 1> decode_floats(const StateTensor& t, Index n) {
+  static_assert(std::is_same<Scalar, float>::value || std::is_same<Scalar, double>::value ||
+                    is_float16_v<Scalar>,
+                "module Scalar is float, double, Eigen::bfloat16 or Eigen::half");
+  constexpr bool kWide = std::is_same<Scalar, float>::value || std::is_same<Scalar, double>::value;
   Eigen::Tensor<Scalar, 1> v(n);
-  for (Index i = 0; i < n; ++i) {
-    const auto off = static_cast<std::size_t>(i);
-    // torch's load_state_dict copies with a cast (param.copy_(input_param)); so do we.
-    v(i) = t.dtype == "F32" ? static_cast<Scalar>(load_le<float>(t.bytes.data() + off * 4))
-                            : static_cast<Scalar>(load_le<double>(t.bytes.data() + off * 8));
+  const unsigned char* p = t.bytes.data();
+  auto each = [&](std::size_t item, auto convert) {
+    for (Index i = 0; i < n; ++i) v(i) = convert(p + static_cast<std::size_t>(i) * item);
+  };
+  if (t.dtype == "F64") {
+    each(8, [](const unsigned char* b) { return round_to<Scalar>(load_le<double>(b)); });
+  } else if (t.dtype == "F32") {
+    each(4, [](const unsigned char* b) {
+      const float f = load_le<float>(b);
+      if constexpr (kWide)
+        return static_cast<Scalar>(f);
+      else
+        return round_to<Scalar>(static_cast<double>(f));  // float -> double is exact
+    });
+  } else {
+    auto from16 = [](auto format, const unsigned char* b) {
+      using F = decltype(format);
+      const auto h = load_le<std::uint16_t>(b);
+      if constexpr (std::is_same<Scalar, F>::value)
+        return float16_from_bits<Scalar>(h);
+      else if constexpr (kWide)
+        return widen_float16<Scalar, F>(h);
+      else
+        return round_to<Scalar>(widen_float16<double, F>(h));  // the other 16-bit float
+    };
+    if (t.dtype == "BF16")
+      each(2, [&](const unsigned char* b) { return from16(Eigen::bfloat16(), b); });
+    else
+      each(2, [&](const unsigned char* b) { return from16(Eigen::half(), b); });
   }
   return v;
 }
@@ -358,7 +540,9 @@ StateDict state_dict(const M& m, const std::string& prefix = "") {
 
 /// Loads the entries of `dict` whose keys start with `prefix` into m, as
 /// torch.nn.Module.load_state_dict(strict=True) on the submodule at that prefix: entries under
-/// other prefixes are ignored. Float tensors may be F32 or F64 (cast, as torch's copy_);
+/// other prefixes are ignored. Float tensors may be F16, BF16, F32 or F64 whatever the module's
+/// Scalar (float, double, Eigen::bfloat16 or Eigen::half), cast as by torch's copy_ but with
+/// one round-to-nearest-even step from the stored value (exact when widening; decode_floats);
 /// num_batches_tracked is I64 (or I32). LayerNorm accepts weight/bias of shape
 /// normalized_shape or flat. A missing num_batches_tracked keeps the module's value, as
 /// torch's _NormBase does for old checkpoints. Values are not judged: NaN, infinite or negative
@@ -425,10 +609,11 @@ void load_state_dict(M& m, const StateDict& dict, const std::string& prefix = ""
                         detail::shape_str(s.shape));
     }
     const bool ok_dtype = s.integer ? (t->dtype == "I64" || t->dtype == "I32")
-                                    : (t->dtype == "F32" || t->dtype == "F64");
+                                    : (t->dtype == "F16" || t->dtype == "BF16" ||
+                                       t->dtype == "F32" || t->dtype == "F64");
     if (!ok_dtype) {
       throw value_error(who + "unsupported dtype " + detail::quote(t->dtype) + " for " + key +
-                        " (expected " + (s.integer ? "I64 or I32" : "F32 or F64") + ")");
+                        " (expected " + (s.integer ? "I64 or I32" : "F16, BF16, F32 or F64") + ")");
     }
     // The shape is the module's own, so it is valid; the byte count is the caller's.
     std::int64_t n = 0;
@@ -453,8 +638,9 @@ void load_state_dict(M& m, const StateDict& dict, const std::string& prefix = ""
   }
 }
 
-/// A state dict entry as a std::vector<T> (T = float, double or std::int64_t; the dtype must
-/// match exactly).
+/// A state dict entry as a std::vector<T> (T = float, double, Eigen::bfloat16, Eigen::half or
+/// std::int64_t; the dtype must match exactly: F32, F64, BF16, F16 or I64). The 16-bit floats
+/// come back bit for bit.
 /// @throws value_error when the dtype is not T's, or the shape is invalid or does not match
 ///         the byte count.
 template <class T>
@@ -473,7 +659,8 @@ std::vector<T> to_vector(const StateTensor& t) {
   return v;
 }
 
-/// A StateTensor from T values (T = float, double or std::int64_t) with the given shape.
+/// A StateTensor from T values (T = float, double, Eigen::bfloat16, Eigen::half or
+/// std::int64_t) with the given shape; the dtype is T's (F32, F64, BF16, F16 or I64).
 /// @throws value_error when the shape is invalid or its element count is not values.size().
 template <class T>
 StateTensor make_state_tensor(const std::vector<T>& values, std::vector<std::int64_t> shape) {

@@ -11,8 +11,9 @@
 //      reproduces the same state dict and metadata (and serializing that again, the same bytes).
 //   3. load_state_dict into BatchNorm1d/2d/3d, InstanceNorm1d/2d/3d, LayerNorm and GroupNorm,
 //      float and double, with options inferred from the file (and one mismatched module), either
-//      loads exactly the file's values (cast as torch's copy_) or throws std::invalid_argument
-//      tagged "[normkit.load_state_dict] " and leaves the module bit-identical.
+//      loads exactly the file's values (F32/F64 cast as torch's copy_, BF16/F16 exactly) or
+//      throws std::invalid_argument tagged "[normkit.load_state_dict] " and leaves the module
+//      bit-identical.
 #ifndef NORMKIT_TESTS_FUZZ_SAFETENSORS_CHECK_HPP_
 #define NORMKIT_TESTS_FUZZ_SAFETENSORS_CHECK_HPP_
 
@@ -110,12 +111,48 @@ void perturb(M& m) {
   }
 }
 
-/// The module's value at i of the state dict entry `name`, as the file's bytes cast to S.
+/// The value of a 16-bit float (BF16 or F16 bits h) as S (float or double), exactly; an
+/// infinity or a NaN bit by bit, with its sign and payload (not quieted). Eigen's own
+/// conversion to float is the oracle for the finite values.
+template <class S>
+S float16_value(const std::string& dtype, std::uint16_t h) {
+  const bool bf = dtype == "BF16";
+  const int man = bf ? 7 : 10;
+  const unsigned all = bf ? 0xffu : 0x1fu;
+  if (((h >> man) & all) == all) {
+    const std::uint64_t sign = h >> 15, m = h & ((1u << man) - 1);
+    S v;
+    if constexpr (std::is_same<S, float>::value) {
+      const auto u = static_cast<std::uint32_t>(sign << 31 | 0x7f800000u | m << (23 - man));
+      std::memcpy(&v, &u, 4);
+    } else {
+      const std::uint64_t u = sign << 63 | std::uint64_t{0x7ff} << 52 | m << (52 - man);
+      std::memcpy(&v, &u, 8);
+    }
+    return v;
+  }
+  float w = 0;
+  if (bf) {
+    Eigen::bfloat16 b;
+    std::memcpy(static_cast<void*>(&b), &h, 2);
+    w = static_cast<float>(b);
+  } else {
+    Eigen::half f;
+    std::memcpy(static_cast<void*>(&f), &h, 2);
+    w = static_cast<float>(f);
+  }
+  return static_cast<S>(w);
+}
+
+/// The module's value at i of the state dict entry `name`: F32 and F64 cast to S, as torch's
+/// copy_; BF16 and F16 exactly (S is float or double).
 template <class S>
 S file_value(const normkit::StateTensor& t, std::size_t i) {
-  return t.dtype == "F32"
-             ? static_cast<S>(normkit::detail::load_le<float>(t.bytes.data() + 4 * i))
-             : static_cast<S>(normkit::detail::load_le<double>(t.bytes.data() + 8 * i));
+  if (t.dtype == "F32")
+    return static_cast<S>(normkit::detail::load_le<float>(t.bytes.data() + 4 * i));
+  if (t.dtype == "F64")
+    return static_cast<S>(normkit::detail::load_le<double>(t.bytes.data() + 8 * i));
+  return float16_value<S>(t.dtype, normkit::detail::load_le<std::uint16_t>(t.bytes.data() + 2 * i));
 }
 
 template <class M>
