@@ -1,7 +1,9 @@
-// norms_compared: BatchNorm2d, LayerNorm, InstanceNorm2d and GroupNorm on one (N, C, H, W)
-// tensor. They differ only in which elements share a mean and a variance; this example
-// prints that grouping as an (n, c) map and checks that every group of the output has
-// mean 0 and (biased) variance var / (var + eps), var being the group's input variance.
+// norms_compared: BatchNorm2d, LayerNorm, InstanceNorm2d, GroupNorm and RMSNorm on one
+// (N, C, H, W) tensor. They differ only in which elements share a mean and a variance; this
+// example prints that grouping as an (n, c) map and checks that every group of the output has
+// mean 0 and (biased) variance var / (var + eps), var being the group's input variance --
+// except RMSNorm, which does not center: its output's mean square is ms / (ms + eps), ms being
+// the group's input mean square.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -23,6 +25,7 @@ struct Norm {
   int groups;
   std::function<int(Eigen::Index, Eigen::Index)> group_of;  // (n, c) -> group; all h, w alike
   Tensor4 y;
+  bool rms = false;  // RMSNorm: scaled by the root mean square, not centered
 };
 
 // Prints which group each (n, c) plane of H x W elements belongs to, then checks the
@@ -52,6 +55,17 @@ bool report(const Norm& m, const Tensor4& x, double eps) {
         }
   bool ok = true;
   const auto cnt = static_cast<double>(per_group);
+  if (m.rms) {
+    std::printf("  group  input ms    output ms   expected ms\n");
+    for (std::size_t g = 0; g < G; ++g) {
+      const double mx = sxx[g] / cnt, my = syy[g] / cnt, want = mx / (mx + eps);
+      const bool good = std::abs(my - want) <= 1e-3;
+      ok = ok && good;
+      std::printf("    %c   %10.4f  %10.6f  %12.6f%s\n", static_cast<char>('A' + g), mx, my, want,
+                  good ? "" : "  <-- MISMATCH");
+    }
+    return ok;
+  }
   std::printf("  group  input var   output mean  output var  expected var\n");
   for (std::size_t g = 0; g < G; ++g) {
     const double vx = sxx[g] / cnt - (sx[g] / cnt) * (sx[g] / cnt);
@@ -83,6 +97,7 @@ int main() {
   normkit::LayerNorm<float> ln(normkit::LayerNormOptions({C, H, W}));
   normkit::InstanceNorm2d<float> in(C);
   normkit::GroupNorm<float> gn(normkit::GroupNormOptions(2, C));
+  normkit::RMSNorm<float> rms(normkit::RMSNormOptions({C, H, W}).eps(1e-5));
 
   auto i = [](Eigen::Index v) { return static_cast<int>(v); };
   std::vector<Norm> norms = {
@@ -95,11 +110,13 @@ int main() {
       {"GroupNorm(2 groups, 4 channels)",
        "one statistic per (n, group of 2 channels), over c in group, h, w", i(N * 2),
        [i](Eigen::Index n, Eigen::Index c) { return i(n * 2 + c / 2); }, gn.forward(x)},
+      {"RMSNorm({4, 3, 3})", "one root mean square per sample n, over c, h, w (no centering)",
+       i(N), [i](Eigen::Index n, Eigen::Index) { return i(n); }, rms.forward(x), true},
   };
 
-  const double eps = 1e-5;  // the default of all four modules
+  const double eps = 1e-5;  // the default of the first four modules, and RMSNorm's here
   bool ok = true;
   for (const Norm& m : norms) ok = report(m, x, eps) && ok;
-  std::printf("\n%s\n", ok ? "OK: every group has mean 0 and variance var/(var+eps)" : "FAIL");
+  std::printf("\n%s\n", ok ? "OK: every group has mean 0 and variance var/(var+eps) (RMSNorm: mean square ms/(ms+eps))" : "FAIL");
   return ok ? 0 : 1;
 }

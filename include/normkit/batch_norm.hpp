@@ -180,7 +180,7 @@ class BatchNorm : public detail::ChannelModule<Scalar, BatchNormOptions> {
   ///         in training. The module is unchanged when it throws.
   template <class X, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
   auto forward(const X& x, const Device& device = Device()) {
-    Eigen::Tensor<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
+    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
     forward(x, y, device);
     return y;
   }
@@ -205,7 +205,7 @@ class BatchNorm : public detail::ChannelModule<Scalar, BatchNormOptions> {
   template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0,
             detail::if_device<Device> = 0>
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
-    Gradients<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> g;
+    detail::gradients_for<Scalar, X> g;
     backward(x, dy, g, device);
     return g;
   }
@@ -229,8 +229,9 @@ class BatchNorm : public detail::ChannelModule<Scalar, BatchNormOptions> {
   template <class X>
   detail::Shape shape(const X& x) const {
     constexpr int R = detail::tensor_traits<X>::rank;
-    static_assert(std::is_same<detail::scalar_of<X>, Scalar>::value,
-                  "BatchNorm: input scalar type differs from the module's");
+    static_assert(detail::accepts_v<Scalar, detail::scalar_of<X>>,
+                  "BatchNorm: input must be of the module's scalar type (or bfloat16/half for a "
+                  "float module)");
     static_assert(Dim != 1 || R == 2 || R == 3, "BatchNorm1d: expected 2D or 3D input");
     static_assert(Dim != 2 || R == 4, "BatchNorm2d: expected 4D input");
     static_assert(Dim != 3 || R == 5, "BatchNorm3d: expected 5D input");

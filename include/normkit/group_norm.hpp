@@ -156,7 +156,7 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
   /// evaluation. Returns y; throws as the non-allocating forward.
   template <class X, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
   auto forward(const X& x, const Device& device = Device()) {
-    Eigen::Tensor<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
+    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
     forward(x, y, device);
     return y;
   }
@@ -169,7 +169,7 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
     detail::check_channels(kName, "num_channels", options_.num_channels(), sh);
     auto* y_ptr = detail::prepare_output(x, y, kName);
     const bool keep = this->keeps();
-    Scalar* copy = this->input_buffer(x);
+    auto* copy = this->input_buffer(x);
     SavedStats saved;
     if (sh.numel() != 0) {
       detail::group_norm_forward(sh, options_.num_groups(), x.data(), y_ptr, wref(), bref(),
@@ -193,7 +193,7 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
   template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0,
             detail::if_device<Device> = 0>
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
-    Gradients<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> g;
+    detail::gradients_for<Scalar, X> g;
     backward(x, dy, g, device);
     return g;
   }
@@ -251,8 +251,9 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
  private:
   template <class X>
   detail::Shape shape(const X& x) const {
-    static_assert(std::is_same<detail::scalar_of<X>, Scalar>::value,
-                  "GroupNorm: input scalar type differs from the module's");
+    static_assert(detail::accepts_v<Scalar, detail::scalar_of<X>>,
+                  "GroupNorm: input must be of the module's scalar type (or bfloat16/half for a "
+                  "float module)");
     static_assert(detail::tensor_traits<X>::rank >= 2,
                   "GroupNorm: expected input of rank >= 2 (N, C, *)");
     return detail::logical_shape(x, options_.channels_last(), kName);

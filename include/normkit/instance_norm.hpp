@@ -163,7 +163,7 @@ class InstanceNorm : public detail::ChannelModule<Scalar, InstanceNormOptions> {
   /// throws as the non-allocating forward.
   template <class X, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
   auto forward(const X& x, const Device& device = Device()) {
-    Eigen::Tensor<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
+    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
     forward(x, y, device);
     return y;
   }
@@ -190,7 +190,7 @@ class InstanceNorm : public detail::ChannelModule<Scalar, InstanceNormOptions> {
   template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0,
             detail::if_device<Device> = 0>
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
-    Gradients<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> g;
+    detail::gradients_for<Scalar, X> g;
     backward(x, dy, g, device);
     return g;
   }
@@ -213,8 +213,9 @@ class InstanceNorm : public detail::ChannelModule<Scalar, InstanceNormOptions> {
   template <class X>
   detail::Shape shape(const X& x) const {
     constexpr int R = detail::tensor_traits<X>::rank;
-    static_assert(std::is_same<detail::scalar_of<X>, Scalar>::value,
-                  "InstanceNorm: input scalar type differs from the module's");
+    static_assert(detail::accepts_v<Scalar, detail::scalar_of<X>>,
+                  "InstanceNorm: input must be of the module's scalar type (or bfloat16/half for a "
+                  "float module)");
     static_assert(R == Dim + 1 || R == Dim + 2,
                   "InstanceNorm: expected (C, *) or (N, C, *) input with Dim spatial dims");
     if constexpr (R == Dim + 1) {

@@ -153,7 +153,7 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
   /// evaluation. Returns y; throws as the non-allocating forward.
   template <class X, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
   auto forward(const X& x, const Device& device = Device()) {
-    Eigen::Tensor<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
+    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
     forward(x, y, device);
     return y;
   }
@@ -162,13 +162,14 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
   /// @throws shape_error when the trailing dims differ from normalized_shape.
   template <class X, class Y, class Device = Eigen::DefaultDevice, detail::if_tensor<Y> = 0>
   void forward(const X& x, Y&& y, const Device& device = Device()) {
-    static_assert(std::is_same<detail::scalar_of<X>, Scalar>::value,
-                  "LayerNorm: input scalar type differs from the module's");
+    static_assert(detail::accepts_v<Scalar, detail::scalar_of<X>>,
+                  "LayerNorm: input must be of the module's scalar type (or bfloat16/half for a "
+                  "float module)");
     const detail::Shape sh = detail::logical_shape(x, false, kName);
     detail::layer_norm_check(kName, sh, options_.normalized_shape(), wref(), bref());
     auto* y_ptr = detail::prepare_output(x, y, kName);
     const bool keep = this->keeps();
-    Scalar* copy = this->input_buffer(x);
+    auto* copy = this->input_buffer(x);
     SavedStats saved;
     if (sh.numel() != 0) {
       detail::layer_norm_forward(sh, static_cast<int>(options_.normalized_shape().size()), x.data(),
@@ -192,7 +193,7 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
   template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0,
             detail::if_device<Device> = 0>
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
-    Gradients<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> g;
+    detail::gradients_for<Scalar, X> g;
     backward(x, dy, g, device);
     return g;
   }
@@ -201,8 +202,9 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
   template <class X, class DY, class G, class Device = Eigen::DefaultDevice,
             detail::if_gradients<G> = 0>
   void backward(const X& x, const DY& dy, G& g, const Device& device = Device()) {
-    static_assert(std::is_same<detail::scalar_of<X>, Scalar>::value,
-                  "LayerNorm: input scalar type differs from the module's");
+    static_assert(detail::accepts_v<Scalar, detail::scalar_of<X>>,
+                  "LayerNorm: input must be of the module's scalar type (or bfloat16/half for a "
+                  "float module)");
     const detail::Shape sh = detail::logical_shape(x, false, kName);
     detail::layer_norm_check(kName, sh, options_.normalized_shape(), wref(), bref());
     detail::check_same_dims(kName, "grad_output", x, dy);

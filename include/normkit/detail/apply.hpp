@@ -81,8 +81,8 @@ struct ApplyOp {
   T* y = nullptr;  // y, or dx
   const AffineCoef* ak = nullptr;
   const GradCoef* gk = nullptr;
-  const T* gamma = nullptr;  // ln_affine
-  const T* beta = nullptr;   // ln_affine
+  const compute_t<T>* gamma = nullptr;  // ln_affine
+  const compute_t<T>* beta = nullptr;   // ln_affine
   const double* w = nullptr;  // gradin weight per aux (LayerNorm), or null
   // Column mode: per-slot tables (see column_tables()), used when tables_ready.
   ColTables tables{};
@@ -167,7 +167,7 @@ void column_tables(ApplyOp<T>& op, Index slots, std::vector<double>& dstore, std
   const int nd = grad ? 4 : 3;
   const auto n = static_cast<std::size_t>(slots);
   dstore.resize(static_cast<std::size_t>(nd) * n);
-  bool fit = std::is_same<T, float>::value;
+  bool fit = is_floatlike_v<T>;
   for (Index s = 0; s < slots; ++s) {
     const auto u = static_cast<std::size_t>(s);
     if (grad) {

@@ -145,7 +145,7 @@ class ChannelModule : public ModuleBase<Scalar> {
     auto* y_ptr = prepare_output(x, y, name_);
     // Every check has passed: from here on the call succeeds.
     const bool keep = this->keeps();
-    Scalar* copy = this->input_buffer(x);
+    auto* copy = this->input_buffer(x);
     SavedStats saved;
     channel_norm_forward(kind, sh, x.data(), y_ptr, a, keep ? &saved : nullptr, copy, ex);
     if (counts)

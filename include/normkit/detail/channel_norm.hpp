@@ -135,12 +135,12 @@ inline bool want_tables(const Plan& p) {
 
 /// Forward: y from x (and `copy` of x, when not null, written as x is read); `saved` gets the
 /// mean and rstd used, in logical slot order.
-template <class T>
+template <class T, class P>
 void channel_norm_forward(ChannelNormKind kind,
                           const Shape& sh,
                           const T* x,
                           T* y,
-                          const ChannelNormArgs<T>& a,
+                          const ChannelNormArgs<P>& a,
                           SavedStats* saved,
                           T* copy,
                           const Exec& ex) {
@@ -340,7 +340,7 @@ void channel_sample_parts(const Shape& sh,
 /// BatchNorm's dx from the statistics the forward used (per channel: mean, rstd) and the
 /// per-channel backward sums over `count` elements per channel (SyncBatchNorm: the sums of
 /// every process): the same coefficients and apply as channel_norm_backward.
-template <class T>
+template <class T, class P>
 void channel_norm_dx(const Shape& sh,
                      const T* x,
                      const T* dy,
@@ -349,7 +349,7 @@ void channel_norm_dx(const Shape& sh,
                      const double* rstd_c,
                      const Part* sums_c,
                      double count,
-                     const VectorRef<const T>& weight,
+                     const VectorRef<const P>& weight,
                      const Exec& ex) {
   const Index C = sh.dim[1];
   const Plan p = channel_plan(ChannelNormKind::batch, sh);
@@ -384,16 +384,16 @@ void channel_norm_dx(const Shape& sh,
 /// statistics (frozen BatchNorm, evaluation with buffers): dx = w * r * dy exactly, computed
 /// from dy alone -- x never enters dx, so a NaN or inf in x cannot leak into it through a
 /// 0 * x term (it does reach dweight, as in PyTorch).
-template <class T>
+template <class T, class P>
 void channel_norm_backward(ChannelNormKind kind,
                            const Shape& sh,
                            const T* x,
                            const T* dy,
                            T* dx,
                            const SavedStats& saved,
-                           const VectorRef<const T>& weight,
-                           const VectorRef<T>& gw,
-                           const VectorRef<T>& gb,
+                           const VectorRef<const P>& weight,
+                           const VectorRef<P>& gw,
+                           const VectorRef<P>& gb,
                            const Exec& ex) {
   const Index C = sh.dim[1];
   const Index slots = kind == ChannelNormKind::batch ? C : sh.dim[0] * C;

@@ -8,6 +8,7 @@
 // Everything the kernels use is included here, outside the target regions and namespaces.
 #include <algorithm>    // std::fill
 #include <cmath>        // std::abs
+#include <cstdint>      // std::uint16_t, std::uint32_t
 #include <cstring>      // std::memcpy
 #include <type_traits>  // std::is_same
 #include <vector>       // std::vector

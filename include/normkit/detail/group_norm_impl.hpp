@@ -86,13 +86,13 @@ void group_norm_check(const char* who,
   }
 }
 
-template <class T>
+template <class T, class P>
 void group_norm_forward(const Shape& sh,
                         Index G,
                         const T* x,
                         T* y,
-                        const VectorRef<const T>& w,
-                        const VectorRef<const T>& b,
+                        const VectorRef<const P>& w,
+                        const VectorRef<const P>& b,
                         double eps,
                         SavedStats* saved,
                         T* copy,
@@ -195,16 +195,16 @@ void group_norm_stats(const Shape& sh, Index G, const T* x, double eps, SavedSta
   out.batch_stats = true;
 }
 
-template <class T>
+template <class T, class P>
 void group_norm_backward(const Shape& sh,
                          Index G,
                          const T* x,
                          const T* dy,
                          T* dx,
                          const SavedStats& saved,
-                         const VectorRef<const T>& w,
-                         const VectorRef<T>& gw,
-                         const VectorRef<T>& gb,
+                         const VectorRef<const P>& w,
+                         const VectorRef<P>& gw,
+                         const VectorRef<P>& gb,
                          const Exec& ex) {
   const GroupPlans gp = group_plans(sh, G);
   const Index NC = gp.N * gp.C;

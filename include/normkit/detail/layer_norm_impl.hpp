@@ -8,6 +8,7 @@
 
 #include <algorithm>  // std::max, std::min, std::fill
 #include <string>     // std::string
+#include <type_traits>  // std::is_same
 #include <vector>     // std::vector
 
 #include <normkit/config.hpp>
@@ -32,6 +33,19 @@ inline Index product(const std::vector<Index>& v) {
   Index p = 1;
   for (Index d : v) p *= d;
   return p;
+}
+
+/// v's values as C: v's own storage when it is of type C, else converted into buf.
+template <class C, class P>
+const C* as_compute(const VectorRef<const P>& v, std::vector<C>& buf) {
+  if constexpr (std::is_same<C, P>::value) {
+    (void)buf;
+    return v.data();
+  } else {
+    buf.resize(static_cast<std::size_t>(v.size()));
+    for (std::size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<C>(static_cast<float>(v.data()[i]));
+    return buf.data();
+  }
 }
 
 /// LayerNorm's (and RMSNorm's) argument checks: trailing dims equal to normalized_shape,
@@ -141,13 +155,13 @@ inline void store_row_stats(const Shape& sh,
 // no bias. The backward is LayerNorm's with mean 0 and without the -r * mean(g) term.
 
 /// LayerNorm (or RMSNorm) forward.
-template <class T>
+template <class T, class P>
 void layer_norm_forward(const Shape& sh,
                         int D,
                         const T* x,
                         T* y,
-                        const VectorRef<const T>& w,
-                        const VectorRef<const T>& b,
+                        const VectorRef<const P>& w,
+                        const VectorRef<const P>& b,
                         double eps,
                         SavedStats* saved,
                         T* copy,
@@ -170,14 +184,16 @@ void layer_norm_forward(const Shape& sh,
   op.y = y;
   op.ak = coef.data();
   op.copy = copy;
-  std::vector<T> fill;
+  using C = compute_t<T>;
+  std::vector<C> fill, wbuf, bbuf;
   if (w || b) {
-    // The caller's weight/bias are read in place; a missing one is replaced by ones/zeros.
+    // The caller's weight/bias are read in place when they are of the computation type; a
+    // missing one is replaced by ones/zeros.
     op.kind = ApplyKind::ln_affine;
     if (!w || !b)
-      fill.assign(static_cast<std::size_t>(lp.n), w ? T(0) : T(1));
-    op.gamma = w ? w.data() : fill.data();
-    op.beta = b ? b.data() : fill.data();
+      fill.assign(static_cast<std::size_t>(lp.n), w ? C(0) : C(1));
+    op.gamma = w ? as_compute<C>(w, wbuf) : fill.data();
+    op.beta = b ? as_compute<C>(b, bbuf) : fill.data();
   } else {
     op.kind = ApplyKind::affine;
   }
@@ -287,16 +303,16 @@ void layer_norm_backward_generic(const LayerPlans& lp,
 
 /// Gradients of layer_norm from its statistics: dx (when not null), and the per-position
 /// dweight/dbias (when present).
-template <class T>
+template <class T, class P>
 void layer_norm_backward(const Shape& sh,
                          int D,
                          const T* x,
                          const T* dy,
                          T* dx,
                          const SavedStats& saved,
-                         const VectorRef<const T>& w,
-                         const VectorRef<T>& gw,
-                         const VectorRef<T>& gb,
+                         const VectorRef<const P>& w,
+                         const VectorRef<P>& gw,
+                         const VectorRef<P>& gb,
                          const Exec& ex,
                          bool rms = false) {
   const LayerPlans lp = layer_plans(sh, D);
@@ -317,11 +333,20 @@ void layer_norm_backward(const Shape& sh,
   }
   std::vector<double> dg(n, 0.0), dbv(n, 0.0);
   if (dx && layer_norm_one_pass_ok(lp)) {
-    std::vector<T> ones;
+    using C = compute_t<T>;
+    std::vector<C> ones, wbuf;
     if (!w)
-      ones.assign(n, T(1));
-    const LnBwdArgs<T> args{x,           dy, dx, mean.data(), rstd.data(), w ? gamma.data() : nullptr,
-                            w ? w.data() : ones.data(), lp.n, gw ? 1 : 0, rms ? 1 : 0};
+      ones.assign(n, C(1));
+    const LnBwdArgs<T> args{x,
+                            dy,
+                            dx,
+                            mean.data(),
+                            rstd.data(),
+                            w ? gamma.data() : nullptr,
+                            w ? as_compute<C>(w, wbuf) : ones.data(),
+                            lp.n,
+                            gw ? 1 : 0,
+                            rms ? 1 : 0};
     const LnLeaves<T>& L = ln_leaves<T>();
     const Index rpb = std::max(Index{1}, kLnRowBlock / lp.n);
     const Index blocks = (lp.rows + rpb - 1) / rpb;

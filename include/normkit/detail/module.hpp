@@ -13,6 +13,7 @@
 
 #include <normkit/config.hpp>
 #include <normkit/detail/exec.hpp>
+#include <normkit/detail/kernels/types.hpp>
 #include <normkit/detail/tensor.hpp>
 
 NORMKIT_BEGIN_NAMESPACE
@@ -20,8 +21,30 @@ namespace detail {
 
 template <class T>
 struct is_gradients : std::false_type {};
-template <class S, int R, int L>
-struct is_gradients<Gradients<S, R, L>> : std::true_type {};
+template <class S, int R, int L, class P>
+struct is_gradients<Gradients<S, R, L, P>> : std::true_type {};
+
+/// Whether a module with parameters of type P takes input of type D: its own type, or, for a
+/// float module, bfloat16 or half (PyTorch's CPU mixed mode: low-precision data, float
+/// parameters and statistics).
+template <class P, class D>
+inline constexpr bool accepts_v =
+    std::is_same<P, D>::value || (std::is_same<P, float>::value && is_low_v<D>);
+
+/// The gradients a module with parameters of type P returns for input x.
+template <class P, class X>
+using gradients_for =
+    Gradients<scalar_of<X>, tensor_traits<X>::rank, tensor_traits<X>::layout, P>;
+
+/// A number per storage type, to tell which type a kept input has.
+template <class T>
+constexpr int type_code() {
+  return std::is_same<T, float>::value    ? 1
+         : std::is_same<T, double>::value ? 2
+         : std::is_same<T, Eigen::bfloat16>::value ? 3
+         : std::is_same<T, Eigen::half>::value     ? 4
+                                                   : 0;
+}
 
 /// A device argument: anything that is not a tensor, a pointer, a SavedStats or a Gradients
 /// (Eigen::DefaultDevice, Eigen::ThreadPoolDevice).
@@ -88,7 +111,7 @@ class ModuleBase {
     requires_grad_ = on;
     if (!on) {
       forget();
-      kept_x_ = std::vector<Scalar>();
+      kept_x_ = std::vector<unsigned char>();
     }
   }
   /// Whether training forwards keep what backward needs.
@@ -101,7 +124,7 @@ class ModuleBase {
     keep_input_ = on;
     if (!on) {
       x_kept_ = false;
-      kept_x_ = std::vector<Scalar>();
+      kept_x_ = std::vector<unsigned char>();
     }
   }
   /// See set_keep_input().
@@ -117,11 +140,11 @@ class ModuleBase {
   /// Where the forward of x writes the copy of its input, or null (nothing to keep). Call
   /// after every check has passed.
   template <class X>
-  Scalar* input_buffer(const X& x) {
+  scalar_of<X>* input_buffer(const X& x) {
     if (!keeps() || !keep_input_)
       return nullptr;
-    kept_x_.resize(static_cast<std::size_t>(x.size()));
-    return kept_x_.data();
+    kept_x_.resize(static_cast<std::size_t>(x.size()) * sizeof(scalar_of<X>));
+    return reinterpret_cast<scalar_of<X>*>(kept_x_.data());
   }
 
   /// Records a successful training forward of x: its statistics and whether x was copied.
@@ -131,6 +154,7 @@ class ModuleBase {
     saved_ = std::move(stats);
     kept_rank_ = R;
     kept_layout_ = tensor_traits<X>::layout;
+    kept_type_ = type_code<scalar_of<X>>();
     for (int i = 0; i < R; ++i) kept_dims_[static_cast<std::size_t>(i)] = dim(x, i);
     stats_kept_ = true;
     x_kept_ = copied;
@@ -161,7 +185,8 @@ class ModuleBase {
   auto kept_input(const DY& dy, const char* who) const {
     constexpr int R = tensor_traits<DY>::rank;
     constexpr int L = tensor_traits<DY>::layout;
-    using Map = Eigen::TensorMap<const Eigen::Tensor<Scalar, R, L>>;
+    using D = scalar_of<DY>;
+    using Map = Eigen::TensorMap<const Eigen::Tensor<D, R, L>>;
     if (!x_kept_) {
       fail(Fail::value, who,
            "backward(dy) needs the input of the last training forward, and none is kept (no "
@@ -176,9 +201,14 @@ class ModuleBase {
            dims_text(kept_dims_.data(), kept_rank_).s,
            kept_layout_ == L ? "" : " in the other storage order", dims_of(dy.dimensions(), R).s);
     }
+    if (kept_type_ != type_code<D>()) {
+      fail(Fail::value, who,
+           "grad_output has another scalar type than the last forward's input; call "
+           "backward(x, dy) with both of one type");
+    }
     std::array<Index, R> d{};
     for (int i = 0; i < R; ++i) d[static_cast<std::size_t>(i)] = kept_dims_[static_cast<std::size_t>(i)];
-    return Map(kept_x_.data(), d);
+    return Map(reinterpret_cast<const D*>(kept_x_.data()), d);
   }
 
   bool training_ = true;
@@ -187,7 +217,8 @@ class ModuleBase {
   bool stats_kept_ = false;
   bool x_kept_ = false;
   SavedStats saved_;
-  std::vector<Scalar> kept_x_;
+  std::vector<unsigned char> kept_x_;  // the kept input's bytes (type kept_type_)
+  int kept_type_ = 0;
   std::array<Index, kMaxAxes> kept_dims_{};
   int kept_rank_ = -1;
   int kept_layout_ = -1;

@@ -30,17 +30,18 @@ struct SavedStats {
   bool batch_stats = true;
 };
 
-/// What backward returns: dL/dx with x's shape and storage order, and dL/dweight,
-/// dL/dbias (empty when the module has no such parameter). Pass one back to backward() to
-/// reuse its storage.
-template <class Scalar, int Rank, int Layout>
+/// What backward returns: dL/dx with x's shape, storage order and scalar type, and
+/// dL/dweight, dL/dbias in the parameters' type `Param` (empty when the module has no such
+/// parameter; Param differs from Scalar only for bfloat16/half input to a float module).
+/// Pass one back to backward() to reuse its storage.
+template <class Scalar, int Rank, int Layout, class Param = Scalar>
 struct Gradients {
   /// dL/dx.
   Eigen::Tensor<Scalar, Rank, Layout> input;
   /// dL/dweight (empty without weight).
-  Eigen::Tensor<Scalar, 1> weight;
+  Eigen::Tensor<Param, 1> weight;
   /// dL/dbias (empty without bias).
-  Eigen::Tensor<Scalar, 1> bias;
+  Eigen::Tensor<Param, 1> bias;
 };
 
 namespace detail {

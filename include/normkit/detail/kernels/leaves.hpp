@@ -54,7 +54,7 @@ NORMKIT_KINLINE void mom_run(
     a2 += d * d;
   }
   for (; i < len; ++i) {  // Scalar tail.
-    const double d = static_cast<double>(xp[i]) - c;
+    const double d = static_cast<double>(to_f(xp[i])) - c;
     t1 += d;
     t2 += d * d;
   }
@@ -101,9 +101,9 @@ NORMKIT_KINLINE void grad_run(const T* xp,
     a2 += g * d;
   }
   for (; i < len; ++i) {
-    const double g = static_cast<double>(gp[i]);
+    const double g = static_cast<double>(to_f(gp[i]));
     t1 += g;
-    t2 += g * (static_cast<double>(xp[i]) - c);
+    t2 += g * (static_cast<double>(to_f(xp[i])) - c);
   }
 }
 
@@ -262,7 +262,7 @@ void mom_cols(const T* x,
         q += d * d;
       },
       [&](Index k, Index j, double& a, double& q) NORMKIT_KLAMBDA {
-        const double d = static_cast<double>(x[k * row_stride + j]) - c[j];
+        const double d = static_cast<double>(to_f(x[k * row_stride + j])) - c[j];
         a += d;
         q += d * d;
       });
@@ -289,9 +289,9 @@ void grad_cols(const T* x,
         q += g * d;
       },
       [&](Index k, Index j, double& a, double& q) NORMKIT_KLAMBDA {
-        const double g = static_cast<double>(dy[k * row_stride + j]);
+        const double g = static_cast<double>(to_f(dy[k * row_stride + j]));
         a += g;
-        q += g * (static_cast<double>(x[k * row_stride + j]) - c[j]);
+        q += g * (static_cast<double>(to_f(x[k * row_stride + j])) - c[j]);
       });
 }
 
@@ -300,26 +300,30 @@ void grad_cols(const T* x,
 // tail through the same generic lambda: the same IEEE operations either way, so where a
 // run is cut changes no result.
 
-template <class F, class... P>
-NORMKIT_KINLINE void fmap(Index len, float* y, const F& f, const P*... in) {
+template <class Y, class F, class... P>
+NORMKIT_KINLINE void fmap(Index len, Y* y, const F& f, const P*... in) {
   Index j = 0;
   for (; j + 16 <= len; j += 16) {
     F16 r;
     f(r, load16(in + j)...);
     store(y + j, r);
   }
-  for (; j < len; ++j) f(y[j], in[j]...);
+  for (; j < len; ++j) {
+    float r;
+    f(r, to_f(in[j])...);
+    y[j] = from_f<Y>(r);
+  }
 }
 
-// The double path of float input (coefficients beyond float: rare, extreme data) runs one
-// element at a time; double input vectorizes.
+// The double path of float-like input (coefficients beyond float: rare, extreme data) runs
+// one element at a time; double input vectorizes.
 template <class T, class F, class... P>
 NORMKIT_KINLINE void dmap(Index len, T* y, const F& f, const P*... in) {
-  if constexpr (std::is_same<T, float>::value) {
+  if constexpr (is_floatlike_v<T>) {
     for (Index j = 0; j < len; ++j) {
       double r;
-      f(r, static_cast<double>(in[j])...);
-      y[j] = static_cast<T>(r);
+      f(r, static_cast<double>(to_f(in[j]))...);
+      y[j] = from_d<T>(r);
     }
   } else {
     Index j = 0;
@@ -351,7 +355,7 @@ void affine_rows(const T* x,
     const AffineCoef& q = k[r * k_step];
     const T* xp = x + r * stride;
     T* yp = y + r * stride;
-    if constexpr (std::is_same<T, float>::value) {
+    if constexpr (is_floatlike_v<T>) {
       if (q.use_float) {
         const float hi = q.hi, lo = q.lo, a = q.af, b = q.bf;
         fmap(len, yp, [&](auto& o, const auto& v) NORMKIT_KLAMBDA { o = ((v - hi) - lo) * a + b; }, xp);
@@ -372,13 +376,13 @@ void ln_affine_rows(const T* x,
                     Index stride,
                     const AffineCoef* k,
                     Index k_step,
-                    const T* gamma,
-                    const T* beta) {
+                    const compute_t<T>* gamma,
+                    const compute_t<T>* beta) {
   for (Index r = 0; r < count; ++r) {
     const AffineCoef& q = k[r * k_step];
     const T* xp = x + r * stride;
     T* yp = y + r * stride;
-    if constexpr (std::is_same<T, float>::value) {
+    if constexpr (is_floatlike_v<T>) {
       if (q.use_float) {
         const float hi = q.hi, lo = q.lo, a = q.af;
         fmap(
@@ -409,7 +413,7 @@ void affine_cols(const T* x,
   for (Index r = 0; r < rows; ++r) {
     const T* xp = x + r * row_stride;
     T* yp = y + r * row_stride;
-    if constexpr (std::is_same<T, float>::value) {
+    if constexpr (is_floatlike_v<T>) {
       if (k.use_float) {
         fmap(
             len, yp,
@@ -445,7 +449,7 @@ void gradin_rows(const T* x,
     const T* xp = x + r * stride;
     const T* gp = dy + r * stride;
     T* op = dx + r * stride;
-    if constexpr (std::is_same<T, float>::value) {
+    if constexpr (is_floatlike_v<T>) {
       if (q.use_float) {
         const float hi = q.hi, lo = q.lo, a = q.af, b = q.bf, c = q.cf;
         fmap(
@@ -474,7 +478,7 @@ void gradin_cols(const T* x,
     const T* xp = x + r * row_stride;
     const T* gp = dy + r * row_stride;
     T* op = dx + r * row_stride;
-    if constexpr (std::is_same<T, float>::value) {
+    if constexpr (is_floatlike_v<T>) {
       if (k.use_float) {
         fmap(
             len, op,
@@ -548,9 +552,9 @@ NORMKIT_KINLINE void ln_sums_range(const T* xp,
   }
   for (; j + 8 <= len; j += 8) ln_sums_step8<T, kW>(xp, gp, w, cv, j, a1, a2);
   for (; j < len; ++j) {
-    const double g = static_cast<double>(gp[j]) * (kW ? w[j] : 1.0);
+    const double g = static_cast<double>(to_f(gp[j])) * (kW ? w[j] : 1.0);
     t1 += g;
-    t2 += g * (static_cast<double>(xp[j]) - c);
+    t2 += g * (static_cast<double>(to_f(xp[j])) - c);
   }
 }
 
@@ -578,7 +582,7 @@ void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* 
   const Index n = A.n;
   const double m = static_cast<double>(n);
   const double* const w = A.gamma;
-  constexpr bool kFloat = std::is_same<T, float>::value;
+  constexpr bool kFloat = is_floatlike_v<T>;
   // Float accumulators of the pending rows (kFloat only), 64 apart so that they do not alias
   // in the 4 KiB sense.
   std::vector<float> fbuf(kFloat ? static_cast<std::size_t>(2 * n + 64) : 0);
@@ -669,7 +673,11 @@ void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* 
             store(fb + j, vb);
           }
         }
-        for (; j < n; ++j) body(op[j], fg[j], fb[j], xp[j], gp[j], wt[j]);
+        for (; j < n; ++j) {
+          float o;
+          body(o, fg[j], fb[j], to_f(xp[j]), to_f(gp[j]), wt[j]);
+          op[j] = from_f<T>(o);
+        }
         if (++pending == kLnFloatRows)
           flush();
         float_done = true;
@@ -678,13 +686,13 @@ void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* 
     if (!float_done) {
       // Double path: pg += dy * (x - m) * r, pb += dy, dx = (r * w) * dy + B * (x - m) + C.
       for (Index j = 0; j < n; ++j) {
-        const double xd = static_cast<double>(xp[j]) - mu;
-        const double g = static_cast<double>(gp[j]);
+        const double xd = static_cast<double>(to_f(xp[j])) - mu;
+        const double g = static_cast<double>(to_f(gp[j]));
         if (A.want_dg)
           pg[j] += g * xd * r;
         pb[j] += g;
         const double a = kW ? r * w[j] : r;
-        op[j] = static_cast<T>(a * g + B * xd + C);
+        op[j] = from_d<T>(a * g + B * xd + C);
       }
     }
     if (more && !next_done) {

@@ -70,10 +70,11 @@ NORMKIT_KINLINE fvec fsplat(float v) { return fvec{} + v; }
 #if NORMKIT_SIMD == 1
 typedef float v4sf __attribute__((vector_size(16)));
 NORMKIT_KINLINE dvec dload(const float* p) {
-  return _mm_cvtps_pd(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p))));
+  // (__m128i loads and stores may alias anything; a double* access to floats may not.)
+  return _mm_cvtps_pd(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 NORMKIT_KINLINE void dstore(float* p, dvec v) {
-  _mm_store_sd(reinterpret_cast<double*>(p), _mm_castps_pd(_mm_cvtpd_ps(v)));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_castps_si128(_mm_cvtpd_ps(v)));
 }
 #elif NORMKIT_SIMD == 0
 typedef float f2 __attribute__((vector_size(8)));
@@ -120,6 +121,154 @@ NORMKIT_KINLINE dvec dsplat(double v) { return v; }
 NORMKIT_KINLINE fvec fload(const float* p) { return *p; }
 NORMKIT_KINLINE void fstore(float* p, fvec v) { *p = v; }
 NORMKIT_KINLINE fvec fsplat(float v) { return v; }
+#endif
+
+// ---------------------------------------------------------------------------------------
+// Low-precision storage: Eigen::bfloat16 and Eigen::half load to float exactly and store
+// rounded to nearest even, once. Scalar and vector conversions give the same bits (NaN:
+// bfloat16 as Eigen's conversion, quiet with the sign kept; half: IEEE, as F16C).
+
+typedef Eigen::bfloat16 bf16_t;
+typedef Eigen::half f16_t;
+
+NORMKIT_KINLINE float to_f(float v) { return v; }
+NORMKIT_KINLINE double to_f(double v) { return v; }
+NORMKIT_KINLINE float to_f(bf16_t v) {
+  const std::uint32_t u = static_cast<std::uint32_t>(Eigen::numext::bit_cast<std::uint16_t>(v))
+                          << 16;
+  return Eigen::numext::bit_cast<float>(u);
+}
+NORMKIT_KINLINE float to_f(f16_t v) { return static_cast<float>(v); }
+
+template <class T>
+NORMKIT_KINLINE T from_f(float v);
+template <>
+NORMKIT_KINLINE float from_f<float>(float v) {
+  return v;
+}
+template <>
+NORMKIT_KINLINE bf16_t from_f<bf16_t>(float v) {
+  const std::uint32_t u = Eigen::numext::bit_cast<std::uint32_t>(v);
+  const std::uint32_t r =
+      v != v ? (((u >> 16) & 0x8000u) | 0x7fc0u) : ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  return Eigen::numext::bit_cast<bf16_t>(static_cast<std::uint16_t>(r));
+}
+template <>
+NORMKIT_KINLINE f16_t from_f<f16_t>(float v) {
+  return f16_t(v);
+}
+/// A double result stored as T (for the low types through float: the rare double path).
+template <class T>
+NORMKIT_KINLINE T from_d(double v) {
+  if constexpr (std::is_same<T, double>::value)
+    return v;
+  else
+    return from_f<T>(static_cast<float>(v));
+}
+
+#if NORMKIT_SIMD >= 0
+// Vector loads and stores of 16-bit storage by memcpy (one move; no aliasing questions).
+template <class V, class T>
+NORMKIT_KINLINE V vload(const T* p) {
+  V v;
+  __builtin_memcpy(&v, static_cast<const void*>(p), sizeof v);
+  return v;
+}
+template <class T, class V>
+NORMKIT_KINLINE void vstore(T* p, const V& v) {
+  __builtin_memcpy(static_cast<void*>(p), &v, sizeof v);
+}
+
+// F16C: the AVX2 and AVX-512 copies (their target regions enable it), or a translation unit
+// built with it.
+#if NORMKIT_KERNEL_ISA >= 1 || (NORMKIT_SIMD >= 2 && defined(__F16C__))
+#define NORMKIT_F16C 1
+#else
+#define NORMKIT_F16C 0
+#endif
+typedef unsigned short u16f __attribute__((vector_size(2 * kFW)));
+typedef unsigned int u32f __attribute__((vector_size(4 * kFW)));
+typedef unsigned short u16n __attribute__((vector_size(2 * kDW)));
+typedef unsigned int u32n __attribute__((vector_size(4 * kDW)));
+
+NORMKIT_KINLINE dvec widen(fnarrow f) {
+#if defined(__clang__) || NORMKIT_SIMD <= 1
+  return __builtin_convertvector(f, dvec);
+#elif NORMKIT_SIMD == 3
+  return __builtin_ia32_cvtps2pd512_mask(f, dvec{}, static_cast<unsigned char>(0xFF), 4);
+#else
+  return __builtin_ia32_cvtps2pd256(f);
+#endif
+}
+
+NORMKIT_KINLINE fvec fload(const bf16_t* p) {
+  const u32f u = __builtin_convertvector(vload<u16f>(p), u32f) << 16;
+  return (fvec)u;  // a bit cast (GCC/Clang vector casts)
+}
+NORMKIT_KINLINE void fstore(bf16_t* p, fvec f) {
+  const u32f u = (u32f)f;
+  const u32f r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const u32f q = ((u >> 16) & 0x8000u) | 0x7fc0u;
+  const u32f nan = (u32f)(f != f);
+  vstore(p, __builtin_convertvector((nan & q) | (~nan & r), u16f));
+}
+NORMKIT_KINLINE dvec dload(const bf16_t* p) {
+  const u32n u = __builtin_convertvector(vload<u16n>(p), u32n) << 16;
+  return widen((fnarrow)u);
+}
+
+#if NORMKIT_F16C && NORMKIT_SIMD == 3
+typedef short h16 __attribute__((vector_size(32)));
+typedef short h8 __attribute__((vector_size(16)));
+NORMKIT_KINLINE fvec fload(const f16_t* p) {
+  return __builtin_ia32_vcvtph2ps512_mask(vload<h16>(p), fvec{},
+                                          static_cast<unsigned short>(0xFFFF), 4);
+}
+NORMKIT_KINLINE void fstore(f16_t* p, fvec f) {
+  vstore(p, __builtin_ia32_vcvtps2ph512_mask(f, 0, h16{}, static_cast<unsigned short>(0xFFFF)));
+}
+NORMKIT_KINLINE dvec dload(const f16_t* p) {
+  return widen(__builtin_ia32_vcvtph2ps256(vload<h8>(p)));
+}
+#elif NORMKIT_F16C && NORMKIT_SIMD == 2
+typedef short h8 __attribute__((vector_size(16)));
+typedef long long i2 __attribute__((vector_size(16)));
+NORMKIT_KINLINE fvec fload(const f16_t* p) {
+  return __builtin_ia32_vcvtph2ps256(vload<h8>(p));
+}
+NORMKIT_KINLINE void fstore(f16_t* p, fvec f) {
+  vstore(p, __builtin_ia32_vcvtps2ph256(f, 0));
+}
+NORMKIT_KINLINE dvec dload(const f16_t* p) {
+  // 4 halves (8 bytes) in the low half of an xmm, converted to 4 floats.
+  long long lo;
+  __builtin_memcpy(&lo, p, 8);
+  const i2 w = {lo, 0};
+  return widen(__builtin_ia32_vcvtph2ps((h8)w));
+}
+#else
+NORMKIT_KINLINE fvec fload(const f16_t* p) {
+  fvec f;
+  for (int k = 0; k < kFW; ++k) f[k] = to_f(p[k]);
+  return f;
+}
+NORMKIT_KINLINE void fstore(f16_t* p, fvec f) {
+  for (int k = 0; k < kFW; ++k) p[k] = from_f<f16_t>(f[k]);
+}
+NORMKIT_KINLINE dvec dload(const f16_t* p) {
+  fnarrow f;
+  for (int k = 0; k < kDW; ++k) f[k] = to_f(p[k]);
+  return widen(f);
+}
+#endif
+#undef NORMKIT_F16C
+#else
+NORMKIT_KINLINE fvec fload(const bf16_t* p) { return to_f(*p); }
+NORMKIT_KINLINE fvec fload(const f16_t* p) { return to_f(*p); }
+NORMKIT_KINLINE void fstore(bf16_t* p, fvec v) { *p = from_f<bf16_t>(v); }
+NORMKIT_KINLINE void fstore(f16_t* p, fvec v) { *p = from_f<f16_t>(v); }
+NORMKIT_KINLINE dvec dload(const bf16_t* p) { return static_cast<double>(to_f(*p)); }
+NORMKIT_KINLINE dvec dload(const f16_t* p) { return static_cast<double>(to_f(*p)); }
 #endif
 
 inline constexpr int kDK = 8 / kDW;   // native registers per D8
@@ -194,12 +343,21 @@ NORMKIT_KINLINE D8 operator*(const D8& a, double b) {
 }
 NORMKIT_KINLINE D8 operator*(double a, const D8& b) { return b * a; }
 
-NORMKIT_KINLINE void load(F16& o, const float* p) {
+template <class T>
+NORMKIT_KINLINE void load(F16& o, const T* p) {
   for (int k = 0; k < kFK; ++k) o.v[k] = fload(p + k * kFW);
 }
-NORMKIT_KINLINE void store(float* p, const F16& a) {
+template <class T>
+NORMKIT_KINLINE void store(T* p, const F16& a) {
   for (int k = 0; k < kFK; ++k) fstore(p + k * kFW, a.v[k]);
 }
+template <class T>
+NORMKIT_KINLINE F16 load16(const T* p) {
+  F16 r;
+  load(r, p);
+  return r;
+}
+
 NORMKIT_KINLINE F16 splat16(float v) {
   F16 r;
   const fvec s = fsplat(v);
@@ -230,11 +388,6 @@ NORMKIT_KINLINE F16 operator+(const F16& a, float b) { return a + splat16(b); }
 NORMKIT_KINLINE F16 operator-(const F16& a, float b) { return a - splat16(b); }
 NORMKIT_KINLINE F16 operator*(const F16& a, float b) { return a * splat16(b); }
 NORMKIT_KINLINE F16 operator*(float a, const F16& b) { return b * splat16(a); }
-NORMKIT_KINLINE F16 load16(const float* p) {
-  F16 r;
-  load(r, p);
-  return r;
-}
 template <class T>
 NORMKIT_KINLINE D8 load8d(const T* p) {
   D8 r;

@@ -5,12 +5,25 @@
 #define NORMKIT_DETAIL_KERNELS_TYPES_HPP_
 // IWYU pragma: private, include <normkit/normkit.hpp>
 
-#include <cmath>  // std::abs
+#include <cmath>        // std::abs
+#include <type_traits>  // std::is_same
 
 #include <normkit/config.hpp>
 
 NORMKIT_BEGIN_NAMESPACE
 namespace detail {
+
+/// Low-precision storage types: loaded to float, computed in float or double, stored rounded
+/// once (docs/semantics.md §13).
+template <class T>
+inline constexpr bool is_low_v =
+    std::is_same<T, Eigen::bfloat16>::value || std::is_same<T, Eigen::half>::value;
+/// Storage types whose elementwise passes run in float (float itself and the low types).
+template <class T>
+inline constexpr bool is_floatlike_v = std::is_same<T, float>::value || is_low_v<T>;
+/// The type elementwise work on T runs in: double for double, float otherwise.
+template <class T>
+using compute_t = std::conditional_t<std::is_same<T, double>::value, double, float>;
 
 /// Whether a coefficient can take the float apply path: zero, or of a magnitude within
 /// [2^-100, 2^100], so that no product overflows, a denormal (x - mean) contributes below
@@ -66,8 +79,8 @@ struct LnBwdArgs {
   T* dx;
   const double* mean;
   const double* rstd;
-  const double* gamma;  // per position, or null
-  const T* gamma_t;     // per position in T (float path; ones when there is no weight)
+  const double* gamma;            // per position, or null
+  const compute_t<T>* gamma_t;    // per position in float (float path; ones without weight)
   Index n;
   int want_dg;
   int rms;  // RMSNorm: no mean term (the mean is 0 and dx has no -r * mean(g) part)
@@ -100,7 +113,8 @@ struct Leaves {
 template <class T>
 struct LnLeaves {
   void (*ln_affine_rows)(const T* x, T* y, Index len, Index count, Index stride,
-                         const AffineCoef* k, Index k_step, const T* gamma, const T* beta);
+                         const AffineCoef* k, Index k_step, const compute_t<T>* gamma,
+                         const compute_t<T>* beta);
   void (*ln_bwd_rows)(const LnBwdArgs<T>& a, Index r0, Index r1, double* pg, double* pb);
 };
 
