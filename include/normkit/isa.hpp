@@ -60,7 +60,15 @@ namespace detail {
 inline Isa detect_cpu_isa() {
 #if NORMKIT_X86_DISPATCH
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // The AVX2 copy is compiled for AVX2, FMA, F16C (half conversions), BMI/BMI2 and POPCNT
+  // (kernels/isa_begin.hpp). F16C has no __builtin_cpu_supports name in Clang 14: CPUID
+  // leaf 1, ECX bit 29 (every AVX2 CPU has it, but a hypervisor may hide it).
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(1), "c"(0));
+  const bool f16c = (ecx >> 29) & 1u;
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c &&
+                    __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
+                    __builtin_cpu_supports("popcnt");
   // As PyTorch's AVX512 capability: F plus the VL, BW and DQ extensions.
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&

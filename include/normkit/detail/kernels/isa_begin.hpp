@@ -13,21 +13,21 @@
 // region (a 32/64-byte vector passed across would change the calling convention).
 #if NORMKIT_KERNEL_ISA == 1
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"))), \
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi,bmi2,popcnt"))), \
                              apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
 #endif
 #define NORMKIT_KERNEL_NS isa_avx2
 #elif NORMKIT_KERNEL_ISA == 2
 #if defined(__clang__)
 #pragma clang attribute push(                                                                     \
-    __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt"))), \
+    __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt"))), \
     apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt")
 #endif
 #define NORMKIT_KERNEL_NS isa_avx512
 #else
