@@ -42,20 +42,20 @@ inline void mpi_check(int rc, const char* call) {
   throw std::runtime_error(std::string("[normkit.SyncBatchNorm] ") + call + " failed: " + text);
 }
 
-// What every rank tells the others before any data moves (one MPI_Allgather): its input's
-// shape facts, its mode, and whether its own checks passed (and why not). Bad input on one
-// rank then makes every rank throw the same exception, and nothing hangs in a collective the
-// other ranks never reach.
+/// What every rank tells the others before any data moves (one MPI_Allgather): its input's
+/// shape facts, its mode, and whether its own checks passed (and why not). Bad input on one
+/// rank then makes every rank throw the same exception, and nothing hangs in a collective the
+/// other ranks never reach.
 struct SyncHeader {
-  std::int64_t channels = 0;  // logical dim 1
-  std::int64_t samples = 0;   // logical dim 0 (this rank's shard)
-  std::int64_t spatial = 0;   // product of the spatial dims
-  std::int32_t rank = 0;      // tensor rank
-  std::int32_t layout = 0;    // Eigen::RowMajor / ColMajor
-  std::int32_t training = 0;
-  std::int32_t phase = 0;   // 0 forward, 1 backward (recompute), 2 backward (kept statistics)
-  std::int32_t status = 0;  // 0 ok, 1 shape_error, 2 value_error
-  char message[244] = {};
+  std::int64_t channels = 0;  ///< logical dim 1
+  std::int64_t samples = 0;   ///< logical dim 0 (this rank's shard)
+  std::int64_t spatial = 0;   ///< product of the spatial dims
+  std::int32_t rank = 0;      ///< tensor rank
+  std::int32_t layout = 0;    ///< Eigen::RowMajor / ColMajor
+  std::int32_t training = 0;  ///< 1 in training mode
+  std::int32_t phase = 0;     ///< 0 forward, 1 backward recomputing, 2 backward with kept stats
+  std::int32_t status = 0;    ///< 0 ok, 1 shape_error, 2 value_error
+  char message[244] = {};     ///< the error's message when status is not 0
 };
 static_assert(sizeof(SyncHeader) == 288, "SyncHeader: 288 bytes on every rank (sent as bytes)");
 
