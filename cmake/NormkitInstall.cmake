@@ -66,6 +66,19 @@ if(TARGET normkit_safetensors)
          FILE "${PROJECT_BINARY_DIR}/normkitSafetensorsTargets.cmake")
 endif()
 
+# normkit::mpi (when MPI was found), likewise in a file of its own, which normkitConfig.cmake
+# includes only when it finds MPI.
+if(TARGET normkit_mpi)
+  install(TARGETS normkit_mpi EXPORT normkitMpiTargets)
+  install(EXPORT normkitMpiTargets
+          NAMESPACE normkit::
+          DESTINATION "${NORMKIT_CONFIG_INSTALL_DIR}"
+          COMPONENT normkit_Development)
+  export(EXPORT normkitMpiTargets
+         NAMESPACE normkit::
+         FILE "${PROJECT_BINARY_DIR}/normkitMpiTargets.cmake")
+endif()
+
 # pkg-config: Eigen's include dir comes through "Requires: eigen3" (Debian ships eigen3.pc).
 # The prefix is computed from the .pc file's own location, so that `cmake --install --prefix`
 # into any directory gives a working file.

@@ -6,13 +6,14 @@
 # Usage: scripts/bench.sh [repetitions] [extra tools/bench_report.py args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/deps.sh cmake g++ ninja-build libeigen3-dev libbenchmark-dev libtorch-dev libdnnl-dev python3
+bash scripts/deps.sh cmake g++ ninja-build libeigen3-dev libbenchmark-dev libtorch-dev libdnnl-dev python3 \
+  libopenmpi-dev openmpi-bin
 reps=${1:-3}
 shift || true
 build=build/bench
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DNORMKIT_BUILD_TESTS=OFF \
   -DNORMKIT_BUILD_EXAMPLES=OFF -DNORMKIT_BUILD_BENCHMARKS=ON -DNORMKIT_BENCH_NATIVE=OFF >/dev/null
-cmake --build "$build" --target normkit_bench -j "$(nproc)"
+cmake --build "$build" --target normkit_bench bench_sync_bn -j "$(nproc)"
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1 | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//')
 day=$(date +%Y-%m-%d)
 mkdir -p benchmarks/results
@@ -28,3 +29,8 @@ for isa in "${levels[@]}"; do
   python3 tools/bench_report.py "${args[@]}" "$@"
   echo "wrote $out.md"
 done
+# SyncBatchNorm over MPI, 2 processes on this machine (benchmarks/bench_sync_bn.cpp): its
+# table goes at the end of the default run's results.
+root=(); [ "$(id -u)" -eq 0 ] && root=(--allow-run-as-root)
+mpirun -np 2 --oversubscribe "${root[@]}" "$build/benchmarks/bench_sync_bn" >> "benchmarks/results/$day-$cpu-default.md"
+echo "appended the SyncBatchNorm table to benchmarks/results/$day-$cpu-default.md"

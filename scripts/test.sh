@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Builds and runs normkit's whole test suite (unit, fixture, gradient, threading and per-ISA
-# tests, examples, consumer projects, and a smoke run of the benchmarks) with warnings as
-# errors. Installs missing Debian packages first (not the benchmark peers: scripts/bench.sh
+# tests, examples, consumer projects, SyncBatchNorm under mpiexec on 1-4 processes, and a
+# smoke run of the benchmarks) with warnings as errors. Installs missing Debian packages first (not the benchmark peers: scripts/bench.sh
 # installs libtorch and oneDNN for the comparisons). Usage: scripts/test.sh [build-dir] [extra
 # cmake args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/deps.sh cmake g++ make ninja-build libeigen3-dev libgtest-dev libbenchmark-dev nlohmann-json3-dev
+bash scripts/deps.sh cmake g++ make ninja-build libeigen3-dev libgtest-dev libbenchmark-dev \
+  nlohmann-json3-dev libopenmpi-dev openmpi-bin
 build=${1:-build/test}
 shift || true
 # The benchmark peers are left out of the test build even when installed (the smoke run only

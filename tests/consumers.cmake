@@ -11,6 +11,8 @@
 #                                    and the installed prefix: find_package wins, nothing cloned
 #   consumer.safetensors.find_package / .add_subdirectory -> normkit::safetensors (nlohmann_json)
 #                                    writes and reads back a state dict with safetensors.hpp
+#   consumer.mpi.find_package     -> find_package(normkit ... COMPONENTS mpi): normkit::mpi
+#                                    (MPI), SyncBatchNorm as one process
 # Included from tests/CMakeLists.txt; the top-level source dir is the checkout.
 set(_nk_consumers_src "${CMAKE_CURRENT_LIST_DIR}/consumers")
 set(_nk_consumers_bin "${CMAKE_CURRENT_BINARY_DIR}/consumers")
@@ -160,4 +162,12 @@ if(TARGET normkit::safetensors)
 else()
   message(STATUS "normkit: no normkit::safetensors (apt-get install nlohmann-json3-dev), "
                  "skipping state_dict_test, safetensors_hostile_test and the safetensors consumers")
+endif()
+
+# normkit::mpi (mpi.hpp needs MPI): a consumer through find_package(... COMPONENTS mpi),
+# run as one process (an MPI singleton, no launcher).
+if(TARGET normkit::mpi AND NORMKIT_INSTALL)
+  _normkit_add_consumer_test(mpi.find_package SOURCE mpi OPTIONS
+    "-DCMAKE_PREFIX_PATH=${_nk_prefix}")
+  set_tests_properties(consumer.mpi.find_package PROPERTIES FIXTURES_REQUIRED normkit_installed)
 endif()

@@ -5,8 +5,6 @@
 #ifndef NORMKIT_MPI_HPP_
 #define NORMKIT_MPI_HPP_
 
-#include <mpi.h>
-
 #include <algorithm>  // std::min
 #include <cstdint>    // std::int64_t
 #include <cstdio>     // std::snprintf
@@ -14,6 +12,8 @@
 #include <stdexcept>  // std::runtime_error
 #include <string>     // std::string
 #include <vector>     // std::vector
+
+#include <mpi.h>
 
 #include <normkit/batch_norm.hpp>
 #include <normkit/config.hpp>
@@ -42,21 +42,22 @@ inline void mpi_check(int rc, const char* call) {
   throw std::runtime_error(std::string("[normkit.SyncBatchNorm] ") + call + " failed: " + text);
 }
 
-// What every rank tells the others before any data moves (one MPI_Allgather): its input's
-// shape facts, its mode, and whether its own checks passed (and why not). Bad input on one
-// rank then makes every rank throw the same exception, and nothing hangs in a collective the
-// other ranks never reach.
+/// What every rank tells the others before any data moves (one MPI_Allgather): its input's
+/// shape facts, its mode, and whether its own checks passed (and why not). Bad input on one
+/// rank then makes every rank throw the same exception, and nothing hangs in a collective the
+/// other ranks never reach.
 struct SyncHeader {
-  std::int64_t channels = 0;  // logical dim 1
-  std::int64_t samples = 0;   // logical dim 0 (this rank's shard)
-  std::int64_t spatial = 0;   // product of the spatial dims
-  std::int32_t rank = 0;      // tensor rank
-  std::int32_t layout = 0;    // Eigen::RowMajor / ColMajor
-  std::int32_t training = 0;
-  std::int32_t phase = 0;     // 0 forward, 1 backward (recompute), 2 backward (kept statistics)
-  std::int32_t status = 0;    // 0 ok, 1 shape_error, 2 value_error
-  char message[244] = {};
+  std::int64_t channels = 0;  ///< logical dim 1
+  std::int64_t samples = 0;   ///< logical dim 0 (this rank's shard)
+  std::int64_t spatial = 0;   ///< product of the spatial dims
+  std::int32_t rank = 0;      ///< tensor rank
+  std::int32_t layout = 0;    ///< Eigen::RowMajor / ColMajor
+  std::int32_t training = 0;  ///< 1 in training mode
+  std::int32_t phase = 0;     ///< 0 forward, 1 backward recomputing, 2 backward with kept stats
+  std::int32_t status = 0;    ///< 0 ok, 1 shape_error, 2 value_error
+  char message[244] = {};     ///< the error's message when status is not 0
 };
+static_assert(sizeof(SyncHeader) == 288, "SyncHeader: 288 bytes on every rank (sent as bytes)");
 
 /// Exchanges the headers and throws on every rank when any rank's status is an error or the
 /// ranks disagree (channel count, tensor rank, layout, spatial dims, mode, phase).
@@ -88,12 +89,16 @@ inline std::vector<SyncHeader> sync_agree(MPI_Comm comm, const SyncHeader& mine,
            h0.layout == Eigen::RowMajor ? "RowMajor" : "ColMajor");
     }
     if (h.training != h0.training || h.phase != h0.phase) {
+      auto call = [](std::int32_t phase) {
+        return phase == 0   ? "forward"
+               : phase == 1 ? "backward recomputing the batch statistics"
+                            : "backward with the kept batch statistics";
+      };
       fail(Fail::value, who,
            "rank %d is in %s mode (%s), but rank 0 is in %s mode (%s): every rank must call the "
            "same method in the same mode",
-           r, h.training ? "training" : "evaluation",
-           h.phase == 0 ? "forward" : "backward", h0.training ? "training" : "evaluation",
-           h0.phase == 0 ? "forward" : "backward");
+           r, h.training ? "training" : "evaluation", call(h.phase),
+           h0.training ? "training" : "evaluation", call(h0.phase));
     }
   }
   return all;
@@ -101,7 +106,7 @@ inline std::vector<SyncHeader> sync_agree(MPI_Comm comm, const SyncHeader& mine,
 
 /// Gathers every rank's per-sample partials (samples x C, in rank order) and folds them per
 /// channel in global sample order: the single-process fold of BatchNorm's per-sample blocks.
-/// Returns the merged partial per channel; `bytes` gets what this rank sent.
+/// Returns the merged partial per channel; what this rank sent is added to `bytes`.
 inline std::vector<Part> sync_fold(MPI_Comm comm,
                                    const std::vector<SyncHeader>& all,
                                    const std::vector<Part>& local,
@@ -125,7 +130,7 @@ inline std::vector<Part> sync_fold(MPI_Comm comm,
     send[3 * i + 1] = local[i].b;
     send[3 * i + 2] = static_cast<double>(local[i].n);
   }
-  bytes = static_cast<long long>(send.size() * sizeof(double));
+  bytes += static_cast<long long>(send.size() * sizeof(double));
   mpi_check(MPI_Allgatherv(send.data(), static_cast<int>(send.size()), MPI_DOUBLE, recv.data(),
                            counts.data(), displs.data(), MPI_DOUBLE, comm),
             "MPI_Allgatherv");
@@ -138,7 +143,8 @@ inline std::vector<Part> sync_fold(MPI_Comm comm,
     }
   }
   std::vector<Part> out(static_cast<std::size_t>(C));
-  for (Index c = 0; c < C; ++c) out[static_cast<std::size_t>(c)] = fold[static_cast<std::size_t>(c)].done();
+  for (Index c = 0; c < C; ++c)
+    out[static_cast<std::size_t>(c)] = fold[static_cast<std::size_t>(c)].done();
   return out;
 }
 
@@ -148,7 +154,8 @@ inline std::vector<Part> sync_fold(MPI_Comm comm,
 /// torch.nn.SyncBatchNorm: in training, every process normalizes its shard with the mean and
 /// variance of the *whole* batch, and the running statistics (unbiased variance over the
 /// global count) are the same on every process. Evaluation mode is plain BatchNorm on the
-/// running statistics, without communication.
+/// running statistics, moving no data (without track_running_stats: on each shard's own
+/// statistics, as torch.nn.SyncBatchNorm).
 ///
 /// NB: exact and deterministic. Each process reduces every sample of its shard to per-channel
 /// (count, mean, M2) -- BatchNorm's per-sample blocks -- and one MPI_Allgatherv gives every
@@ -160,15 +167,19 @@ inline std::vector<Part> sync_fold(MPI_Comm comm,
 /// or channels-last layouts); otherwise within rounding of it. Backward exchanges the two
 /// per-channel sums per sample the same way (an all-gather summed in a fixed order, not
 /// MPI_Allreduce, whose order is the MPI library's choice): dx is the slice of the full-batch
-/// gradient. dweight and dbias are this process's own contribution, as PyTorch: summed over
-/// processes (what a data-parallel gradient all-reduce does for every parameter) they give the
-/// full-batch gradient.
+/// gradient. y and dx are bitwise the same for any split in RowMajor layouts (NCHW-like,
+/// channels-last: a sample is a block the kernels walk alike in any shard); in ColMajor a
+/// shard's contiguous runs lie along N, and the kernels' vector body, scalar tail and column
+/// variant round alike only without FMA contraction (the baseline ISA), so there y and dx are
+/// within rounding across splits (the statistics stay bitwise). dweight and dbias are this
+/// process's own contribution, as PyTorch: summed over processes (what a data-parallel gradient
+/// all-reduce does for every parameter) they give the full-batch gradient.
 ///
 /// Every process must call forward (and backward) collectively, in both modes (evaluation
 /// moves no data, but the processes still agree on the call in one small collective), with
-/// shards of the same
-/// channel count, tensor rank, storage order and spatial dims (the batch size may differ,
-/// including 0). Before any data moves the processes agree on these in one small collective:
+/// shards of the same channel count, tensor rank, storage order and spatial size (the batch
+/// size may differ, including 0; "more than 1 value per channel" is judged on the whole
+/// batch). Before any data moves the processes agree on these in one small collective:
 /// a mismatch, or bad input on any process, makes every process throw the same exception
 /// naming the offending rank, and no state changes anywhere. MPI_THREAD_FUNNELED is enough:
 /// only the calling thread talks to MPI (a thread-pool device only runs the local reductions).
@@ -191,8 +202,11 @@ class SyncBatchNorm : public detail::ChannelModule<Scalar, BatchNormOptions> {
 
   /// The communicator the statistics are merged over.
   MPI_Comm comm() const { return comm_; }
-  /// Bytes this process sent in the last call's data exchange (the per-sample partials:
-  /// 3 doubles per sample and channel, forward and backward alike).
+  /// Bytes this process sent in the last call's data exchange: the per-sample partials, 3
+  /// doubles per sample of its shard and channel, once in a training forward and once in a
+  /// backward (twice when backward(x, dy) recomputes the statistics); 0 in evaluation mode.
+  /// The agreement collective every call starts with adds sizeof(detail::SyncHeader) (288)
+  /// bytes, not counted here.
   long long last_exchange_bytes() const { return bytes_; }
 
   /// Normalizes this process's shard x, (N_r, C, *) of rank 2 to 5 (C last with
@@ -208,7 +222,9 @@ class SyncBatchNorm : public detail::ChannelModule<Scalar, BatchNormOptions> {
   template <class X, class Y, class Device = Eigen::DefaultDevice, detail::if_tensor<Y> = 0>
   void forward(const X& x, Y&& y, const Device& device = Device()) {
     const detail::Exec ex = detail::make_exec(device);
-    const detail::Shape sh = checked(x, static_cast<const X*>(nullptr), 0);  // every mode
+    // Every mode; y's size is checked (a Tensor resized) with x's, on every rank together.
+    const detail::Shape sh =
+        checked(x, static_cast<const X*>(nullptr), 0, [&] { detail::prepare_output(x, y, kName); });
     if (!this->training_) {  // running statistics (or this shard's own without tracking)
       this->forward_impl(detail::ChannelNormKind::batch, sh, x, y, ex);
       return;
@@ -216,19 +232,24 @@ class SyncBatchNorm : public detail::ChannelModule<Scalar, BatchNormOptions> {
     std::vector<double> mean, var;
     const double count = global_stats(sh, x, ex, mean, var);
     const detail::GivenStats given{mean.data(), var.data(), count};
-    this->forward_impl(detail::ChannelNormKind::batch, sh, x, y, ex, &given);
+    // An empty batch on every rank: as BatchNorm on an empty batch (the counter moves, the
+    // running statistics do not), which every rank sees alike.
+    this->forward_impl(detail::ChannelNormKind::batch, sh, x, y, ex, count > 0 ? &given : nullptr);
     kept_count_ = count;
   }
 
   /// Gradients for the last training forward from its kept input (keep_input()).
   template <class DY, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
   auto backward(const DY& dy, const Device& device = Device()) {
-    return backward(this->kept_input(dy, kName), dy, device);
+    return backward(kept_input_or_reject(dy), dy, device);
   }
 
   /// Gradients at this process's shard x: dx of the full-batch loss, and this process's
   /// contributions to dweight and dbias.
-  template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0,
+  template <class X,
+            class DY,
+            class Device = Eigen::DefaultDevice,
+            detail::if_tensor<DY> = 0,
             detail::if_device<Device> = 0>
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
     Gradients<Scalar, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> g;
@@ -237,12 +258,15 @@ class SyncBatchNorm : public detail::ChannelModule<Scalar, BatchNormOptions> {
   }
 
   /// Non-allocating backward into caller-owned gradients.
-  template <class X, class DY, class G, class Device = Eigen::DefaultDevice,
+  template <class X,
+            class DY,
+            class G,
+            class Device = Eigen::DefaultDevice,
             detail::if_gradients<G> = 0>
   void backward(const X& x, const DY& dy, G& g, const Device& device = Device()) {
     const detail::Exec ex = detail::make_exec(device);
     const bool kept = this->training_ && this->kept_for(x);
-    const detail::Shape sh = checked(x, &dy, kept ? 2 : 1);
+    const detail::Shape sh = checked(x, &dy, kept ? 2 : 1, [] {});
     if (!this->training_) {  // evaluation: this process alone, as BatchNorm
       this->backward_impl(detail::ChannelNormKind::batch, sh, x, dy, g, ex);
       return;
@@ -260,6 +284,12 @@ class SyncBatchNorm : public detail::ChannelModule<Scalar, BatchNormOptions> {
     } else {
       std::vector<double> var;
       count = global_stats(sh, x, ex, mean, var);
+      if (count == 1) {  // as BatchNorm's backward(x, dy); the count is the same on every rank
+        detail::fail(detail::Fail::value, kName,
+                     "Expected more than 1 value per channel when training, got 1 value per "
+                     "channel over the whole batch (input size %s here)",
+                     detail::shape_text(sh).s);
+      }
       for (Index c = 0; c < C; ++c) {
         rstd[static_cast<std::size_t>(c)] =
             detail::rstd_of(var[static_cast<std::size_t>(c)], this->options_.eps(), true);
@@ -292,7 +322,7 @@ class SyncBatchNorm : public detail::ChannelModule<Scalar, BatchNormOptions> {
   /// backward(dy) into caller-owned gradients.
   template <class DY, class G, class Device = Eigen::DefaultDevice, detail::if_gradients<G> = 0>
   void backward(const DY& dy, G& g, const Device& device = Device()) {
-    backward(this->kept_input(dy, kName), dy, g, device);
+    backward(kept_input_or_reject(dy), dy, g, device);
   }
 
  private:
@@ -305,22 +335,21 @@ class SyncBatchNorm : public detail::ChannelModule<Scalar, BatchNormOptions> {
     return detail::logical_shape(x, this->options_.channels_last(), kName);
   }
 
-  /// Runs this process's checks (of x and, when given, dy) and the agreement collective;
-  /// throws on every process when any process's input is bad. Returns x's shape.
-  template <class X, class DY = X>
-  detail::Shape checked(const X& x, const DY* dy, int phase) {
+  /// Runs this process's checks (of x, when given dy, and `extra`) and the agreement
+  /// collective; throws on every process when any process's input is bad. Returns x's shape.
+  template <class X, class DY, class F>
+  detail::Shape checked(const X& x, const DY* dy, int phase, F&& extra) {
     detail::SyncHeader h;
     detail::Shape sh;
+    bytes_ = 0;
     try {
       sh = shape(x);
       detail::check_channels(kName, "num_features", this->options_.num_features(), sh);
       if (dy)
         detail::check_same_dims(kName, "grad_output", x, *dy);
-    } catch (const shape_error& e) {
-      h.status = 1;
-      std::strncpy(h.message, e.what(), sizeof h.message - 1);
-    } catch (const value_error& e) {
-      h.status = 2;
+      extra();
+    } catch (const error& e) {
+      h.status = dynamic_cast<const shape_error*>(&e) ? 1 : 2;
       std::strncpy(h.message, e.what(), sizeof h.message - 1);
     }
     h.channels = sh.rank >= 2 ? sh.dim[1] : -1;
@@ -334,6 +363,22 @@ class SyncBatchNorm : public detail::ChannelModule<Scalar, BatchNormOptions> {
     return sh;
   }
 
+  /// The kept input for backward(dy); when there is none (or dy does not match it), the
+  /// agreement collective the other processes are in makes every process throw.
+  template <class DY>
+  auto kept_input_or_reject(const DY& dy) {
+    try {
+      return this->kept_input(dy, kName);
+    } catch (const error& e) {
+      detail::SyncHeader h;
+      h.status = dynamic_cast<const shape_error*>(&e) ? 1 : 2;
+      std::strncpy(h.message, e.what(), sizeof h.message - 1);
+      bytes_ = 0;
+      headers_ = detail::sync_agree(comm_, h, kName);  // throws: this rank's status is an error
+      throw;
+    }
+  }
+
   /// The whole batch's per-channel mean and biased variance, merged over every process (after
   /// checked()); returns the global count per channel.
   template <class X>
@@ -345,7 +390,8 @@ class SyncBatchNorm : public detail::ChannelModule<Scalar, BatchNormOptions> {
     const Index C = sh.dim[1];
     std::vector<detail::Part> local(static_cast<std::size_t>(sh.dim[0] * C));
     detail::channel_sample_parts<Scalar>(sh, x.data(), nullptr, nullptr, local.data(), ex);
-    const std::vector<detail::Part> merged = detail::sync_fold(comm_, headers_, local, C, true, bytes_);
+    const std::vector<detail::Part> merged =
+        detail::sync_fold(comm_, headers_, local, C, true, bytes_);
     mean.resize(static_cast<std::size_t>(C));
     var.resize(mean.size());
     for (Index c = 0; c < C; ++c) {

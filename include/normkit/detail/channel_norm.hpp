@@ -7,6 +7,7 @@
 // IWYU pragma: private, include <normkit/normkit.hpp>
 
 #include <algorithm>  // std::fill
+#include <array>      // std::array
 #include <string>     // std::string, std::to_string
 #include <vector>     // std::vector
 
@@ -55,12 +56,14 @@ inline Index spatial_size(const Shape& sh) {
 /// deliberate difference: PyTorch skips it without affine parameters and running buffers).
 inline void check_channels(const char* who, const char* what, Index expected, const Shape& sh) {
   if (sh.rank < 2 || sh.dim[1] != expected) {
-    fail(Fail::shape, who, "expected input with %lld channels (%s) at logical dim 1, but got input of size %s",
+    fail(Fail::shape, who,
+         "expected input with %lld channels (%s) at logical dim 1, but got input of size %s",
          static_cast<long long>(expected), what, shape_text(sh).s);
   }
 }
 
-NORMKIT_ALWAYS_INLINE void check_size(const char* who, const char* name, bool present, Index size, Index n) {
+NORMKIT_ALWAYS_INLINE void check_size(
+    const char* who, const char* name, bool present, Index size, Index n) {
   if (present && size != n) {
     fail(Fail::shape, who, "%s should contain %lld elements not %lld", name,
          static_cast<long long>(n), static_cast<long long>(size));
@@ -94,11 +97,13 @@ void channel_norm_check(const char* who,
     }
   } else if (a.batch_stats) {
     if (kind == ChannelNormKind::batch && sh.dim[0] * spatial_size(sh) == 1) {
-      fail(Fail::value, who, "Expected more than 1 value per channel when training, got input size %s",
+      fail(Fail::value, who,
+           "Expected more than 1 value per channel when training, got input size %s",
            shape_text(sh).s);
     }
     if (kind == ChannelNormKind::instance && spatial_size(sh) == 1) {
-      fail(Fail::value, who, "Expected more than 1 spatial element when training, got input size %s",
+      fail(Fail::value, who,
+           "Expected more than 1 spatial element when training, got input size %s",
            shape_text(sh).s);
     }
   }
@@ -116,8 +121,8 @@ inline Plan channel_plan(ChannelNormKind kind, const Shape& sh, bool sample_bloc
                  key ? Role::key : Role::reduce, 0, kind == ChannelNormKind::batch && i == 0};
   }
   Plan p = make_plan(ax.data(), sh.rank);
-  p.sample_blocks = kind == ChannelNormKind::batch &&
-                    (sample_blocks || spatial_size(sh) >= kSampleBlockMin);
+  p.sample_blocks =
+      kind == ChannelNormKind::batch && (sample_blocks || spatial_size(sh) >= kSampleBlockMin);
   return p;
 }
 
@@ -182,8 +187,11 @@ void channel_norm_forward(ChannelNormKind kind,
   op.copy = copy;
   std::vector<double> dtab;
   std::vector<float> ftab;
+  // Given statistics (SyncBatchNorm) take the column tables whenever the plan is in column
+  // mode, not by size: without them the apply runs in double (ApplyOp::generic), so an
+  // element's bits would depend on the size of the shard it is in.
   auto apply_all = [&] {
-    if (want_tables(p))
+    if (want_tables(p) || (a.batch_mean && p.column_mode()))
       column_tables(op, slots, dtab, ftab);
     apply_plan(p, op, ex);
   };
@@ -309,31 +317,79 @@ void check_grad_args(const char* who,
 /// Per-sample partials of BatchNorm (SyncBatchNorm): out[n * C + c] is sample n's moments of
 /// channel c (dy null), or its backward sums sum(dy), sum(dy * (x - mean[c])) -- exactly
 /// the per-sample partials BatchNorm folds when its plan takes per-sample blocks
-/// (reduction.hpp), whatever the layout.
+/// (reduction.hpp): N outermost in memory (RowMajor NCHW-like and channels-last), where a
+/// sample is a dense block. Otherwise (ColMajor: a sample's elements are N apart) each
+/// sample is first copied to a dense buffer, in the input's axis order: the plan needs a
+/// dense view, and a sample's partial is then the same wherever it sits in the batch.
 template <class T>
-void channel_sample_parts(const Shape& sh,
-                          const T* x,
-                          const T* dy,
-                          const double* mean,
-                          Part* out,
-                          const Exec& ex) {
+void channel_sample_parts(
+    const Shape& sh, const T* x, const T* dy, const double* mean, Part* out, const Exec& ex) {
   const Index N = sh.dim[0], C = sh.dim[1];
   Shape one = sh;
   one.dim[0] = 1;
+  const Index per = one.numel();
+  const bool gather = sh.stride[0] != per;
+  // The gather order: axes 1.. by increasing input stride, innermost first.
+  std::array<int, kMaxAxes> ord{};
+  int m = 0;
+  if (gather) {
+    for (int i = 1; i < sh.rank; ++i) {
+      int j = m++;
+      for (; j > 0 && sh.stride[static_cast<std::size_t>(ord[static_cast<std::size_t>(j - 1)])] >
+                          sh.stride[static_cast<std::size_t>(i)];
+           --j)
+        ord[static_cast<std::size_t>(j)] = ord[static_cast<std::size_t>(j - 1)];
+      ord[static_cast<std::size_t>(j)] = i;
+    }
+    Index s = 1;
+    for (int j = 0; j < m; ++j) {
+      const auto a = static_cast<std::size_t>(ord[static_cast<std::size_t>(j)]);
+      one.stride[a] = s;
+      s *= one.dim[a];
+    }
+    one.stride[0] = per;
+  }
   const Plan p = channel_plan(ChannelNormKind::batch, one, true);
   std::vector<double> center(static_cast<std::size_t>(C));
   if (dy) {
     for (Index c = 0; c < C; ++c)
       center[static_cast<std::size_t>(plan_slot(ChannelNormKind::batch, p, c, C))] = mean[c];
   }
+  std::vector<T> gx(gather ? static_cast<std::size_t>(per) : 0);
+  std::vector<T> gdy(gather && dy ? static_cast<std::size_t>(per) : 0);
+  // Copies sample n of src into dst, in the gather order.
+  auto copy_sample = [&](const T* src, T* dst) {
+    std::array<Index, kMaxAxes> idx{};
+    Index off = 0;
+    for (Index k = 0; k < per; ++k) {
+      dst[k] = src[off];
+      for (int j = 0; j < m; ++j) {
+        const auto a = static_cast<std::size_t>(ord[static_cast<std::size_t>(j)]);
+        off += sh.stride[a];
+        if (++idx[a] < sh.dim[a])
+          break;
+        off -= sh.dim[a] * sh.stride[a];
+        idx[a] = 0;
+      }
+    }
+  };
   std::vector<Part> parts(static_cast<std::size_t>(C));
   const Leaves<T>& L = leaves<T>();
   for (Index n = 0; n < N; ++n) {
     const Index off = n * sh.stride[0];
-    reduce(p, SumOp<T>{&L, x + off, dy ? dy + off : nullptr, center.data()}, parts.data(), ex);
+    const T* xs = x + off;
+    const T* dys = dy ? dy + off : nullptr;
+    if (gather) {
+      copy_sample(xs, gx.data());
+      xs = gx.data();
+      if (dy) {
+        copy_sample(dys, gdy.data());
+        dys = gdy.data();
+      }
+    }
+    reduce(p, SumOp<T>{&L, xs, dys, center.data()}, parts.data(), ex);
     for (Index c = 0; c < C; ++c)
-      out[n * C + c] =
-          parts[static_cast<std::size_t>(plan_slot(ChannelNormKind::batch, p, c, C))];
+      out[n * C + c] = parts[static_cast<std::size_t>(plan_slot(ChannelNormKind::batch, p, c, C))];
   }
 }
 
@@ -358,9 +414,8 @@ void channel_norm_dx(const Shape& sh,
   std::vector<GradCoef> gk(static_cast<std::size_t>(C));
   for (Index c = 0; c < C; ++c) {
     const double g = weight ? static_cast<double>(weight.data()[c]) : 1.0, r = rstd_c[c];
-    gk[static_cast<std::size_t>(plan_slot(ChannelNormKind::batch, p, c, C))] =
-        grad_coef(mean_c[c], g * r, -g * r * r * r * sums_c[c].b / count,
-                  -g * r * sums_c[c].a / count);
+    gk[static_cast<std::size_t>(plan_slot(ChannelNormKind::batch, p, c, C))] = grad_coef(
+        mean_c[c], g * r, -g * r * r * r * sums_c[c].b / count, -g * r * sums_c[c].a / count);
   }
   ApplyOp<T> aop;
   aop.kind = ApplyKind::gradin;
@@ -371,7 +426,7 @@ void channel_norm_dx(const Shape& sh,
   aop.gk = gk.data();
   std::vector<double> dtab;
   std::vector<float> ftab;
-  if (want_tables(p))
+  if (p.column_mode())  // whatever the shard's size, as channel_norm_forward's given statistics
     column_tables(aop, C, dtab, ftab);
   apply_plan(p, aop, ex);
 }
