@@ -300,6 +300,18 @@ void grad_cols(const T* x,
 // tail through the same generic lambda: the same IEEE operations either way, so where a
 // run is cut changes no result.
 
+// NB: the tail goes through the vector code too (inputs widened into zero-padded buffers,
+// the result's first `rest` lanes stored), so that every element is computed by the same
+// instructions wherever its run is cut: a scalar tail would let the compiler contract
+// a * b + c into an FMA differently than in the vector body (found by the soak test and the
+// SyncBatchNorm splits: one-ulp differences between thread counts and shard sizes).
+template <class P>
+NORMKIT_KINLINE F16 load16_tail(const P* p, Index rest) {
+  alignas(64) float t[16] = {};
+  for (Index k = 0; k < rest; ++k) t[k] = to_f(p[k]);
+  return load16(static_cast<const float*>(t));
+}
+
 template <class Y, class F, class... P>
 NORMKIT_KINLINE void fmap(Index len, Y* y, const F& f, const P*... in) {
   Index j = 0;
@@ -308,15 +320,23 @@ NORMKIT_KINLINE void fmap(Index len, Y* y, const F& f, const P*... in) {
     f(r, load16(in + j)...);
     store(y + j, r);
   }
-  for (; j < len; ++j) {
-    float r;
-    f(r, to_f(in[j])...);
-    y[j] = from_f<Y>(r);
+  if (j < len) {
+    const Index rest = len - j;
+    F16 r;
+    f(r, load16_tail(in + j, rest)...);
+    alignas(64) float o[16];
+    store(o, r);
+    for (Index k = 0; k < rest; ++k) y[j + k] = from_f<Y>(o[k]);
   }
 }
 
-// The double path of float-like input (coefficients beyond float: rare, extreme data) runs
-// one element at a time; double input vectorizes.
+template <class P>
+NORMKIT_KINLINE D8 load8d_tail(const P* p, Index rest) {
+  alignas(64) double t[8] = {};
+  for (Index k = 0; k < rest; ++k) t[k] = static_cast<double>(p[k]);
+  return load8d(static_cast<const double*>(t));
+}
+
 template <class T, class F, class... P>
 NORMKIT_KINLINE void dmap(Index len, T* y, const F& f, const P*... in) {
   if constexpr (is_floatlike_v<T>) {
@@ -332,10 +352,13 @@ NORMKIT_KINLINE void dmap(Index len, T* y, const F& f, const P*... in) {
       f(r, load8d(in + j)...);
       store(y + j, r);
     }
-    for (; j < len; ++j) {
-      double r;
-      f(r, static_cast<double>(in[j])...);
-      y[j] = static_cast<T>(r);
+    if (j < len) {  // the tail through the vector code (see fmap)
+      const Index rest = len - j;
+      D8 r;
+      f(r, load8d_tail(in + j, rest)...);
+      alignas(64) double o[8];
+      store(o, r);
+      for (Index k = 0; k < rest; ++k) y[j + k] = o[k];
     }
   }
 }
