@@ -107,6 +107,25 @@ TEST_P(ThreadingTest, BitwiseIdenticalForAnyThreadCount) {
   check_threads(normkit::BatchNorm1d<float>(2), xs, dys, "BatchNorm1d few channels");
 }
 
+// Regression (found by tests/soak_test.cpp): in this ColMajor GroupNorm the parallel apply's
+// chunk edge fell inside a memory-order run at a point that is not a multiple of the leaves'
+// vector width, moving elements from the vector body to the scalar tail; with FMA
+// contraction (GCC's default) two elements of dx changed their last bit with 2 or 3 threads
+// on the AVX2 and AVX-512 paths. Chunk edges inside runs are now aligned (apply.hpp).
+TEST_P(ThreadingTest, ApplyChunkEdgesInsideRunsKeepTheBits) {
+  Eigen::Tensor<float, 5, Eigen::ColMajor> x(8, 3, 13, 10, 18), dy(8, 3, 13, 10, 18);
+  fill(x, 13);
+  fill(dy, 14);
+  check_threads(normkit::GroupNorm<float>(normkit::GroupNormOptions(1, 3).eps(1e-3)), x, dy,
+                "GroupNorm ColMajor 5-D");
+  Eigen::Tensor<double, 4, Eigen::ColMajor> xd(7, 5, 33, 41), dyd(7, 5, 33, 41);
+  fill(xd, 15, 4.0f);
+  fill(dyd, 16);
+  check_threads(normkit::BatchNorm2d<double>(5), xd, dyd, "BatchNorm2d ColMajor double");
+  check_threads(normkit::InstanceNorm2d<double>(normkit::InstanceNormOptions(5).affine(true)), xd,
+                dyd, "InstanceNorm2d ColMajor double");
+}
+
 TEST_P(ThreadingTest, ConcurrentEvalForwardIsSafeAndIdentical) {
   normkit::BatchNorm2d<float> bn(8);
   Eigen::Tensor<float, 4, Eigen::RowMajor> x(4, 8, 16, 16);

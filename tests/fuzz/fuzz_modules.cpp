@@ -3,6 +3,12 @@
 // leave the module bit-identical; batch-statistics forwards match a double reference; finite
 // inputs never give NaN except the PyTorch-defined 0/0 cases. Set NORMKIT_FUZZ_VERBOSE=1 to
 // print the decoded input.
+//
+// ISA levels: the kernels run on normkit::isa(), chosen once per process (the CPU's best,
+// capped by NORMKIT_ISA=baseline|avx2|avx512). LLVMFuzzerInitialize prints the level in force
+// ("normkit fuzz_modules: ISA level = <level> ..."), and every input checks that it has not
+// changed; tests/fuzz/run_fuzz.sh --per-isa runs the target once per level and checks that
+// line. NORMKIT_FUZZ_LIST_ISAS=1 prints the levels this CPU supports and lacks, and exits.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -302,7 +308,7 @@ void run_module(M& m, const Config& c, FuzzedDataProvider& p, const std::array<l
     if (bad_map)
       fail("forward accepted an output TensorMap with the wrong dims");
     for (int i = 0; i < R; ++i)
-      if (y.dimension(i) != dims[static_cast<std::size_t>(i)])
+      if (y.dimension(static_cast<std::size_t>(i)) != dims[static_cast<std::size_t>(i)])
         fail("output dims differ from input dims");
     if (numel == 0)
       continue;
@@ -514,7 +520,50 @@ void run_layout(int R, const Config& c, FuzzedDataProvider& p) {
 
 }  // namespace
 
+namespace {
+
+// The NORMKIT_ISA spelling of a level (isa_name() says "x86-64" for the baseline).
+const char* env_name(normkit::Isa level) {
+  switch (level) {
+    case normkit::Isa::avx512:
+      return "avx512";
+    case normkit::Isa::avx2:
+      return "avx2";
+    default:
+      return "baseline";
+  }
+}
+
+normkit::Isa g_isa = normkit::Isa::baseline;
+
+}  // namespace
+
+extern "C" int LLVMFuzzerInitialize(int* /*argc*/, char*** /*argv*/) {
+  if (std::getenv("NORMKIT_FUZZ_LIST_ISAS") != nullptr) {
+    std::string supported, lacking;
+    for (normkit::Isa l : normkit::supported_isas())
+      supported += std::string(supported.empty() ? "" : " ") + env_name(l);
+    for (int i = static_cast<int>(normkit::cpu_isa()) + 1;
+         i <= static_cast<int>(normkit::Isa::avx512); ++i)
+      lacking += std::string(lacking.empty() ? "" : " ") + env_name(static_cast<normkit::Isa>(i));
+    std::printf("normkit-isa-supported: %s\nnormkit-isa-lacking: %s\n", supported.c_str(),
+                lacking.c_str());
+    std::fflush(stdout);
+    std::exit(0);
+  }
+  g_isa = normkit::isa();
+  const char* env = std::getenv("NORMKIT_ISA");
+  std::fprintf(stderr,
+               "normkit fuzz_modules: ISA level = %s (%s); NORMKIT_ISA = %s; CPU best = %s\n",
+               env_name(g_isa), normkit::isa_name(g_isa), env != nullptr ? env : "(unset)",
+               env_name(normkit::cpu_isa()));
+  return 0;
+}
+
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  if (normkit::isa() != g_isa)
+    fail(std::string("the ISA level changed during the run: ") + normkit::isa_name(normkit::isa()) +
+         ", started on " + normkit::isa_name(g_isa));
   FuzzedDataProvider p(data, size);
   Config c;
   c.kind = p.ConsumeIntegralInRange<int>(0, kNumKinds - 1);

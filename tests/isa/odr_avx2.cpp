@@ -9,7 +9,7 @@ double odr_avx2_part(const float* data, long n) {
   Eigen::TensorMap<const Eigen::Tensor<float, 2, Eigen::RowMajor>> x(data, n / 8, 8);
   std::vector<float> out(static_cast<std::size_t>(n));
   Eigen::TensorMap<Eigen::Tensor<float, 2, Eigen::RowMajor>> y(out.data(), n / 8, 8);
-  normkit::LayerNorm<float> ln{normkit::LayerNormOptions{{8}}};
+  normkit::LayerNorm<float> ln{normkit::LayerNormOptions({8})};
   ln.forward(x, y);
   double s = 0;
   for (float v : out) s += static_cast<double>(v) * v;

@@ -15,7 +15,7 @@ int main() {
   Eigen::TensorMap<const Eigen::Tensor<float, 2, Eigen::RowMajor>> x(v.data(), 8, 8);
   std::vector<float> out(v.size());
   Eigen::TensorMap<Eigen::Tensor<float, 2, Eigen::RowMajor>> y(out.data(), 8, 8);
-  normkit::LayerNorm<float> ln{normkit::LayerNormOptions{{8}}};
+  normkit::LayerNorm<float> ln{normkit::LayerNormOptions({8})};
   ln.forward(x, y);
   double s = 0;
   for (float f : out) s += static_cast<double>(f) * f;

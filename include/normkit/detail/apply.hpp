@@ -206,9 +206,16 @@ void column_tables(ApplyOp<T>& op, Index slots, std::vector<double>& dstore, std
 
 // NB: apply chunks. The walk cuts the tensor into chunks of kApplyChunk elements in memory
 // order (threads take chunks); a chunk's runs are handed to the op batched along the
-// innermost outer axis, partial runs at chunk edges alone. No arithmetic depends on the
-// cut: every element is mapped by itself.
+// innermost outer axis, partial runs at chunk edges alone. Every element is mapped by
+// itself, but the leaves' maps (fmap, dmap) take 16 floats or 8 doubles at a time and the
+// rest of a run in a scalar tail, and under FMA contraction (GCC's default in GNU mode) the
+// compiler may fuse the vector and the scalar copy of the element arithmetic differently:
+// a cut that moved elements between body and tail changed their last bit with the number
+// of threads (the single-threaded walk and the fused paths never cut a run). So a chunk
+// edge inside a run moves back to a multiple of kApplyCutAlign elements from the run's
+// start: the pieces' bodies and tail then hold the very elements of the uncut run's.
 inline constexpr Index kApplyChunk = Index{1} << 15;
+inline constexpr Index kApplyCutAlign = 16;
 
 /// Runs `op` over every element of the plan. Column-mode tables must already be set
 /// (column_tables()) for the leaf path.
@@ -226,10 +233,14 @@ void apply_plan(const Plan& p, const ApplyOp<T>& op, const Exec& ex) {
   const Index slot_step = last ? last->slot_stride : 0;
   const Index aux_outer = last ? last->aux_stride : 0;
   const Index chunks = (p.numel + kApplyChunk - 1) / kApplyChunk;
+  auto edge = [&](Index chunk) {  // where chunk `chunk` starts (see kApplyCutAlign)
+    const Index e = std::min(p.numel, chunk * kApplyChunk);
+    return e - (e % L) % kApplyCutAlign;
+  };
   auto body = [&](Index first, Index last_chunk) {
     Odometer od = outer;
-    Index start = first * kApplyChunk;
-    const Index end = std::min(p.numel, last_chunk * kApplyChunk);
+    Index start = edge(first);
+    const Index end = edge(last_chunk);
     od.seek(start / L);
     Index i0 = start % L;
     while (start < end) {
