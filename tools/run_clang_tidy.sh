@@ -14,6 +14,8 @@ template class normkit::BatchNorm<double, 1>;
 template class normkit::InstanceNorm<float, 2>;
 template class normkit::LayerNorm<float>;
 template class normkit::GroupNorm<double>;
+template class normkit::RMSNorm<float>;
+template class normkit::LayerNorm<Eigen::bfloat16>;
 int main() {
   Eigen::Tensor<float, 4, Eigen::RowMajor> x(2, 4, 3, 3);
   x.setRandom();
@@ -29,6 +31,17 @@ int main() {
   normkit::InstanceNorm2d<float> in(4);
   auto v = in.forward(x);
   auto gv = in.backward(v);
+  // bfloat16 in a float module (mixed) and in a bfloat16 one; half in RMSNorm.
+  Eigen::Tensor<Eigen::bfloat16, 4, Eigen::RowMajor> xb = x.cast<Eigen::bfloat16>();
+  auto yb = bn.forward(xb);
+  auto gb = bn.backward(yb);
+  normkit::LayerNorm<Eigen::bfloat16> lnb(normkit::LayerNormOptions({3, 3}));
+  auto wb = lnb.forward(xb);
+  Eigen::Tensor<Eigen::half, 4, Eigen::RowMajor> xh = x.cast<Eigen::half>();
+  normkit::RMSNorm<float> rms(normkit::RMSNormOptions({3}));
+  auto rh = rms.forward(xh);
+  auto grh = rms.backward(rh);
+  (void)gb, (void)wb, (void)grh;
   return static_cast<int>(g.input(0) + gz.input(0) + gw.input(0) + gv.input(0));
 }
 CPP

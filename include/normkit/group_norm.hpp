@@ -100,7 +100,7 @@ void group_norm_backward(const X& x,
   if (saved.mean.size() != sh.dim[0] * num_groups || saved.rstd.size() != saved.mean.size()) {
     detail::fail(detail::Fail::shape, "group_norm_backward",
                  "expected saved statistics of %lld slots but got %lld",
-                 static_cast<long long>(sh.dim[0] * num_groups),
+                 static_cast<long long>(sh.dim[0]) * static_cast<long long>(num_groups),
                  static_cast<long long>(saved.mean.size()));
   }
   detail::check_size("group_norm_backward", "grad_weight", grad_weight, sh.dim[1]);

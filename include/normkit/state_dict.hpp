@@ -337,7 +337,7 @@ inline std::string check_tensor(const StateTensor& t, std::int64_t* numel) {
   if (item == 0)
     return "unknown dtype " + quote(t.dtype);
   std::int64_t n = 0;
-  const std::string why = check_shape(t.shape, item, &n);
+  std::string why = check_shape(t.shape, item, &n);
   if (!why.empty())
     return why;
   // n * item <= kMaxTensorBytes (check_shape); compared in 64 bits, never truncated.

@@ -12,6 +12,7 @@
 // unit then pays only for the headers and the module glue of its own tensor types. Both sides
 // must be compiled for the same baseline ISA (the ABI namespace, config.hpp, turns a mismatch
 // into a link error).
+// NOLINTBEGIN(bugprone-macro-parentheses): T is a template argument, X a macro name.
 #define NORMKIT_CHANNEL_NORM_ENTRY_POINTS(X, T)                                                 \
   X(void channel_norm_forward<T, T>(ChannelNormKind, const Shape&, const T*, T*,                    \
                                  const ChannelNormArgs<T>&, SavedStats*, T*, const Exec&))       \
@@ -48,6 +49,7 @@
 
 #define NORMKIT_EXTERN_TEMPLATE(sig) extern template sig;
 #define NORMKIT_INSTANTIATE_TEMPLATE(sig) template sig;
+// NOLINTEND(bugprone-macro-parentheses)
 
 #if defined(NORMKIT_SEPARATE_COMPILATION) && !defined(NORMKIT_BUILDING_LIBRARY)
 #define NORMKIT_DECLARE_EXTERN(LIST) \
