@@ -571,4 +571,57 @@ TEST(LowPrecision, FreeFunctionsTakeLowPrecisionTensors) {
   EXPECT_EQ(r.eps(), static_cast<double>(std::numeric_limits<float>::epsilon()));
 }
 
+// Mixed precision through the free functions: float parameters (and running statistics),
+// bfloat16/half data -- the same bits as the mixed modules.
+TEST(LowPrecision, FreeFunctionsTakeFloatParametersWithLowPrecisionData) {
+  using T4 = Eigen::Tensor<float, 4, Eigen::RowMajor>;
+  const auto x = to_low<f16>(random_tensor<T4>({2, 4, 5, 6}, 31, 1.0f, 2.0f));
+  const auto dy = to_low<f16>(random_tensor<T4>({2, 4, 5, 6}, 32, 0.0f, 1.0f));
+  Eigen::Tensor<float, 1> w = param_values<float>(4, 5, 1.0f), b = param_values<float>(4, 6, 0.0f);
+  Eigen::Tensor<float, 1> rm(4), rv(4);
+  rm.setZero();
+  rv.setConstant(1.0f);
+  normkit::BatchNorm2d<float> bn(4);
+  bn.set_weight(w);
+  bn.set_bias(b);
+  const auto ym = bn.forward(x);
+  const auto gm = bn.backward(x, dy);
+  Eigen::Tensor<f16, 4, Eigen::RowMajor> y, dx;
+  normkit::SavedStats saved;
+  normkit::batch_norm(x, y,
+                      normkit::BatchNormFuncOptions<float>().weight(w).bias(b).running_mean(rm)
+                          .running_var(rv).training(true),
+                      &saved);
+  EXPECT_TRUE(same_bits(y, ym));
+  EXPECT_TRUE(same_bits(rm, bn.running_mean()));
+  Eigen::Tensor<float, 1> gw(4), gb(4);
+  normkit::batch_norm_backward(x, dy, dx, saved, w, gw, gb);
+  EXPECT_TRUE(same_bits(dx, gm.input));
+  EXPECT_TRUE(same_bits(gw, gm.weight));
+  EXPECT_TRUE(same_bits(gb, gm.bias));
+
+  const auto xr = to_low<bf16>(random_tensor<T4>({2, 4, 5, 6}, 33, 1.0f, 2.0f));
+  const auto dyr = to_low<bf16>(random_tensor<T4>({2, 4, 5, 6}, 34, 0.0f, 1.0f));
+  Eigen::Tensor<float, 1> wl = param_values<float>(30, 7, 1.0f);
+  normkit::RMSNorm<float> rms(normkit::RMSNormOptions({5, 6}));
+  rms.set_weight(wl);
+  const auto yrm = rms.forward(xr);
+  const auto grm = rms.backward(xr, dyr);
+  Eigen::Tensor<bf16, 4, Eigen::RowMajor> yr, dxr;
+  normkit::rms_norm(xr, yr, normkit::RMSNormFuncOptions<float>({5, 6}).weight(wl), &saved);
+  EXPECT_TRUE(same_bits(yr, yrm));
+  Eigen::Tensor<float, 1> gwl(30);
+  normkit::rms_norm_backward(xr, dyr, dxr, saved, {5, 6}, wl, gwl);
+  EXPECT_TRUE(same_bits(dxr, grm.input));
+  EXPECT_TRUE(same_bits(gwl, grm.weight));
+  // The braced form takes the input's type: all-bfloat16 with no parameters.
+  const auto yl = normkit::layer_norm(xr, {5, 6});
+  static_assert(std::is_same<std::decay_t<decltype(yl)>::Scalar, bf16>::value, "bfloat16 out");
+  normkit::GroupNorm<float> gn(normkit::GroupNormOptions(2, 4));
+  const auto ygm = gn.forward(xr);
+  const auto ygf =
+      normkit::group_norm(xr, normkit::GroupNormFuncOptions<float>(2).weight(gn.weight()).bias(gn.bias()));
+  EXPECT_TRUE(same_bits(ygf, ygm));
+}
+
 }  // namespace

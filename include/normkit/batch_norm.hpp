@@ -73,12 +73,15 @@ ChannelNormArgs<T> batch_norm_args(const BatchNormFuncOptions<T>& o) {
 /// normkit::batch_norm(x, y, normkit::BatchNormFuncOptions<float>().training(true)
 ///                               .running_mean(rm).running_var(rv), &saved);
 /// @endcode
-template <class X, class Y, class Device = Eigen::DefaultDevice>
+template <class X, class Y, class P = detail::scalar_of<X>, class Device = Eigen::DefaultDevice>
 void batch_norm(const X& x,
                 Y&& y,
-                const BatchNormFuncOptions<detail::scalar_of<X>>& options,
+                const BatchNormFuncOptions<P>& options,
                 SavedStats* saved = nullptr,
                 const Device& device = Device()) {
+  static_assert(detail::accepts_v<P, detail::scalar_of<X>>,
+                "normkit::batch_norm: parameters of the input's type, or float parameters with "
+                "bfloat16/half input");
   static_assert(detail::tensor_traits<X>::rank >= 2,
                 "normkit::batch_norm: expected input of rank >= 2 (N, C, *)");
   const detail::Shape sh = detail::logical_shape(x, options.channels_last(), "batch_norm");
@@ -91,23 +94,50 @@ void batch_norm(const X& x,
 }
 
 /// batch_norm on a device, without saved statistics.
-template <class X, class Y, class Device, detail::if_device<Device> = 0>
+template <class X, class Y, class P = detail::scalar_of<X>, class Device, detail::if_device<Device> = 0>
 void batch_norm(const X& x,
                 Y&& y,
-                const BatchNormFuncOptions<detail::scalar_of<X>>& options,
+                const BatchNormFuncOptions<P>& options,
                 const Device& device) {
   batch_norm(x, y, options, nullptr, device);
 }
 
 /// Allocating form of batch_norm: returns y.
-template <class X>
-auto batch_norm(const X& x, const BatchNormFuncOptions<detail::scalar_of<X>>& options) {
+template <class X, class P = detail::scalar_of<X>>
+auto batch_norm(const X& x, const BatchNormFuncOptions<P>& options) {
   Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
                 detail::tensor_traits<X>::layout>
       y;
   batch_norm(x, y, options);
   return y;
 }
+
+namespace detail {
+
+/// batch_norm_backward with parameters of type P (the input's, or float for bfloat16/half
+/// input).
+template <class P, class X, class DY, class DX, class Device>
+void batch_norm_backward_with(
+    const X& x,
+    const DY& dy,
+    DX&& dx,
+    const SavedStats& saved,
+    VectorRef<const P> weight,
+    VectorRef<P> grad_weight,
+    VectorRef<P> grad_bias,
+    bool channels_last,
+    const Device& device) {
+  const char* who = "batch_norm_backward";
+  const detail::Shape sh = detail::logical_shape(x, channels_last, who);
+  detail::check_same_dims(who, "grad_output", x, dy);
+  detail::check_grad_args(who, detail::ChannelNormKind::batch, sh, saved, weight, grad_weight,
+                          grad_bias);
+  auto* dx_ptr = detail::prepare_output(x, dx, who, "grad_input");
+  detail::channel_norm_backward(detail::ChannelNormKind::batch, sh, x.data(), dy.data(), dx_ptr,
+                                saved, weight, grad_weight, grad_bias, detail::make_exec(device));
+}
+
+}  // namespace detail
 
 /// Gradients of batch_norm given the statistics its forward saved (docs/semantics.md §8):
 /// batch statistics: dx = r*w*(dy - mean(dy) - (x - mean)*r^2*mean(dy*(x - mean)));
@@ -124,14 +154,22 @@ void batch_norm_backward(const X& x,
                          VectorRef<detail::scalar_of<X>> grad_bias,
                          bool channels_last = false,
                          const Device& device = Device()) {
-  const char* who = "batch_norm_backward";
-  const detail::Shape sh = detail::logical_shape(x, channels_last, who);
-  detail::check_same_dims(who, "grad_output", x, dy);
-  detail::check_grad_args(who, detail::ChannelNormKind::batch, sh, saved, weight, grad_weight,
-                          grad_bias);
-  auto* dx_ptr = detail::prepare_output(x, dx, who, "grad_input");
-  detail::channel_norm_backward(detail::ChannelNormKind::batch, sh, x.data(), dy.data(), dx_ptr,
-                                saved, weight, grad_weight, grad_bias, detail::make_exec(device));
+  detail::batch_norm_backward_with<detail::scalar_of<X>>(x, dy, dx, saved, weight, grad_weight, grad_bias, channels_last, device);
+}
+
+/// batch_norm_backward of bfloat16/half input with float parameters (mixed precision: dx in the
+/// input's type, grad_weight/grad_bias in float).
+template <class X, class DY, class DX, class Device = Eigen::DefaultDevice, detail::if_low<X> = 0>
+void batch_norm_backward(const X& x,
+                         const DY& dy,
+                         DX&& dx,
+                         const SavedStats& saved,
+                         VectorRef<const float> weight,
+                         VectorRef<float> grad_weight,
+                         VectorRef<float> grad_bias,
+                         bool channels_last = false,
+                         const Device& device = Device()) {
+  detail::batch_norm_backward_with<float>(x, dy, dx, saved, weight, grad_weight, grad_bias, channels_last, device);
 }
 
 /// batch_norm_backward on a device (NCHW-like layout).

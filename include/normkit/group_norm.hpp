@@ -43,12 +43,15 @@ class GroupNormFuncOptions {
 /// (a deliberate difference, docs/semantics.md §11): a one-element group returns bias.
 /// @throws value_error for num_groups <= 0; shape_error if C is not divisible by
 ///         num_groups or weight/bias do not have C elements.
-template <class X, class Y, class Device = Eigen::DefaultDevice>
+template <class X, class Y, class P = detail::scalar_of<X>, class Device = Eigen::DefaultDevice>
 void group_norm(const X& x,
                 Y&& y,
-                const GroupNormFuncOptions<detail::scalar_of<X>>& options,
+                const GroupNormFuncOptions<P>& options,
                 SavedStats* saved = nullptr,
                 const Device& device = Device()) {
+  static_assert(detail::accepts_v<P, detail::scalar_of<X>>,
+                "normkit::group_norm: parameters of the input's type, or float parameters with "
+                "bfloat16/half input");
   static_assert(detail::tensor_traits<X>::rank >= 2,
                 "normkit::group_norm: expected input of rank >= 2 (N, C, *)");
   const detail::Shape sh = detail::logical_shape(x, options.channels_last(), "group_norm");
@@ -63,17 +66,17 @@ void group_norm(const X& x,
 }
 
 /// group_norm on a device, without saved statistics.
-template <class X, class Y, class Device, detail::if_device<Device> = 0>
+template <class X, class Y, class P = detail::scalar_of<X>, class Device, detail::if_device<Device> = 0>
 void group_norm(const X& x,
                 Y&& y,
-                const GroupNormFuncOptions<detail::scalar_of<X>>& options,
+                const GroupNormFuncOptions<P>& options,
                 const Device& device) {
   group_norm(x, y, options, nullptr, device);
 }
 
 /// Allocating form of group_norm.
-template <class X>
-auto group_norm(const X& x, const GroupNormFuncOptions<detail::scalar_of<X>>& options) {
+template <class X, class P = detail::scalar_of<X>>
+auto group_norm(const X& x, const GroupNormFuncOptions<P>& options) {
   Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
                 detail::tensor_traits<X>::layout>
       y;
@@ -81,21 +84,25 @@ auto group_norm(const X& x, const GroupNormFuncOptions<detail::scalar_of<X>>& op
   return y;
 }
 
-/// Gradients of group_norm from its saved statistics (docs/semantics.md §8).
-template <class X, class DY, class DX, class Device = Eigen::DefaultDevice>
-void group_norm_backward(const X& x,
-                         const DY& dy,
-                         DX&& dx,
-                         const SavedStats& saved,
-                         Index num_groups,
-                         VectorRef<const detail::scalar_of<X>> weight,
-                         VectorRef<detail::scalar_of<X>> grad_weight,
-                         VectorRef<detail::scalar_of<X>> grad_bias,
-                         bool channels_last = false,
-                         const Device& device = Device()) {
+namespace detail {
+
+/// group_norm_backward with parameters of type P (the input's, or float for bfloat16/half
+/// input).
+template <class P, class X, class DY, class DX, class Device>
+void group_norm_backward_with(
+    const X& x,
+    const DY& dy,
+    DX&& dx,
+    const SavedStats& saved,
+    Index num_groups,
+    VectorRef<const P> weight,
+    VectorRef<P> grad_weight,
+    VectorRef<P> grad_bias,
+    bool channels_last,
+    const Device& device) {
   const detail::Shape sh = detail::logical_shape(x, channels_last, "group_norm_backward");
   detail::group_norm_check("group_norm_backward", sh, num_groups, weight,
-                           VectorRef<const detail::scalar_of<X>>());
+                           VectorRef<const P>());
   detail::check_same_dims("group_norm_backward", "grad_output", x, dy);
   if (saved.mean.size() != sh.dim[0] * num_groups || saved.rstd.size() != saved.mean.size()) {
     detail::fail(detail::Fail::shape, "group_norm_backward",
@@ -113,6 +120,39 @@ void group_norm_backward(const X& x,
   }
   detail::group_norm_backward(sh, num_groups, x.data(), dy.data(), dx_ptr, saved, weight,
                               grad_weight, grad_bias, detail::make_exec(device));
+}
+
+}  // namespace detail
+
+/// Gradients of group_norm from its saved statistics (docs/semantics.md §8).
+template <class X, class DY, class DX, class Device = Eigen::DefaultDevice>
+void group_norm_backward(const X& x,
+                         const DY& dy,
+                         DX&& dx,
+                         const SavedStats& saved,
+                         Index num_groups,
+                         VectorRef<const detail::scalar_of<X>> weight,
+                         VectorRef<detail::scalar_of<X>> grad_weight,
+                         VectorRef<detail::scalar_of<X>> grad_bias,
+                         bool channels_last = false,
+                         const Device& device = Device()) {
+  detail::group_norm_backward_with<detail::scalar_of<X>>(x, dy, dx, saved, num_groups, weight, grad_weight, grad_bias, channels_last, device);
+}
+
+/// group_norm_backward of bfloat16/half input with float parameters (mixed precision: dx in the
+/// input's type, grad_weight/grad_bias in float).
+template <class X, class DY, class DX, class Device = Eigen::DefaultDevice, detail::if_low<X> = 0>
+void group_norm_backward(const X& x,
+                         const DY& dy,
+                         DX&& dx,
+                         const SavedStats& saved,
+                         Index num_groups,
+                         VectorRef<const float> weight,
+                         VectorRef<float> grad_weight,
+                         VectorRef<float> grad_bias,
+                         bool channels_last = false,
+                         const Device& device = Device()) {
+  detail::group_norm_backward_with<float>(x, dy, dx, saved, num_groups, weight, grad_weight, grad_bias, channels_last, device);
 }
 
 /// group_norm_backward on a device (NCHW-like layout).

@@ -61,12 +61,15 @@ ChannelNormArgs<T> instance_norm_args(const O<T>& o) {
 /// biased variance of each (n, c) over the spatial axes. Given running statistics are
 /// updated with the batch average of the per-instance mean and unbiased variance.
 /// @throws shape_error, value_error (one spatial element with input statistics).
-template <class X, class Y, class Device = Eigen::DefaultDevice>
+template <class X, class Y, class P = detail::scalar_of<X>, class Device = Eigen::DefaultDevice>
 void instance_norm(const X& x,
                    Y&& y,
-                   const InstanceNormFuncOptions<detail::scalar_of<X>>& options,
+                   const InstanceNormFuncOptions<P>& options,
                    SavedStats* saved = nullptr,
                    const Device& device = Device()) {
+  static_assert(detail::accepts_v<P, detail::scalar_of<X>>,
+                "normkit::instance_norm: parameters of the input's type, or float parameters with "
+                "bfloat16/half input");
   static_assert(detail::tensor_traits<X>::rank >= 2,
                 "normkit::instance_norm: expected input of rank >= 2 (N, C, *)");
   const detail::Shape sh = detail::logical_shape(x, options.channels_last(), "instance_norm");
@@ -79,23 +82,50 @@ void instance_norm(const X& x,
 }
 
 /// instance_norm on a device, without saved statistics.
-template <class X, class Y, class Device, detail::if_device<Device> = 0>
+template <class X, class Y, class P = detail::scalar_of<X>, class Device, detail::if_device<Device> = 0>
 void instance_norm(const X& x,
                    Y&& y,
-                   const InstanceNormFuncOptions<detail::scalar_of<X>>& options,
+                   const InstanceNormFuncOptions<P>& options,
                    const Device& device) {
   instance_norm(x, y, options, nullptr, device);
 }
 
 /// Allocating form of instance_norm.
-template <class X>
-auto instance_norm(const X& x, const InstanceNormFuncOptions<detail::scalar_of<X>>& options) {
+template <class X, class P = detail::scalar_of<X>>
+auto instance_norm(const X& x, const InstanceNormFuncOptions<P>& options) {
   Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
                 detail::tensor_traits<X>::layout>
       y;
   instance_norm(x, y, options);
   return y;
 }
+
+namespace detail {
+
+/// instance_norm_backward with parameters of type P (the input's, or float for bfloat16/half
+/// input).
+template <class P, class X, class DY, class DX, class Device>
+void instance_norm_backward_with(
+    const X& x,
+    const DY& dy,
+    DX&& dx,
+    const SavedStats& saved,
+    VectorRef<const P> weight,
+    VectorRef<P> grad_weight,
+    VectorRef<P> grad_bias,
+    bool channels_last,
+    const Device& device) {
+  const char* who = "instance_norm_backward";
+  const detail::Shape sh = detail::logical_shape(x, channels_last, who);
+  detail::check_same_dims(who, "grad_output", x, dy);
+  detail::check_grad_args(who, detail::ChannelNormKind::instance, sh, saved, weight, grad_weight,
+                          grad_bias);
+  auto* dx_ptr = detail::prepare_output(x, dx, who, "grad_input");
+  detail::channel_norm_backward(detail::ChannelNormKind::instance, sh, x.data(), dy.data(), dx_ptr,
+                                saved, weight, grad_weight, grad_bias, detail::make_exec(device));
+}
+
+}  // namespace detail
 
 /// Gradients of instance_norm from its saved statistics (docs/semantics.md §8); dweight
 /// and dbias sum over the batch.
@@ -109,14 +139,22 @@ void instance_norm_backward(const X& x,
                             VectorRef<detail::scalar_of<X>> grad_bias,
                             bool channels_last = false,
                             const Device& device = Device()) {
-  const char* who = "instance_norm_backward";
-  const detail::Shape sh = detail::logical_shape(x, channels_last, who);
-  detail::check_same_dims(who, "grad_output", x, dy);
-  detail::check_grad_args(who, detail::ChannelNormKind::instance, sh, saved, weight, grad_weight,
-                          grad_bias);
-  auto* dx_ptr = detail::prepare_output(x, dx, who, "grad_input");
-  detail::channel_norm_backward(detail::ChannelNormKind::instance, sh, x.data(), dy.data(), dx_ptr,
-                                saved, weight, grad_weight, grad_bias, detail::make_exec(device));
+  detail::instance_norm_backward_with<detail::scalar_of<X>>(x, dy, dx, saved, weight, grad_weight, grad_bias, channels_last, device);
+}
+
+/// instance_norm_backward of bfloat16/half input with float parameters (mixed precision: dx in the
+/// input's type, grad_weight/grad_bias in float).
+template <class X, class DY, class DX, class Device = Eigen::DefaultDevice, detail::if_low<X> = 0>
+void instance_norm_backward(const X& x,
+                            const DY& dy,
+                            DX&& dx,
+                            const SavedStats& saved,
+                            VectorRef<const float> weight,
+                            VectorRef<float> grad_weight,
+                            VectorRef<float> grad_bias,
+                            bool channels_last = false,
+                            const Device& device = Device()) {
+  detail::instance_norm_backward_with<float>(x, dy, dx, saved, weight, grad_weight, grad_bias, channels_last, device);
 }
 
 /// instance_norm_backward on a device (NCHW-like layout).

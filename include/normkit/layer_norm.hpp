@@ -50,12 +50,15 @@ class LayerNormFuncOptions {
 /// @code
 /// normkit::layer_norm(x, y, normkit::LayerNormFuncOptions<float>({768}).weight(w).bias(b));
 /// @endcode
-template <class X, class Y, class Device = Eigen::DefaultDevice>
+template <class X, class Y, class P = detail::scalar_of<X>, class Device = Eigen::DefaultDevice>
 void layer_norm(const X& x,
                 Y&& y,
-                const LayerNormFuncOptions<detail::scalar_of<X>>& options,
+                const LayerNormFuncOptions<P>& options,
                 SavedStats* saved = nullptr,
                 const Device& device = Device()) {
+  static_assert(detail::accepts_v<P, detail::scalar_of<X>>,
+                "normkit::layer_norm: parameters of the input's type, or float parameters with "
+                "bfloat16/half input");
   const detail::Shape sh = detail::logical_shape(x, false, "layer_norm");
   detail::layer_norm_check("layer_norm", sh, options.normalized_shape(), options.weight(),
                            options.bias());
@@ -69,17 +72,17 @@ void layer_norm(const X& x,
 }
 
 /// layer_norm on a device, without saved statistics.
-template <class X, class Y, class Device, detail::if_device<Device> = 0>
+template <class X, class Y, class P = detail::scalar_of<X>, class Device, detail::if_device<Device> = 0>
 void layer_norm(const X& x,
                 Y&& y,
-                const LayerNormFuncOptions<detail::scalar_of<X>>& options,
+                const LayerNormFuncOptions<P>& options,
                 const Device& device) {
   layer_norm(x, y, options, nullptr, device);
 }
 
 /// Allocating form of layer_norm.
-template <class X>
-auto layer_norm(const X& x, const LayerNormFuncOptions<detail::scalar_of<X>>& options) {
+template <class X, class P = detail::scalar_of<X>>
+auto layer_norm(const X& x, const LayerNormFuncOptions<P>& options) {
   Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
                 detail::tensor_traits<X>::layout>
       y;
@@ -87,20 +90,22 @@ auto layer_norm(const X& x, const LayerNormFuncOptions<detail::scalar_of<X>>& op
   return y;
 }
 
-/// Gradients of layer_norm from its saved statistics: dx = r * (g - mean(g) - xhat *
-/// mean(g * xhat)) with g = dy * weight; dweight = sum over rows of dy * xhat, dbias = sum dy
-/// (docs/semantics.md §8).
-template <class X, class DY, class DX, class Device = Eigen::DefaultDevice>
-void layer_norm_backward(const X& x,
-                         const DY& dy,
-                         DX&& dx,
-                         const SavedStats& saved,
-                         const std::vector<Index>& normalized_shape,
-                         VectorRef<const detail::scalar_of<X>> weight,
-                         VectorRef<detail::scalar_of<X>> grad_weight,
-                         VectorRef<detail::scalar_of<X>> grad_bias,
-                         const Device& device = Device()) {
-  using T = detail::scalar_of<X>;
+namespace detail {
+
+/// layer_norm_backward with parameters of type P (the input's, or float for bfloat16/half
+/// input).
+template <class P, class X, class DY, class DX, class Device>
+void layer_norm_backward_with(
+    const X& x,
+    const DY& dy,
+    DX&& dx,
+    const SavedStats& saved,
+    const std::vector<Index>& normalized_shape,
+    VectorRef<const P> weight,
+    VectorRef<P> grad_weight,
+    VectorRef<P> grad_bias,
+    const Device& device) {
+  using T = P;
   const char* who = "layer_norm_backward";
   const detail::Shape sh = detail::logical_shape(x, false, who);
   detail::layer_norm_check(who, sh, normalized_shape, weight, VectorRef<const T>());
@@ -122,6 +127,39 @@ void layer_norm_backward(const X& x,
   detail::layer_norm_backward(sh, static_cast<int>(normalized_shape.size()), x.data(), dy.data(),
                               dx_ptr, saved, weight, grad_weight, grad_bias,
                               detail::make_exec(device));
+}
+
+}  // namespace detail
+
+/// Gradients of layer_norm from its saved statistics: dx = r * (g - mean(g) - xhat *
+/// mean(g * xhat)) with g = dy * weight; dweight = sum over rows of dy * xhat, dbias = sum dy
+/// (docs/semantics.md §8).
+template <class X, class DY, class DX, class Device = Eigen::DefaultDevice>
+void layer_norm_backward(const X& x,
+                         const DY& dy,
+                         DX&& dx,
+                         const SavedStats& saved,
+                         const std::vector<Index>& normalized_shape,
+                         VectorRef<const detail::scalar_of<X>> weight,
+                         VectorRef<detail::scalar_of<X>> grad_weight,
+                         VectorRef<detail::scalar_of<X>> grad_bias,
+                         const Device& device = Device()) {
+  detail::layer_norm_backward_with<detail::scalar_of<X>>(x, dy, dx, saved, normalized_shape, weight, grad_weight, grad_bias, device);
+}
+
+/// layer_norm_backward of bfloat16/half input with float parameters (mixed precision: dx in the
+/// input's type, grad_weight/grad_bias in float).
+template <class X, class DY, class DX, class Device = Eigen::DefaultDevice, detail::if_low<X> = 0>
+void layer_norm_backward(const X& x,
+                         const DY& dy,
+                         DX&& dx,
+                         const SavedStats& saved,
+                         const std::vector<Index>& normalized_shape,
+                         VectorRef<const float> weight,
+                         VectorRef<float> grad_weight,
+                         VectorRef<float> grad_bias,
+                         const Device& device = Device()) {
+  detail::layer_norm_backward_with<float>(x, dy, dx, saved, normalized_shape, weight, grad_weight, grad_bias, device);
 }
 
 /// LayerNorm over the trailing dims equal to normalized_shape, as torch.nn.LayerNorm.

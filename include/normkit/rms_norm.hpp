@@ -58,39 +58,42 @@ class RMSNormFuncOptions {
 /// @code
 /// normkit::rms_norm(h, y, normkit::RMSNormFuncOptions<float>({4096}).weight(w).eps(1e-6));
 /// @endcode
-template <class X, class Y, class Device = Eigen::DefaultDevice>
+template <class X, class Y, class P = detail::scalar_of<X>, class Device = Eigen::DefaultDevice>
 void rms_norm(const X& x,
               Y&& y,
-              const RMSNormFuncOptions<detail::scalar_of<X>>& options,
+              const RMSNormFuncOptions<P>& options,
               SavedStats* saved = nullptr,
               const Device& device = Device()) {
+  static_assert(detail::accepts_v<P, detail::scalar_of<X>>,
+                "normkit::rms_norm: parameters of the input's type, or float parameters with "
+                "bfloat16/half input");
   using T = detail::scalar_of<X>;
   const detail::Shape sh = detail::logical_shape(x, false, "rms_norm");
   detail::layer_norm_check("rms_norm", sh, options.normalized_shape(), options.weight(),
-                           VectorRef<const T>());
+                           VectorRef<const P>());
   if (options.eps())
     detail::check_eps("rms_norm", *options.eps());
   auto* y_ptr = detail::prepare_output(x, y, "rms_norm");
   if (sh.numel() == 0)
     return;
   detail::layer_norm_forward(sh, static_cast<int>(options.normalized_shape().size()), x.data(),
-                             y_ptr, options.weight(), VectorRef<const T>(),
+                             y_ptr, options.weight(), VectorRef<const P>(),
                              options.eps().value_or(detail::default_rms_eps<T>()), saved,
                              static_cast<T*>(nullptr), detail::make_exec(device), true);
 }
 
 /// rms_norm on a device, without saved statistics.
-template <class X, class Y, class Device, detail::if_device<Device> = 0>
+template <class X, class Y, class P = detail::scalar_of<X>, class Device, detail::if_device<Device> = 0>
 void rms_norm(const X& x,
               Y&& y,
-              const RMSNormFuncOptions<detail::scalar_of<X>>& options,
+              const RMSNormFuncOptions<P>& options,
               const Device& device) {
   rms_norm(x, y, options, nullptr, device);
 }
 
 /// Allocating form of rms_norm.
-template <class X>
-auto rms_norm(const X& x, const RMSNormFuncOptions<detail::scalar_of<X>>& options) {
+template <class X, class P = detail::scalar_of<X>>
+auto rms_norm(const X& x, const RMSNormFuncOptions<P>& options) {
   Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
                 detail::tensor_traits<X>::layout>
       y;
@@ -98,19 +101,21 @@ auto rms_norm(const X& x, const RMSNormFuncOptions<detail::scalar_of<X>>& option
   return y;
 }
 
-/// Gradients of rms_norm from its saved statistics: with g = dy * weight and r = rstd,
-/// dx = r * g - x * r^3 * mean(g * x), dweight = sum over rows of dy * x * r
-/// (docs/semantics.md §7).
-template <class X, class DY, class DX, class Device = Eigen::DefaultDevice>
-void rms_norm_backward(const X& x,
-                       const DY& dy,
-                       DX&& dx,
-                       const SavedStats& saved,
-                       const std::vector<Index>& normalized_shape,
-                       VectorRef<const detail::scalar_of<X>> weight,
-                       VectorRef<detail::scalar_of<X>> grad_weight,
-                       const Device& device = Device()) {
-  using T = detail::scalar_of<X>;
+namespace detail {
+
+/// rms_norm_backward with parameters of type P (the input's, or float for bfloat16/half
+/// input).
+template <class P, class X, class DY, class DX, class Device>
+void rms_norm_backward_with(
+    const X& x,
+    const DY& dy,
+    DX&& dx,
+    const SavedStats& saved,
+    const std::vector<Index>& normalized_shape,
+    VectorRef<const P> weight,
+    VectorRef<P> grad_weight,
+    const Device& device) {
+  using T = P;
   const char* who = "rms_norm_backward";
   const detail::Shape sh = detail::logical_shape(x, false, who);
   detail::layer_norm_check(who, sh, normalized_shape, weight, VectorRef<const T>());
@@ -130,6 +135,37 @@ void rms_norm_backward(const X& x,
   detail::layer_norm_backward(sh, static_cast<int>(normalized_shape.size()), x.data(), dy.data(),
                               dx_ptr, saved, weight, grad_weight, VectorRef<T>(),
                               detail::make_exec(device), true);
+}
+
+}  // namespace detail
+
+/// Gradients of rms_norm from its saved statistics: with g = dy * weight and r = rstd,
+/// dx = r * g - x * r^3 * mean(g * x), dweight = sum over rows of dy * x * r
+/// (docs/semantics.md §7).
+template <class X, class DY, class DX, class Device = Eigen::DefaultDevice>
+void rms_norm_backward(const X& x,
+                       const DY& dy,
+                       DX&& dx,
+                       const SavedStats& saved,
+                       const std::vector<Index>& normalized_shape,
+                       VectorRef<const detail::scalar_of<X>> weight,
+                       VectorRef<detail::scalar_of<X>> grad_weight,
+                       const Device& device = Device()) {
+  detail::rms_norm_backward_with<detail::scalar_of<X>>(x, dy, dx, saved, normalized_shape, weight, grad_weight, device);
+}
+
+/// rms_norm_backward of bfloat16/half input with float parameters (mixed precision: dx in the
+/// input's type, grad_weight/grad_bias in float).
+template <class X, class DY, class DX, class Device = Eigen::DefaultDevice, detail::if_low<X> = 0>
+void rms_norm_backward(const X& x,
+                       const DY& dy,
+                       DX&& dx,
+                       const SavedStats& saved,
+                       const std::vector<Index>& normalized_shape,
+                       VectorRef<const float> weight,
+                       VectorRef<float> grad_weight,
+                       const Device& device = Device()) {
+  detail::rms_norm_backward_with<float>(x, dy, dx, saved, normalized_shape, weight, grad_weight, device);
 }
 
 /// RMSNorm over the trailing dims equal to normalized_shape, as torch.nn.RMSNorm (PyTorch

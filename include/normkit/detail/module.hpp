@@ -55,6 +55,8 @@ inline constexpr bool is_device_v =
     !std::is_same<std::decay_t<D>, SavedStats>::value && !std::is_arithmetic<std::decay_t<D>>::value;
 template <class D>
 using if_device = std::enable_if_t<is_device_v<D>, int>;
+template <class X>
+using if_low = std::enable_if_t<is_low_v<scalar_of<X>>, int>;
 template <class G>
 using if_gradients = std::enable_if_t<is_gradients<std::decay_t<G>>::value, int>;
 
