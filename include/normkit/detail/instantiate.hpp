@@ -47,8 +47,8 @@
 /// The scalar types the compiled mode instantiates.
 #define NORMKIT_FOR_EACH_COMPILED_TYPE(M, X) M(X, float) M(X, double)
 
-#define NORMKIT_EXTERN_TEMPLATE(sig) extern template sig;
-#define NORMKIT_INSTANTIATE_TEMPLATE(sig) template sig;
+#define NORMKIT_EXTERN_TEMPLATE(...) extern template __VA_ARGS__;
+#define NORMKIT_INSTANTIATE_TEMPLATE(...) template __VA_ARGS__;
 // NOLINTEND(bugprone-macro-parentheses)
 
 #if defined(NORMKIT_SEPARATE_COMPILATION) && !defined(NORMKIT_BUILDING_LIBRARY)
