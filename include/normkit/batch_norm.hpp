@@ -263,6 +263,56 @@ class BatchNorm : public detail::ChannelModule<Scalar, BatchNormOptions> {
     backward(this->kept_input(dy, kName), dy, grads, device);
   }
 
+  /// Fused forward (deployment and ResNet-style blocks): y = act(norm(x) + residual) in one
+  /// pass over x, residual and y (residual: x's dims, storage order and type; y may be the
+  /// residual's storage). Otherwise as forward(): the same statistics, running updates and
+  /// kept state; backward_fused() gives the gradients for ReLU and identity.
+  /// @throws shape_error when the residual's dims differ from x's; as forward() otherwise.
+  template <class X, class R, class Y, class Device = Eigen::DefaultDevice,
+            detail::if_tensor<R> = 0, detail::if_tensor<Y> = 0>
+  void forward_fused(const X& x,
+                     const R& residual,
+                     Activation act,
+                     Y&& y,
+                     const Device& device = Device()) {
+    this->fused_impl(detail::ChannelNormKind::batch, shape(x), x, &residual, act, y, detail::make_exec(device));
+  }
+  /// Allocating forward_fused with a residual.
+  template <class X, class R, class Device = Eigen::DefaultDevice, detail::if_tensor<R> = 0,
+            detail::if_device<Device> = 0>
+  auto forward_fused(const X& x, const R& residual, Activation act, const Device& device = Device()) {
+    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
+                  detail::tensor_traits<X>::layout>
+        y;
+    this->fused_impl(detail::ChannelNormKind::batch, shape(x), x, &residual, act, y, detail::make_exec(device));
+    return y;
+  }
+  /// Allocating forward_fused without a residual: y = act(norm(x)).
+  template <class X, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
+  auto forward_fused(const X& x, Activation act, const Device& device = Device()) {
+    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
+                  detail::tensor_traits<X>::layout>
+        y;
+    this->fused_impl(detail::ChannelNormKind::batch, shape(x), x, static_cast<const X*>(nullptr), act, y,
+                     detail::make_exec(device));
+    return y;
+  }
+  /// Gradients of forward_fused at x from its output y and dy (ReLU: the mask y > 0, as
+  /// oneDNN's fused norm + ReLU; identity). g.residual is dL/dresidual.
+  /// @throws value_error for SiLU and GELU (their gradient needs the pre-activation).
+  template <class X, class Y, class DY, class Device = Eigen::DefaultDevice,
+            detail::if_device<Device> = 0>
+  auto backward_fused(const X& x, const Y& y, const DY& dy, Activation act,
+                      const Device& device = Device()) {
+    auto dz = detail::epilogue_grad(kName, y, dy, act);
+    FusedGradients<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
+                   detail::tensor_traits<X>::layout, Scalar>
+        g;
+    backward(x, dz, static_cast<detail::gradients_for<Scalar, X>&>(g), device);
+    g.residual = std::move(dz);
+    return g;
+  }
+
  private:
   template <class X>
   detail::Shape shape(const X& x) const {

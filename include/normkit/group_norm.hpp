@@ -6,6 +6,7 @@
 
 #include <algorithm>  // std::fill
 #include <string>     // std::string
+#include <type_traits>  // std::is_same
 #include <vector>  // std::vector
 
 #include <normkit/config.hpp>
@@ -205,19 +206,8 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
   /// @throws shape_error for a wrong channel count. The module is unchanged when it throws.
   template <class X, class Y, class Device = Eigen::DefaultDevice, detail::if_tensor<Y> = 0>
   void forward(const X& x, Y&& y, const Device& device = Device()) {
-    const detail::Shape sh = shape(x);
-    detail::check_channels(kName, "num_channels", options_.num_channels(), sh);
-    auto* y_ptr = detail::prepare_output(x, y, kName);
-    const bool keep = this->keeps();
-    auto* copy = this->input_buffer(x);
-    SavedStats saved;
-    if (sh.numel() != 0) {
-      detail::group_norm_forward(sh, options_.num_groups(), x.data(), y_ptr, wref(), bref(),
-                                 options_.eps(), keep ? &saved : nullptr, copy,
-                                 detail::make_exec(device));
-    }
-    if (keep)
-      this->commit(x, std::move(saved), this->keep_input_);
+    fused_impl(shape(x), x, static_cast<const X*>(nullptr), Activation::identity, y,
+               detail::make_exec(device));
   }
 
   /// Gradients for the last training forward from its kept input (keep_input()).
@@ -270,6 +260,56 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
     backward(this->kept_input(dy, kName), dy, g, device);
   }
 
+  /// Fused forward (deployment and ResNet-style blocks): y = act(norm(x) + residual) in one
+  /// pass over x, residual and y (residual: x's dims, storage order and type; y may be the
+  /// residual's storage). Otherwise as forward(): the same statistics, running updates and
+  /// kept state; backward_fused() gives the gradients for ReLU and identity.
+  /// @throws shape_error when the residual's dims differ from x's; as forward() otherwise.
+  template <class X, class R, class Y, class Device = Eigen::DefaultDevice,
+            detail::if_tensor<R> = 0, detail::if_tensor<Y> = 0>
+  void forward_fused(const X& x,
+                     const R& residual,
+                     Activation act,
+                     Y&& y,
+                     const Device& device = Device()) {
+    fused_impl(shape(x), x, &residual, act, y, detail::make_exec(device));
+  }
+  /// Allocating forward_fused with a residual.
+  template <class X, class R, class Device = Eigen::DefaultDevice, detail::if_tensor<R> = 0,
+            detail::if_device<Device> = 0>
+  auto forward_fused(const X& x, const R& residual, Activation act, const Device& device = Device()) {
+    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
+                  detail::tensor_traits<X>::layout>
+        y;
+    fused_impl(shape(x), x, &residual, act, y, detail::make_exec(device));
+    return y;
+  }
+  /// Allocating forward_fused without a residual: y = act(norm(x)).
+  template <class X, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
+  auto forward_fused(const X& x, Activation act, const Device& device = Device()) {
+    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
+                  detail::tensor_traits<X>::layout>
+        y;
+    fused_impl(shape(x), x, static_cast<const X*>(nullptr), act, y,
+                     detail::make_exec(device));
+    return y;
+  }
+  /// Gradients of forward_fused at x from its output y and dy (ReLU: the mask y > 0, as
+  /// oneDNN's fused norm + ReLU; identity). g.residual is dL/dresidual.
+  /// @throws value_error for SiLU and GELU (their gradient needs the pre-activation).
+  template <class X, class Y, class DY, class Device = Eigen::DefaultDevice,
+            detail::if_device<Device> = 0>
+  auto backward_fused(const X& x, const Y& y, const DY& dy, Activation act,
+                      const Device& device = Device()) {
+    auto dz = detail::epilogue_grad(kName, y, dy, act);
+    FusedGradients<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
+                   detail::tensor_traits<X>::layout, Scalar>
+        g;
+    backward(x, dz, static_cast<detail::gradients_for<Scalar, X>&>(g), device);
+    g.residual = std::move(dz);
+    return g;
+  }
+
   /// Per-channel scale, num_channels elements (init 1); empty when not affine.
   const Vector& weight() const { return weight_; }
   /// Per-channel shift, num_channels elements (init 0); empty when not affine.
@@ -289,6 +329,29 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
   }
 
  private:
+  /// forward with the fused epilogue y = act(norm(x) + *residual) (residual may be null).
+  template <class X, class R, class Y>
+  void fused_impl(const detail::Shape& sh, const X& x, const R* residual, Activation act, Y& y,
+                  const detail::Exec& ex) {
+    static_assert(std::is_same<detail::scalar_of<X>, detail::scalar_of<R>>::value &&
+                      detail::tensor_traits<X>::rank == detail::tensor_traits<R>::rank &&
+                      detail::tensor_traits<X>::layout == detail::tensor_traits<R>::layout,
+                  "forward_fused: the residual must have the input's type, rank and storage order");
+    detail::check_channels(kName, "num_channels", options_.num_channels(), sh);
+    if (residual)
+      detail::check_same_dims(kName, "residual", x, *residual);
+    auto* y_ptr = detail::prepare_output(x, y, kName);
+    const bool keep = this->keeps();
+    auto* copy = this->input_buffer(x);
+    SavedStats saved;
+    if (sh.numel() != 0) {
+      detail::group_norm_forward(sh, options_.num_groups(), x.data(), y_ptr, wref(), bref(),
+                                 options_.eps(), keep ? &saved : nullptr, copy, ex,
+                                 residual ? residual->data() : nullptr, static_cast<int>(act));
+    }
+    if (keep)
+      this->commit(x, std::move(saved), this->keep_input_);
+  }
   template <class X>
   detail::Shape shape(const X& x) const {
     static_assert(detail::accepts_v<Scalar, detail::scalar_of<X>>,

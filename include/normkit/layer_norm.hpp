@@ -218,6 +218,44 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
       this->commit(x, std::move(saved), this->keep_input_);
   }
 
+  /// Pre-norm residual, fused ("add + norm" of transformer blocks): writes h = x + residual
+  /// (the residual stream; computed in float and rounded once for bfloat16/half) and returns
+  /// y = LayerNorm(h), each tensor crossing memory once. h may be x's or the residual's storage.
+  /// Otherwise as forward(h): training keeps h's statistics (and a copy of h), so
+  /// backward(dy) gives dL/dh.
+  /// @throws shape_error when the residual's dims differ from x's; as forward() otherwise.
+  template <class X, class R, class H, class Device = Eigen::DefaultDevice,
+            detail::if_tensor<R> = 0, detail::if_tensor<H> = 0, detail::if_device<Device> = 0>
+  auto forward_add(const X& x, const R& residual, H&& h, const Device& device = Device()) {
+    static_assert(detail::accepts_v<Scalar, detail::scalar_of<X>>,
+                  "LayerNorm: input must be of the module's scalar type (or bfloat16/half for a "
+                  "float module)");
+    static_assert(std::is_same<detail::scalar_of<X>, detail::scalar_of<R>>::value &&
+                      detail::tensor_traits<X>::rank == detail::tensor_traits<R>::rank &&
+                      detail::tensor_traits<X>::layout == detail::tensor_traits<R>::layout,
+                  "forward_add: the residual must have the input's type, rank and storage order");
+    const detail::Shape sh = detail::logical_shape(x, false, kName);
+    detail::layer_norm_check(kName, sh, options_.normalized_shape(), wref(), bref());
+    detail::check_same_dims(kName, "residual", x, residual);
+    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
+                  detail::tensor_traits<X>::layout>
+        y;
+    auto* h_ptr = detail::prepare_output(x, h, kName, "h");
+    auto* y_ptr = detail::prepare_output(x, y, kName);
+    const bool keep = this->keeps();
+    auto* copy = this->input_buffer(x);
+    SavedStats saved;
+    if (sh.numel() != 0) {
+      detail::layer_norm_add_forward(sh, static_cast<int>(options_.normalized_shape().size()),
+                                     x.data(), residual.data(), h_ptr, y_ptr, wref(), bref(), options_.eps(),
+                                     keep ? &saved : nullptr, copy, detail::make_exec(device),
+                                     false);
+    }
+    if (keep)
+      this->commit(x, std::move(saved), this->keep_input_);
+    return y;
+  }
+
   /// Gradients for the last training forward from its kept input (keep_input()).
   /// @throws value_error when no input is kept (then call backward(x, dy)); shape_error when
   ///         dy differs from the kept input's dims.

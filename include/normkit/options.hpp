@@ -37,6 +37,16 @@
 
 NORMKIT_BEGIN_NAMESPACE
 
+/// The activation of a fused forward (forward_fused): y = act(norm(x) + residual), as
+/// torch.nn.ReLU, SiLU, GELU() and GELU(approximate="tanh").
+enum class Activation {
+  identity,   ///< y = z
+  relu,       ///< y = max(z, 0) (NaN stays NaN)
+  silu,       ///< y = z * sigmoid(z)
+  gelu,       ///< y = z * Phi(z) = z/2 * (1 + erf(z / sqrt(2)))
+  gelu_tanh,  ///< y = z/2 * (1 + tanh(sqrt(2/pi) * (z + 0.044715 z^3)))
+};
+
 /// Options of BatchNorm1d/2d/3d (PyTorch defaults). `momentum(std::nullopt)` selects the
 /// cumulative moving average (factor 1/num_batches_tracked). `channels_last(true)` means the
 /// input's dims are (N, spatial..., C) instead of (N, C, spatial...): NHWC storage without a

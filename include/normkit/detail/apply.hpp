@@ -7,6 +7,7 @@
 // IWYU pragma: private, include <normkit/normkit.hpp>
 
 #include <algorithm>  // std::min
+#include <cmath>      // std::exp, std::erf, std::tanh
 #include <cstring>    // std::memcpy
 #include <vector>     // std::vector
 
@@ -70,6 +71,22 @@ enum class ApplyKind {
   gradin,     // dx = a[s] * w[aux] * dy + b[s] * (x - m[s]) + c[s]  (GradCoef; w = 1 if null)
 };
 
+/// The activation of code `act` (kernels/simd.hpp's act_scalar, in baseline code).
+inline double act_value(int act, double z) {
+  switch (act) {
+    case 1:
+      return z < 0 ? 0.0 : z;
+    case 2:
+      return z / (1.0 + std::exp(-z));
+    case 3:
+      return 0.5 * z * (1.0 + std::erf(z * 0.70710678118654752));
+    case 4:
+      return 0.5 * z * (1.0 + std::tanh(0.79788456080286536 * (z + 0.044715 * z * z * z)));
+    default:
+      return z;
+  }
+}
+
 /// What the apply walk does to a run; see ApplyKind. Coefficients are indexed by plan slot.
 template <class T>
 struct ApplyOp {
@@ -88,6 +105,11 @@ struct ApplyOp {
   ColTables tables{};
   bool tables_ready = false;
   T* copy = nullptr;  // when set, x is copied here as it is read (a kept input)
+  // Fused epilogue (affine only): y = act(... + res); res null for none, act a code of
+  // kernels/simd.hpp's activate() (0 = identity).
+  const T* res = nullptr;
+  int act = 0;
+  const EpiLeaves<T>* epi = nullptr;
 
   /// count runs of len elements, stride apart: run r's first element at off + r*stride,
   /// slot slot + r*slot_step (column mode: that row's first slot; the slots of a row are
@@ -102,7 +124,9 @@ struct ApplyOp {
              Index aux,
              Index aux_outer,
              Index aux_inner) const {
-    if (!column) {
+    if (kind == ApplyKind::affine && (res || act)) {
+      epilogue(column, off, len, count, stride, slot, slot_step, aux, aux_outer, aux_inner);
+    } else if (!column) {
       if (kind == ApplyKind::affine) {
         leaf->affine_rows(x + off, y + off, len, count, stride, ak + slot, slot_step);
       } else if (kind == ApplyKind::ln_affine && aux_inner == 1 && aux_outer == 0) {
@@ -136,6 +160,32 @@ struct ApplyOp {
     }
   }
 
+  /// batch() with the fused epilogue (res, act).
+  void epilogue(bool column,
+                Index off,
+                Index len,
+                Index count,
+                Index stride,
+                Index slot,
+                Index slot_step,
+                Index aux,
+                Index aux_outer,
+                Index aux_inner) const {
+    const T* r = res ? res + off : nullptr;
+    if (!column) {
+      epi->affine_rows_epi(x + off, r, y + off, len, count, stride, ak + slot, slot_step, act);
+    } else if (tables_ready && slot_step == 0) {
+      ColTables k = tables;
+      for (int i = 0; i < 5; ++i) k.f[i] = tables.f[i] ? tables.f[i] + slot : nullptr;
+      for (int i = 0; i < 4; ++i) k.d[i] = tables.d[i] ? tables.d[i] + slot : nullptr;
+      epi->affine_cols_epi(x + off, r, y + off, stride, count, len, k, act);
+    } else {
+      for (Index q = 0; q < count; ++q)
+        generic(true, off + q * stride, len, slot + q * slot_step, aux + q * aux_outer,
+                aux_inner);
+    }
+  }
+
   /// Any layout, in double, one element at a time (layouts no leaf covers: strided aux
   /// indices, LayerNorm in column mode, LayerNorm's weighted dx).
   void generic(bool column, Index off, Index len, Index slot, Index aux, Index aux_inner) const {
@@ -144,7 +194,12 @@ struct ApplyOp {
       const Index k = aux + j * aux_inner;
       const double xv = static_cast<double>(x[off + j]);
       if (kind == ApplyKind::affine) {
-        y[off + j] = static_cast<T>((xv - ak[s].m) * ak[s].a + ak[s].b);
+        double z = (xv - ak[s].m) * ak[s].a + ak[s].b;
+        if (res || act) {
+          z += res ? static_cast<double>(res[off + j]) : 0.0;
+          z = act_value(act, z);
+        }
+        y[off + j] = static_cast<T>(z);
       } else if (kind == ApplyKind::ln_affine) {
         y[off + j] = static_cast<T>((xv - ak[s].m) * ak[s].a * static_cast<double>(gamma[k]) +
                                     static_cast<double>(beta[k]));

@@ -8,6 +8,7 @@
 
 #include <cstdint>  // std::int64_t
 #include <string>   // std::string
+#include <type_traits>  // std::is_same
 
 #include <normkit/config.hpp>
 #include <normkit/detail/channel_norm.hpp>
@@ -122,7 +123,9 @@ class ChannelModule : public ModuleBase<Scalar> {
                     const X& x,
                     Y& y,
                     const Exec& ex,
-                    const GivenStats* batch = nullptr) {
+                    const GivenStats* batch = nullptr,
+                    const scalar_of<X>* res = nullptr,
+                    int act = 0) {
     check_channels(name_, "num_features", options_.num_features(), sh);
     // docs/semantics.md §2.4: BatchNorm's counter moves (and sets the momentum-none factor)
     // in training with tracking, even for an empty batch; committed only after success.
@@ -147,11 +150,30 @@ class ChannelModule : public ModuleBase<Scalar> {
     const bool keep = this->keeps();
     auto* copy = this->input_buffer(x);
     SavedStats saved;
-    channel_norm_forward(kind, sh, x.data(), y_ptr, a, keep ? &saved : nullptr, copy, ex);
+    channel_norm_forward(kind, sh, x.data(), y_ptr, a, keep ? &saved : nullptr, copy, ex, res, act);
     if (counts)
       num_batches_tracked_ = nbt;
     if (keep)
       this->commit(x, std::move(saved), this->keep_input_);
+  }
+
+  /// forward_impl with the fused epilogue y = act(norm(x) + *residual) (residual may be null).
+  template <class X, class R, class Y>
+  void fused_impl(ChannelNormKind kind,
+                  const Shape& sh,
+                  const X& x,
+                  const R* residual,
+                  Activation act,
+                  Y& y,
+                  const Exec& ex) {
+    static_assert(std::is_same<scalar_of<X>, scalar_of<R>>::value &&
+                      tensor_traits<X>::rank == tensor_traits<R>::rank &&
+                      tensor_traits<X>::layout == tensor_traits<R>::layout,
+                  "forward_fused: the residual must have the input's type, rank and storage order");
+    if (residual)
+      check_same_dims(name_, "residual", x, *residual);
+    forward_impl(kind, sh, x, y, ex, nullptr, residual ? residual->data() : nullptr,
+                 static_cast<int>(act));
   }
 
   template <class X, class DY, class G>

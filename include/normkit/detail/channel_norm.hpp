@@ -148,7 +148,9 @@ void channel_norm_forward(ChannelNormKind kind,
                           const ChannelNormArgs<P>& a,
                           SavedStats* saved,
                           T* copy,
-                          const Exec& ex) {
+                          const Exec& ex,
+                          const T* res = nullptr,
+                          int act = 0) {
   const Index N = sh.dim[0], C = sh.dim[1];
   const Index slots = kind == ChannelNormKind::batch ? C : N * C;
   const Plan p = channel_plan(kind, sh);
@@ -185,6 +187,11 @@ void channel_norm_forward(ChannelNormKind kind,
   op.y = y;
   op.ak = coef.data();
   op.copy = copy;
+  if (res || act) {
+    op.res = res;
+    op.act = act;
+    op.epi = &epi_leaves<T>();
+  }
   std::vector<double> dtab;
   std::vector<float> ftab;
   // Given statistics (SyncBatchNorm) take the column tables whenever the plan is in column

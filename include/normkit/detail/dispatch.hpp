@@ -91,6 +91,22 @@ const LnLeaves<T>& ln_leaves() {
   return isa_base::kLnLeaves<T>;
 }
 
+/// The active ISA level's fused-epilogue leaves for T.
+template <class T>
+const EpiLeaves<T>& epi_leaves() {
+#if NORMKIT_X86_DISPATCH
+  switch (active_isa_index()) {
+    case 2:
+      return NORMKIT_AVX512_NS::kEpiLeaves<T>;
+    case 1:
+      return NORMKIT_AVX2_NS::kEpiLeaves<T>;
+    default:
+      break;
+  }
+#endif
+  return isa_base::kEpiLeaves<T>;
+}
+
 }  // namespace detail
 NORMKIT_END_NAMESPACE
 

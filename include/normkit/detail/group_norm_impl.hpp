@@ -96,7 +96,9 @@ void group_norm_forward(const Shape& sh,
                         double eps,
                         SavedStats* saved,
                         T* copy,
-                        const Exec& ex) {
+                        const Exec& ex,
+                        const T* res = nullptr,
+                        int act = 0) {
   const GroupPlans gp = group_plans(sh, G);
   const Index NG = gp.N * G, NC = gp.N * gp.C;
   std::vector<double> mean(static_cast<std::size_t>(NG)), rstd(mean.size());
@@ -122,6 +124,11 @@ void group_norm_forward(const Shape& sh,
   op.y = y;
   op.ak = coef.data();
   op.copy = copy;
+  if (res || act) {
+    op.res = res;
+    op.act = act;
+    op.epi = &epi_leaves<T>();
+  }
   const SumOp<T> rop{op.leaf, x, nullptr, nullptr};
   if (gp.planes && can_fuse(gp.stats, gp.stats, ex)) {
     // Per group, while its Cg planes are in cache: statistics, coefficients, apply.

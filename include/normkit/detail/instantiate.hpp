@@ -15,7 +15,8 @@
 // NOLINTBEGIN(bugprone-macro-parentheses): T is a template argument, X a macro name.
 #define NORMKIT_CHANNEL_NORM_ENTRY_POINTS(X, T)                                                 \
   X(void channel_norm_forward<T, T>(ChannelNormKind, const Shape&, const T*, T*,                    \
-                                 const ChannelNormArgs<T>&, SavedStats*, T*, const Exec&))       \
+                                 const ChannelNormArgs<T>&, SavedStats*, T*, const Exec&,        \
+                                 const T*, int))                                                 \
   X(void channel_norm_stats<T>(ChannelNormKind, const Shape&, const T*, double, SavedStats&,     \
                                const Exec&))                                                     \
   X(void running_saved_stats<T>(ChannelNormKind, const Shape&, const T*, const T*, double,        \
@@ -38,7 +39,8 @@
                                 const VectorRef<T>&, const Exec&, bool))
 #define NORMKIT_GROUP_NORM_ENTRY_POINTS(X, T)                                                   \
   X(void group_norm_forward<T, T>(const Shape&, Index, const T*, T*, const VectorRef<const T>&,     \
-                               const VectorRef<const T>&, double, SavedStats*, T*, const Exec&)) \
+                               const VectorRef<const T>&, double, SavedStats*, T*, const Exec&,  \
+                               const T*, int))                                                   \
   X(void group_norm_stats<T>(const Shape&, Index, const T*, double, SavedStats&, const Exec&))   \
   X(void group_norm_backward<T, T>(const Shape&, Index, const T*, const T*, T*, const SavedStats&,  \
                                 const VectorRef<const T>&, const VectorRef<T>&,                  \

@@ -15,6 +15,7 @@
 #include <normkit/detail/exec.hpp>
 #include <normkit/detail/kernels/types.hpp>
 #include <normkit/detail/tensor.hpp>
+#include <normkit/options.hpp>
 
 NORMKIT_BEGIN_NAMESPACE
 namespace detail {
@@ -79,6 +80,34 @@ void prepare_gradients(G& g, const X& x, Index n_weight, Index n_bias) {
     g.weight.resize(n_weight);
   if (g.bias.size() != n_bias)
     g.bias.resize(n_bias);
+}
+
+/// dL/dz of y = act(z), from y and dy: dy where y > 0 for ReLU, dy for identity (the mask
+/// comes from y, as oneDNN's fused norm + ReLU).
+/// @throws value_error for the other activations (their derivative needs z, which a fused
+///         forward does not keep).
+template <class Y, class DY>
+Eigen::Tensor<scalar_of<DY>, tensor_traits<DY>::rank, tensor_traits<DY>::layout> epilogue_grad(
+    const char* who, const Y& y, const DY& dy, Activation act) {
+  static_assert(std::is_same<scalar_of<Y>, scalar_of<DY>>::value &&
+                    tensor_traits<Y>::rank == tensor_traits<DY>::rank &&
+                    tensor_traits<Y>::layout == tensor_traits<DY>::layout,
+                "backward_fused: y and dy must have one type, rank and storage order");
+  if (act != Activation::relu && act != Activation::identity) {
+    fail(Fail::value, who,
+         "backward_fused supports Activation::relu and Activation::identity (the gradient of "
+         "SiLU and GELU needs the pre-activation, which the fused forward does not keep)");
+  }
+  check_same_dims(who, "grad_output", y, dy);
+  Eigen::Tensor<scalar_of<DY>, tensor_traits<DY>::rank, tensor_traits<DY>::layout> dz(
+      dy.dimensions());
+  using S = scalar_of<DY>;
+  const S zero(0.0f);
+  for (Index i = 0; i < dz.size(); ++i) {
+    const S g = dy.data()[i];
+    dz.data()[i] = act == Activation::relu && !(static_cast<double>(y.data()[i]) > 0) ? zero : g;
+  }
+  return dz;
 }
 
 // NB: what a module keeps (issue #10). An evaluation-mode forward keeps nothing and writes

@@ -44,6 +44,14 @@ struct Gradients {
   Eigen::Tensor<Param, 1> bias;
 };
 
+/// What backward_fused returns: the Gradients of the norm, and dL/dresidual (the gradient
+/// through the activation, which is also what the norm's backward received).
+template <class Scalar, int Rank, int Layout, class Param = Scalar>
+struct FusedGradients : Gradients<Scalar, Rank, Layout, Param> {
+  /// dL/dresidual.
+  Eigen::Tensor<Scalar, Rank, Layout> residual;
+};
+
 namespace detail {
 
 /// Sizes s for n slots (no allocation when the size is unchanged) and returns its mean and

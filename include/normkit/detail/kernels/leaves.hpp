@@ -390,6 +390,102 @@ void affine_rows(const T* x,
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Fused epilogue of the forward apply: y = act((x - m) * a + b + res), res optional (null),
+// act a code of simd.hpp's activate(). One pass over x, res and y.
+
+template <class T, int kAct, bool kRes>
+void affine_rows_epi_impl(const T* x,
+                          const T* res,
+                          T* y,
+                          Index len,
+                          Index count,
+                          Index stride,
+                          const AffineCoef* k,
+                          Index k_step) {
+  for (Index r = 0; r < count; ++r) {
+    const AffineCoef& q = k[r * k_step];
+    const T* xp = x + r * stride;
+    const T* rp = kRes ? res + r * stride : nullptr;
+    T* yp = y + r * stride;
+    if constexpr (is_floatlike_v<T>) {
+      if (q.use_float) {
+        const float hi = q.hi, lo = q.lo, a = q.af, b = q.bf;
+        if constexpr (kRes) {
+          fmap(
+              len, yp,
+              [&](auto& o, const auto& v, const auto& rv) NORMKIT_KLAMBDA {
+                auto z = ((v - hi) - lo) * a + b + rv;
+                activate<kAct>(z);
+                o = z;
+              },
+              xp, rp);
+        } else {
+          fmap(
+              len, yp,
+              [&](auto& o, const auto& v) NORMKIT_KLAMBDA {
+                auto z = ((v - hi) - lo) * a + b;
+                activate<kAct>(z);
+                o = z;
+              },
+              xp);
+        }
+        continue;
+      }
+    }
+    const double m = q.m, a = q.a, b = q.b;
+    if constexpr (kRes) {
+      dmap(
+          len, yp,
+          [&](auto& o, const auto& v, const auto& rv) NORMKIT_KLAMBDA {
+            auto z = (v - m) * a + b + rv;
+            activate<kAct>(z);
+            o = z;
+          },
+          xp, rp);
+    } else {
+      dmap(
+          len, yp,
+          [&](auto& o, const auto& v) NORMKIT_KLAMBDA {
+            auto z = (v - m) * a + b;
+            activate<kAct>(z);
+            o = z;
+          },
+          xp);
+    }
+  }
+}
+
+/// The fused epilogue of affine_rows (see the section comment); res may be null.
+template <class T>
+void affine_rows_epi(const T* x,
+                     const T* res,
+                     T* y,
+                     Index len,
+                     Index count,
+                     Index stride,
+                     const AffineCoef* k,
+                     Index k_step,
+                     int act) {
+#define NORMKIT_EPI_CASE(A)                                                                  \
+  case A:                                                                                    \
+    if (res)                                                                                 \
+      affine_rows_epi_impl<T, A, true>(x, res, y, len, count, stride, k, k_step);            \
+    else                                                                                     \
+      affine_rows_epi_impl<T, A, false>(x, res, y, len, count, stride, k, k_step);           \
+    break;
+  switch (act) {
+    NORMKIT_EPI_CASE(0)
+    NORMKIT_EPI_CASE(1)
+    NORMKIT_EPI_CASE(2)
+    NORMKIT_EPI_CASE(3)
+    NORMKIT_EPI_CASE(4)
+    default:
+      break;
+  }
+#undef NORMKIT_EPI_CASE
+}
+
 /// LayerNorm's elementwise affine: y = (x - m) * r * gamma[j] + beta[j] (AffineCoef.a = r).
 template <class T>
 void ln_affine_rows(const T* x,
@@ -747,6 +843,80 @@ inline constexpr Leaves<T> kLeaves = {
     &mom_rows<T>,    &grad_rows<T>,   &mom_cols<T>,    &grad_cols<T>,
     &affine_rows<T>, &affine_cols<T>, &gradin_rows<T>, &gradin_cols<T>,
 };
+/// Column-mode fused epilogue: row k at x + k*row_stride, column j with the tables' entry j.
+template <class T, int kAct, bool kRes>
+void affine_cols_epi_impl(const T* x,
+                          const T* res,
+                          T* y,
+                          Index row_stride,
+                          Index rows,
+                          Index len,
+                          const ColTables& k) {
+  for (Index r = 0; r < rows; ++r) {
+    const T* xp = x + r * row_stride;
+    const T* rp = kRes ? res + r * row_stride : nullptr;
+    T* yp = y + r * row_stride;
+    if constexpr (is_floatlike_v<T>) {
+      if (k.use_float) {
+        auto f = [](auto& o, const auto& v, const auto& h, const auto& l, const auto& a,
+                    const auto& b, const auto&... rv) NORMKIT_KLAMBDA {
+          auto z = ((v - h) - l) * a + b;
+          ((z = z + rv), ...);
+          activate<kAct>(z);
+          o = z;
+        };
+        if constexpr (kRes)
+          fmap(len, yp, f, xp, k.f[0], k.f[1], k.f[2], k.f[3], rp);
+        else
+          fmap(len, yp, f, xp, k.f[0], k.f[1], k.f[2], k.f[3]);
+        continue;
+      }
+    }
+    auto f = [](auto& o, const auto& v, const auto& m, const auto& a, const auto& b,
+                const auto&... rv) NORMKIT_KLAMBDA {
+      auto z = (v - m) * a + b;
+      ((z = z + rv), ...);
+      activate<kAct>(z);
+      o = z;
+    };
+    if constexpr (kRes)
+      dmap(len, yp, f, xp, k.d[0], k.d[1], k.d[2], rp);
+    else
+      dmap(len, yp, f, xp, k.d[0], k.d[1], k.d[2]);
+  }
+}
+
+template <class T>
+void affine_cols_epi(const T* x,
+                     const T* res,
+                     T* y,
+                     Index row_stride,
+                     Index rows,
+                     Index len,
+                     const ColTables& k,
+                     int act) {
+#define NORMKIT_EPI_CASE(A)                                                         \
+  case A:                                                                           \
+    if (res)                                                                        \
+      affine_cols_epi_impl<T, A, true>(x, res, y, row_stride, rows, len, k);        \
+    else                                                                            \
+      affine_cols_epi_impl<T, A, false>(x, res, y, row_stride, rows, len, k);       \
+    break;
+  switch (act) {
+    NORMKIT_EPI_CASE(0)
+    NORMKIT_EPI_CASE(1)
+    NORMKIT_EPI_CASE(2)
+    NORMKIT_EPI_CASE(3)
+    NORMKIT_EPI_CASE(4)
+    default:
+      break;
+  }
+#undef NORMKIT_EPI_CASE
+}
+
+/// This ISA's fused-epilogue leaves for T.
+template <class T>
+inline constexpr EpiLeaves<T> kEpiLeaves = {&affine_rows_epi<T>, &affine_cols_epi<T>};
 /// This ISA's LayerNorm leaves for T.
 template <class T>
 inline constexpr LnLeaves<T> kLnLeaves = {&ln_affine_rows<T>, &ln_bwd_rows<T>};

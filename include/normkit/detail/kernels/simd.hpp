@@ -395,6 +395,109 @@ NORMKIT_KINLINE D8 load8d(const T* p) {
   return r;
 }
 
+// ---------------------------------------------------------------------------------------
+// Activations of the fused epilogues (kernels/leaves.hpp: affine_rows_epi). Float lanes use
+// vector polynomials (exp as Cephes' expf, erf as Abramowitz & Stegun 7.1.26 -- ATen's
+// vectorized erf -- about 1e-7 absolute); double lanes and scalars use <cmath>.
+// Codes: 0 identity, 1 ReLU, 2 SiLU, 3 GELU (erf), 4 GELU (tanh approximation).
+
+#if NORMKIT_SIMD >= 0
+typedef int ivec __attribute__((vector_size(4 * kFW)));
+NORMKIT_KINLINE fvec vrelu(fvec z) {
+  // max(z, 0) with NaN kept (as torch.relu): clear the lanes where z < 0.
+  return (fvec)((ivec)z & ~(ivec)(z < 0.0f));
+}
+NORMKIT_KINLINE fvec vsel(ivec m, fvec a, fvec b) { return (fvec)(((ivec)a & m) | ((ivec)b & ~m)); }
+NORMKIT_KINLINE fvec vexp(fvec x) {
+  const fvec hi = fsplat(88.3762626647949f), lo = fsplat(-87.3365447504019f);
+  x = vsel(x > hi, hi, x);
+  x = vsel(x < lo, lo, x);
+  // n = round(x / ln 2) (the 1.5 * 2^23 trick), r = x - n ln 2 in two steps.
+  const fvec magic = fsplat(12582912.0f);
+  fvec n = (x * 1.44269504088896341f + magic) - magic;
+  fvec r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  fvec p = fsplat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const ivec e = (__builtin_convertvector(n, ivec) + 127) << 23;
+  return p * (fvec)e;
+}
+NORMKIT_KINLINE fvec vabs(fvec x) { return (fvec)((ivec)x & 0x7fffffff); }
+NORMKIT_KINLINE fvec verf(fvec x) {
+  const fvec a = vabs(x);
+  const fvec t = 1.0f / (a * 0.3275911f + 1.0f);
+  fvec p = fsplat(1.061405429f);
+  p = p * t + -1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t + -0.284496736f;
+  p = p * t + 0.254829592f;
+  const fvec y = 1.0f - p * t * vexp(-(a * a));
+  return (fvec)((ivec)y | ((ivec)x & (int)0x80000000u));  // erf(-x) = -erf(x)
+}
+NORMKIT_KINLINE fvec act_lanes(int code, fvec z) {
+  switch (code) {
+    case 1:
+      return vrelu(z);
+    case 2:
+      return z / (vexp(-z) + 1.0f);
+    case 3:
+      return 0.5f * z * (verf(z * 0.70710678118654752f) + 1.0f);
+    case 4: {
+      const fvec u = 0.79788456080286536f * (z + 0.044715f * z * z * z);
+      const fvec th = 1.0f - 2.0f / (vexp(u + u) + 1.0f);
+      return 0.5f * z * (th + 1.0f);
+    }
+    default:
+      return z;
+  }
+}
+#endif
+
+/// The activation of code `code` in double (double lanes, scalars, the rare double path).
+NORMKIT_KINLINE double act_scalar(int code, double z) {
+  switch (code) {
+    case 1:
+      return z < 0 ? 0.0 : z;
+    case 2:
+      return z / (1.0 + std::exp(-z));
+    case 3:
+      return 0.5 * z * (1.0 + std::erf(z * 0.70710678118654752));
+    case 4:
+      return 0.5 * z * (1.0 + std::tanh(0.79788456080286536 * (z + 0.044715 * z * z * z)));
+    default:
+      return z;
+  }
+}
+
+template <int kAct>
+NORMKIT_KINLINE void activate(F16& z) {
+  if constexpr (kAct != 0) {
+#if NORMKIT_SIMD >= 0
+    for (int k = 0; k < kFK; ++k) z.v[k] = act_lanes(kAct, z.v[k]);
+#else
+    for (int k = 0; k < kFK; ++k) z.v[k] = static_cast<float>(act_scalar(kAct, z.v[k]));
+#endif
+  }
+}
+template <int kAct>
+NORMKIT_KINLINE void activate(D8& z) {
+  if constexpr (kAct != 0) {
+    alignas(64) double t[8];
+    store(t, z);
+    for (int k = 0; k < 8; ++k) t[k] = act_scalar(kAct, t[k]);
+    load(z, static_cast<const double*>(t));
+  }
+}
+template <int kAct>
+NORMKIT_KINLINE void activate(double& z) {
+  z = act_scalar(kAct, z);
+}
+
 /// Loads a RowAcc pair of logical vectors and its tail.
 NORMKIT_KINLINE void load_acc(const RowAcc& s, D8& a1, D8& a2, D8& b1, D8& b2) {
   load(a1, s.a1);

@@ -118,6 +118,16 @@ struct LnLeaves {
   void (*ln_bwd_rows)(const LnBwdArgs<T>& a, Index r0, Index r1, double* pg, double* pb);
 };
 
+/// The fused-epilogue leaves (a table of their own: compiled only where a fused forward is
+/// called).
+template <class T>
+struct EpiLeaves {
+  void (*affine_rows_epi)(const T* x, const T* res, T* y, Index len, Index count, Index stride,
+                          const AffineCoef* k, Index k_step, int act);
+  void (*affine_cols_epi)(const T* x, const T* res, T* y, Index row_stride, Index rows,
+                          Index len, const ColTables& k, int act);
+};
+
 }  // namespace detail
 NORMKIT_END_NAMESPACE
 
