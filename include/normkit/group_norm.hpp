@@ -107,8 +107,9 @@ void group_norm_backward(const X& x,
   detail::check_size("group_norm_backward", "grad_bias", grad_bias, sh.dim[1]);
   auto* dx_ptr = detail::prepare_output(x, dx, "group_norm_backward", "grad_input");
   if (sh.numel() == 0) {
-    for (Index c = 0; grad_weight && c < grad_weight.size(); ++c) grad_weight.data()[c] = 0;
-    for (Index c = 0; grad_bias && c < grad_bias.size(); ++c) grad_bias.data()[c] = 0;
+    using T = detail::scalar_of<X>;
+    for (Index c = 0; grad_weight && c < grad_weight.size(); ++c) grad_weight.data()[c] = T(0);
+    for (Index c = 0; grad_bias && c < grad_bias.size(); ++c) grad_bias.data()[c] = T(0);
     return;
   }
   detail::group_norm_backward(sh, num_groups, x.data(), dy.data(), dx_ptr, saved, weight,
