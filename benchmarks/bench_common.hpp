@@ -17,8 +17,14 @@ namespace nkbench {
 // ---------------------------------------------------------------------------------------
 // The shape suite: the cases listed in bench_main.cpp (described in benchmarks/README.md).
 
-enum class Kind { batch, layer, group, instance };
-enum class Mode { train, eval, backward };
+enum class Kind { batch, layer, group, instance, rms };
+/// forward: the one forward mode of norms that behave the same in training and evaluation
+/// (RMSNorm); the other norms are run in train and eval.
+enum class Mode { train, eval, forward, backward };
+/// Element type of the case's activations (x, y, dy, dx). bf16 cases run normkit's
+/// all-bfloat16 free function (`normkit`) and the mixed float module (`normkit_module`);
+/// see benchmarks/README.md for what each peer runs.
+enum class Dtype { f32, bf16 };
 
 struct Case {
   std::string id;      // shape-suite id, e.g. "bn2d-resnet" (also the benchmark's label)
@@ -31,6 +37,7 @@ struct Case {
   bool channels_last = false;  // storage (N, spatial..., C)
   std::int64_t groups = 0;     // GroupNorm
   bool naive = false;          // also run the naive Eigen-expression baseline
+  Dtype dtype = Dtype::f32;    // activations' element type
 
   std::int64_t numel() const;
   std::int64_t channels() const { return shape.at(1); }  // batch/group/instance
@@ -38,8 +45,12 @@ struct Case {
   /// Storage dims (what Eigen and oneDNN see): the logical dims, C moved last if
   /// channels_last.
   std::vector<std::int64_t> storage_dims() const;
-  /// B: bytes of one float32 tensor of this shape.
-  double bytes() const { return 4.0 * static_cast<double>(numel()); }
+  /// Bytes per activation element: 4 (float32) or 2 (bfloat16).
+  int elem_size() const { return dtype == Dtype::bf16 ? 2 : 4; }
+  /// B: bytes of one activation tensor of this shape in the case's dtype.
+  double bytes() const { return elem_size() * static_cast<double>(numel()); }
+  /// The modes the case runs: forward and backward for RMSNorm, else train, eval, backward.
+  std::vector<Mode> modes() const;
 };
 
 /// The suite; `smoke` shrinks every case (same family, rank, layout and code paths) so
@@ -49,12 +60,17 @@ void use_smoke_shapes();
 bool smoke_shapes();
 
 const char* mode_name(Mode m);
+const char* dtype_name(Dtype d);
+
+/// RMSNorm's eps in every implementation (Llama's rms_norm_eps).
+constexpr double kRmsEps = 1e-6;
 
 /// Bytes the traffic model says a call moves (benchmarks/README.md, "What the numbers mean"):
 /// eval forward 2B (read x, write y: statistics known), training forward 3B (statistics
 /// pass + normalize pass + write), backward 5B (read x, dy twice, write dx). Norms whose
 /// "eval" forward still computes statistics (LayerNorm, GroupNorm, InstanceNorm without
-/// running statistics) are modelled at 3B in eval too: they cannot do less.
+/// running statistics) are modelled at 3B in eval too: they cannot do less; RMSNorm's one
+/// forward mode is 3B as well. B counts the case's dtype (2 bytes an element for bfloat16).
 double model_bytes(const Case& c, Mode m);
 
 /// BM_<family>/<case>/<mode>/threads:<n>/<impl>

@@ -7,6 +7,11 @@
 //   InstanceNorm (no affine, as the suite's case): batch_normalization on the (1, N*C, H, W)
 //              view -- exactly InstanceNorm's statistics, as ATen computes it.
 //   GroupNorm: no oneDNN 2.6 primitive (group_normalization arrived in 3.x): not run.
+//   RMSNorm: no flag for it in 2.6 (normalization_flags::rms arrived in 3.x): not run.
+//   bfloat16 cases: src/dst (and diff_dst/diff_src) bf16, scale/shift and statistics f32 --
+//              the only bf16 form 2.6 has (like PyTorch's mixed mode). The implementation
+//              oneDNN picked is appended to the label (" onednn:<impl_info_str>"): under
+//              ONEDNN_MAX_CPU_ISA=AVX2 the bf16 primitives may fall back to a reference kernel.
 // Threads: oneDNN's CPU runtime (DNNL_CPU_RUNTIME) is OpenMP in Debian's build, so the
 // thread count is omp_set_num_threads(n), checked with omp_get_max_threads().
 // SPDX-License-Identifier: MIT
@@ -15,10 +20,12 @@
 #include <omp.h>
 #endif
 
-#include <cstdint>        // std::int64_t
+#include <cstdint>        // std::int64_t, std::uint16_t, std::uint32_t
+#include <cstring>        // std::memcpy
 #include <exception>      // std::exception
 #include <string>         // std::string
 #include <unordered_map>  // std::unordered_map
+#include <vector>         // std::vector
 
 #include "bench_common.hpp"
 
@@ -56,10 +63,31 @@ tag data_tag(std::size_t rank, bool channels_last) {
   }
 }
 
+dt data_type(const Case& c) {
+  return c.dtype == Dtype::bf16 ? dt::bf16 : dt::f32;
+}
+
+/// float -> bfloat16 bits, round to nearest even (finite values: fill_random's range).
+std::uint16_t to_bf16_bits(float f) {
+  std::uint32_t u = 0;
+  std::memcpy(&u, &f, sizeof u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<std::uint16_t>(u >> 16);
+}
+
+/// fill_random's values in the desc's data type (f32, or bf16 rounded once from them).
 memory filled(const memory::desc& md, const dnnl::engine& eng, std::uint32_t seed, float offset) {
   memory mem(md, eng);
-  fill_random(static_cast<float*>(mem.get_data_handle()), md.get_size() / sizeof(float), seed,
-              offset);
+  if (md.data_type() == dt::bf16) {
+    const std::size_t n = md.get_size() / sizeof(std::uint16_t);
+    std::vector<float> f(n);
+    fill_random(f.data(), n, seed, offset);
+    auto* p = static_cast<std::uint16_t*>(mem.get_data_handle());
+    for (std::size_t i = 0; i < n; ++i) p[i] = to_bf16_bits(f[i]);
+  } else {
+    fill_random(static_cast<float*>(mem.get_data_handle()), md.get_size() / sizeof(float), seed,
+                offset);
+  }
   return mem;
 }
 
@@ -81,6 +109,7 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
   const float eps = 1e-5f;
   std::unordered_map<int, memory> args;
   dnnl::primitive prim;
+  std::string impl;  // impl_info_str of the timed primitive
 
   if (c.kind == Kind::batch || c.kind == Kind::instance) {
     const bool affine = c.kind == Kind::batch;
@@ -89,7 +118,7 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
       dims[1] *= dims[0];
       dims[0] = 1;
     }
-    const memory::desc md(dims, dt::f32, data_tag(dims.size(), c.channels_last));
+    const memory::desc md(dims, data_type(c), data_tag(dims.size(), c.channels_last));
     const memory::desc pmd({c.shape[1]}, dt::f32, tag::a);
     const nf flags = affine ? (nf::use_scale | nf::use_shift) : nf::none;
     using fwd = dnnl::batch_normalization_forward;
@@ -106,6 +135,7 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
       args[DNNL_ARG_MEAN] = memory(train_pd.mean_desc(), eng);
       args[DNNL_ARG_VARIANCE] = memory(train_pd.variance_desc(), eng);
       prim = fwd(train_pd);
+      impl = train_pd.impl_info_str();
     } else if (affine) {  // eval with running (global) statistics
       const fwd::primitive_desc pd(
           fwd::desc(dnnl::prop_kind::forward_inference, md, eps, flags | nf::use_global_stats),
@@ -114,11 +144,13 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
       args[DNNL_ARG_MEAN] = constant(pd.mean_desc(), eng, 0.0f);
       args[DNNL_ARG_VARIANCE] = constant(pd.variance_desc(), eng, 1.0f);
       prim = fwd(pd);
+      impl = pd.impl_info_str();
     } else {  // InstanceNorm eval still computes its statistics
       const fwd::primitive_desc pd(fwd::desc(dnnl::prop_kind::forward_inference, md, eps, flags),
                                    eng);
       args[DNNL_ARG_DST] = memory(md, eng);
       prim = fwd(pd);
+      impl = pd.impl_info_str();
     }
     if (m == Mode::backward) {
       prim.execute(s, args);  // statistics for the backward
@@ -136,11 +168,12 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
         args[DNNL_ARG_DIFF_SHIFT] = memory(pmd, eng);
       }
       prim = bwd(pd);
+      impl = pd.impl_info_str();
     }
   } else if (c.kind == Kind::layer) {
     const memory::dims dims(c.shape.begin(), c.shape.end());
     const memory::dims sdims(c.shape.begin(), c.shape.end() - 1);
-    const memory::desc md(dims, dt::f32, data_tag(dims.size(), false));
+    const memory::desc md(dims, data_type(c), data_tag(dims.size(), false));
     const memory::desc smd(sdims, dt::f32, sdims.size() == 1 ? tag::a : tag::ab);
     const memory::desc pmd({c.last()}, dt::f32, tag::a);
     const nf flags = nf::use_scale | nf::use_shift;
@@ -154,10 +187,13 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
     args[DNNL_ARG_MEAN] = memory(smd, eng);
     args[DNNL_ARG_VARIANCE] = memory(smd, eng);
     if (m == Mode::eval) {
-      prim = fwd(fwd::primitive_desc(
-          fwd::desc(dnnl::prop_kind::forward_inference, md, smd, eps, flags), eng));
+      const fwd::primitive_desc pd(
+          fwd::desc(dnnl::prop_kind::forward_inference, md, smd, eps, flags), eng);
+      prim = fwd(pd);
+      impl = pd.impl_info_str();
     } else {
       prim = fwd(train_pd);
+      impl = train_pd.impl_info_str();
     }
     if (m == Mode::backward) {
       prim.execute(s, args);
@@ -171,6 +207,7 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
       args[DNNL_ARG_DIFF_SCALE] = memory(pmd, eng);
       args[DNNL_ARG_DIFF_SHIFT] = memory(pmd, eng);
       prim = bwd(pd);
+      impl = pd.impl_info_str();
     }
   } else {
     fail(st, "no oneDNN 2.6 primitive for this norm");
@@ -183,6 +220,7 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
     s.wait();
   }
   set_counters(st, c, m, threads);
+  st.SetLabel(c.id + " onednn:" + impl);  // tools/bench_report.py lists the implementations
 }
 
 }  // namespace
@@ -231,7 +269,7 @@ std::string dnnl_context() {
 }
 
 void register_dnnl(const Case& c, Mode m, int threads) {
-  if (c.kind == Kind::group)
+  if (c.kind == Kind::group || c.kind == Kind::rms)
     return;  // not expressible in oneDNN 2.6
   add(bench_name(c, mode_name(m), threads, "onednn"), [c, m, threads](benchmark::State& st) {
     try {

@@ -30,9 +30,11 @@ std::atomic<int> g_failures{0};
 bool g_smoke = false;
 
 std::vector<Case> make_cases(bool smoke) {
-  // {id, family, name, kind, shape, channels_last, groups, naive}
-  // Smoke shapes keep each case's family, rank and layout; two of them (resnet, long) stay
-  // just above normkit's 64 Ki-element parallel threshold so the 2-thread paths run too.
+  // {id, family, name, kind, shape, channels_last, groups, naive, dtype}
+  // Smoke shapes keep each case's family, rank, layout and dtype; some of them (resnet, long,
+  // llama, resnet-bf16) stay above normkit's 64 Ki-element parallel threshold so the
+  // 2-thread paths run too.
+  const Dtype f32 = Dtype::f32, bf16 = Dtype::bf16;
   auto S = [smoke](std::vector<std::int64_t> full, std::vector<std::int64_t> small) {
     return smoke ? small : full;
   };
@@ -59,6 +61,15 @@ std::vector<Case> make_cases(bool smoke) {
        32, false},
       {"in2d", "InstanceNorm2d", "in2d", Kind::instance, S({8, 64, 56, 56}, {2, 4, 5, 5}), false, 0,
        false},
+      // Low precision and RMSNorm (issue 11 section 3). rms-llama: Llama-7B's hidden size.
+      {"rms-llama", "RMSNorm", "llama", Kind::rms, S({4096, 4096}, {32, 4096}), false, 0, false,
+       f32},
+      {"rms-llama-bf16", "RMSNorm", "llama-bf16", Kind::rms, S({4096, 4096}, {32, 4096}), false, 0,
+       false, bf16},
+      {"ln-bert-bf16", "LayerNorm", "bert-bf16", Kind::layer, S({4096, 768}, {16, 64}), false, 0,
+       false, bf16},
+      {"bn2d-resnet-bf16", "BatchNorm2d", "resnet-bf16", Kind::batch,
+       S({32, 64, 56, 56}, {2, 16, 48, 48}), false, 0, false, bf16},
   };
 }
 
@@ -91,6 +102,12 @@ std::vector<std::int64_t> Case::storage_dims() const {
   return d;
 }
 
+std::vector<Mode> Case::modes() const {
+  if (kind == Kind::rms)
+    return {Mode::forward, Mode::backward};
+  return {Mode::train, Mode::eval, Mode::backward};
+}
+
 const std::vector<Case>& cases() {
   static const std::vector<Case> full = make_cases(false);
   static const std::vector<Case> small = make_cases(true);
@@ -109,10 +126,16 @@ const char* mode_name(Mode m) {
       return "train";
     case Mode::eval:
       return "eval";
+    case Mode::forward:
+      return "forward";
     case Mode::backward:
       return "backward";
   }
   return "?";
+}
+
+const char* dtype_name(Dtype d) {
+  return d == Dtype::bf16 ? "bfloat16" : "float32";
 }
 
 double model_bytes(const Case& c, Mode m) {
@@ -123,6 +146,8 @@ double model_bytes(const Case& c, Mode m) {
     case Mode::eval:
       // Only BatchNorm (with running statistics) skips the statistics pass in eval.
       return c.kind == Kind::batch ? 2 * B : 3 * B;
+    case Mode::forward:  // RMSNorm: statistics pass + normalize pass + write
+      return 3 * B;
     case Mode::backward:
       return 5 * B;
   }
@@ -219,9 +244,10 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("ATEN_CPU_CAPABILITY", aten_cap ? aten_cap : "(unset: best)");
   benchmark::AddCustomContext("ONEDNN_MAX_CPU_ISA", dnnl_isa ? dnnl_isa : "(unset: best)");
   benchmark::AddCustomContext("floor_model",
-                              "eval 2B (BatchNorm) / 3B (norms computing stats), train 3B, "
-                              "backward 5B; floor = model bytes / memcpy bandwidth (same B, "
-                              "same threads)");
+                              "eval 2B (BatchNorm) / 3B (norms computing stats), train and "
+                              "forward (RMSNorm) 3B, backward 5B; B = elements x dtype size "
+                              "(4 float32, 2 bfloat16); floor = model bytes / memcpy bandwidth "
+                              "(same B, same threads)");
 #ifdef NORMKIT_BENCH_NATIVE
   benchmark::AddCustomContext("normkit_flags", "-O3 -march=native");
 #else
@@ -234,10 +260,9 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("onednn", dnnl_context());
 #endif
 
-  const Mode modes[] = {Mode::train, Mode::eval, Mode::backward};
   for (const Case& c : cases()) {
     for (int threads : {1, 2}) register_floor(c, threads);
-    for (Mode m : modes) {
+    for (Mode m : c.modes()) {
       for (int threads : {1, 2}) {
         register_normkit(c, m, threads);
         register_module(c, m, threads);

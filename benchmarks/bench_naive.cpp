@@ -136,8 +136,8 @@ void run_naive_ln(benchmark::State& st, const Case& c, Mode m, int threads) {
 
 void register_naive(const Case& c, Mode m, int threads) {
   const bool bn = c.kind == Kind::batch && c.shape.size() == 4 && !c.channels_last;
-  if (!bn && c.kind != Kind::layer)
-    return;
+  if ((!bn && c.kind != Kind::layer) || c.dtype != Dtype::f32)
+    return;  // float32 NCHW BatchNorm2d and LayerNorm only
   add(bench_name(c, mode_name(m), threads, "eigen_naive"), [c, m, threads,
                                                             bn](benchmark::State& st) {
     guarded(st, [&] { bn ? run_naive_bn(st, c, m, threads) : run_naive_ln(st, c, m, threads); });

@@ -11,7 +11,9 @@
 #include <functional>      // std::function
 #include <map>             // std::map
 #include <memory>          // std::unique_ptr
+#include <stdexcept>       // std::runtime_error
 #include <string>          // std::string
+#include <type_traits>     // std::is_same, std::integral_constant
 #include <utility>         // std::pair
 #include <vector>          // std::vector
 
@@ -86,87 +88,147 @@ double now_s() {
 // ---------------------------------------------------------------------------------------
 // normkit
 
-template <int R>
+/// fill_random into storage of type D (float, or bfloat16 rounded once from the float).
+template <class D>
+void fill_as(D* p, std::size_t n, std::uint32_t seed, float offset = 0.0f) {
+  if constexpr (std::is_same<D, float>::value) {
+    fill_random(p, n, seed, offset);
+  } else {
+    std::vector<float> f(n);
+    fill_random(f.data(), n, seed, offset);
+    for (std::size_t i = 0; i < n; ++i) p[i] = static_cast<D>(f[i]);
+  }
+}
+
+template <class D>
+Eigen::Tensor<D, 1> param_vector(Index n, std::uint32_t seed, float offset) {
+  Eigen::Tensor<D, 1> v(n);
+  fill_as(v.data(), static_cast<std::size_t>(n), seed, offset);
+  return v;
+}
+
+[[noreturn]] void not_registered(const Case& c) {
+  throw std::runtime_error("normkit_bench: no " + std::string(dtype_name(c.dtype)) + " rank-" +
+                           std::to_string(c.shape.size()) + " path for case " + c.id);
+}
+
+// The free functions. D = float, or bfloat16 for the all-bfloat16 form (x, y, dy, dx,
+// weight, bias, running statistics and parameter gradients all bfloat16: the only form the
+// free functions have). bfloat16 is instantiated for the ranks of its cases only (LayerNorm
+// and RMSNorm rank 2, BatchNorm2d rank 4), which keeps this file's compile time in check.
+template <class D, int R>
 void run_normkit(benchmark::State& st, const Case& c, Mode m, int threads) {
-  using T = Eigen::Tensor<float, R, Eigen::RowMajor>;
+  constexpr bool kLow = !std::is_same<D, float>::value;
+  using T = Eigen::Tensor<D, R, Eigen::RowMajor>;
   const auto dims = dims_of<R>(c);
   T x(dims), y(dims);
   T dy, dx;
-  fill_random(x.data(), static_cast<std::size_t>(x.size()), 1, 0.5f);
+  fill_as(x.data(), static_cast<std::size_t>(x.size()), 1, 0.5f);
   if (m == Mode::backward) {
     dy.resize(dims);
     dx.resize(dims);
-    fill_random(dy.data(), static_cast<std::size_t>(dy.size()), 2);
+    fill_as(dy.data(), static_cast<std::size_t>(dy.size()), 2);
   }
-  const Index P =
-      c.kind == Kind::layer ? static_cast<Index>(c.last()) : static_cast<Index>(c.channels());
-  Eigen::Tensor<float, 1> w = random_vector(P, 3, 1.0f), b = random_vector(P, 4, 0.0f), gw(P),
-                          gb(P);
-  Eigen::Tensor<float, 1> rm(P), rv(P);
-  rm.setZero();
-  rv.setConstant(1.0f);
+  const bool rowwise = c.kind == Kind::layer || c.kind == Kind::rms;
+  const Index P = rowwise ? static_cast<Index>(c.last()) : static_cast<Index>(c.channels());
+  Eigen::Tensor<D, 1> w = param_vector<D>(P, 3, 1.0f), b = param_vector<D>(P, 4, 0.0f), gw(P),
+                      gb(P);
+  Eigen::Tensor<D, 1> rm(P), rv(P);
+  rm.setConstant(D(0.0f));
+  rv.setConstant(D(1.0f));
   normkit::SavedStats saved;
-  const bool train = m != Mode::eval;
+  const bool train = m != Mode::eval;  // forward (RMSNorm) saves its statistics, as train
   with_device(threads, [&](const auto& dev) {
     std::function<void()> call;  // built once; the std::function call is noise next to a norm
     switch (c.kind) {
       case Kind::batch: {
-        normkit::BatchNormFuncOptions<float> o;
-        o.weight(w)
-            .bias(b)
-            .running_mean(rm)
-            .running_var(rv)
-            .training(train)
-            .momentum(0.1)
-            .eps(1e-5)
-            .channels_last(c.channels_last);
-        if (m == Mode::backward) {
-          normkit::batch_norm(x, y, o, &saved, dev);
-          call = [&] {
-            normkit::batch_norm_backward(x, dy, dx, saved, w, gw, gb, c.channels_last, dev);
-          };
+        if constexpr (!kLow || R == 4) {
+          normkit::BatchNormFuncOptions<D> o;
+          o.weight(w)
+              .bias(b)
+              .running_mean(rm)
+              .running_var(rv)
+              .training(train)
+              .momentum(0.1)
+              .eps(1e-5)
+              .channels_last(c.channels_last);
+          if (m == Mode::backward) {
+            normkit::batch_norm(x, y, o, &saved, dev);
+            call = [&] {
+              normkit::batch_norm_backward(x, dy, dx, saved, w, gw, gb, c.channels_last, dev);
+            };
+          } else {
+            call = [&, o] { normkit::batch_norm(x, y, o, train ? &saved : nullptr, dev); };
+          }
         } else {
-          call = [&, o] { normkit::batch_norm(x, y, o, train ? &saved : nullptr, dev); };
+          not_registered(c);
         }
         break;
       }
       case Kind::instance: {
-        normkit::InstanceNormFuncOptions<float> o;
-        o.eps(1e-5);
-        if (m == Mode::backward) {
-          normkit::instance_norm(x, y, o, &saved, dev);
-          call = [&] {
-            normkit::instance_norm_backward(x, dy, dx, saved, normkit::VectorRef<const float>(),
-                                            normkit::VectorRef<float>(),
-                                            normkit::VectorRef<float>(), false, dev);
-          };
+        if constexpr (!kLow) {
+          normkit::InstanceNormFuncOptions<D> o;
+          o.eps(1e-5);
+          if (m == Mode::backward) {
+            normkit::instance_norm(x, y, o, &saved, dev);
+            call = [&] {
+              normkit::instance_norm_backward(x, dy, dx, saved, normkit::VectorRef<const D>(),
+                                              normkit::VectorRef<D>(), normkit::VectorRef<D>(),
+                                              false, dev);
+            };
+          } else {
+            call = [&, o] { normkit::instance_norm(x, y, o, train ? &saved : nullptr, dev); };
+          }
         } else {
-          call = [&, o] { normkit::instance_norm(x, y, o, train ? &saved : nullptr, dev); };
+          not_registered(c);
         }
         break;
       }
       case Kind::layer: {
-        normkit::LayerNormFuncOptions<float> o({P});
-        o.weight(w).bias(b).eps(1e-5);
-        if (m == Mode::backward) {
-          normkit::layer_norm(x, y, o, &saved, dev);
-          call = [&] { normkit::layer_norm_backward(x, dy, dx, saved, {P}, w, gw, gb, dev); };
+        if constexpr (!kLow || R == 2) {
+          normkit::LayerNormFuncOptions<D> o({P});
+          o.weight(w).bias(b).eps(1e-5);
+          if (m == Mode::backward) {
+            normkit::layer_norm(x, y, o, &saved, dev);
+            call = [&] { normkit::layer_norm_backward(x, dy, dx, saved, {P}, w, gw, gb, dev); };
+          } else {
+            call = [&, o] { normkit::layer_norm(x, y, o, train ? &saved : nullptr, dev); };
+          }
         } else {
-          call = [&, o] { normkit::layer_norm(x, y, o, train ? &saved : nullptr, dev); };
+          not_registered(c);
+        }
+        break;
+      }
+      case Kind::rms: {
+        if constexpr (!kLow || R == 2) {
+          normkit::RMSNormFuncOptions<D> o({P});
+          o.weight(w).eps(kRmsEps);
+          if (m == Mode::backward) {
+            normkit::rms_norm(x, y, o, &saved, dev);
+            call = [&] { normkit::rms_norm_backward(x, dy, dx, saved, {P}, w, gw, dev); };
+          } else {
+            call = [&, o] { normkit::rms_norm(x, y, o, train ? &saved : nullptr, dev); };
+          }
+        } else {
+          not_registered(c);
         }
         break;
       }
       case Kind::group: {
-        const Index G = static_cast<Index>(c.groups);
-        normkit::GroupNormFuncOptions<float> o(G);
-        o.weight(w).bias(b).eps(1e-5);
-        if (m == Mode::backward) {
-          normkit::group_norm(x, y, o, &saved, dev);
-          call = [&, G] {
-            normkit::group_norm_backward(x, dy, dx, saved, G, w, gw, gb, false, dev);
-          };
+        if constexpr (!kLow) {
+          const Index G = static_cast<Index>(c.groups);
+          normkit::GroupNormFuncOptions<D> o(G);
+          o.weight(w).bias(b).eps(1e-5);
+          if (m == Mode::backward) {
+            normkit::group_norm(x, y, o, &saved, dev);
+            call = [&, G] {
+              normkit::group_norm_backward(x, dy, dx, saved, G, w, gw, gb, false, dev);
+            };
+          } else {
+            call = [&, o] { normkit::group_norm(x, y, o, train ? &saved : nullptr, dev); };
+          }
         } else {
-          call = [&, o] { normkit::group_norm(x, y, o, train ? &saved : nullptr, dev); };
+          not_registered(c);
         }
         break;
       }
@@ -183,23 +245,27 @@ void run_normkit(benchmark::State& st, const Case& c, Mode m, int threads) {
 
 // The modules, as a user runs them: training forward with set_keep_input(false) (statistics
 // kept, no input copy), evaluation forward, and backward(x, dy) into reused gradients.
-template <int R>
+// Always the float module: D = bfloat16 is its mixed mode (float parameters and running
+// statistics, bfloat16 x, y, dy, dx; parameter gradients float). RMSNorm's forward mode is
+// a training forward (statistics kept for the backward).
+template <class D, int R>
 void run_module(benchmark::State& st, const Case& c, Mode m, int threads) {
-  using T = Eigen::Tensor<float, R, Eigen::RowMajor>;
+  constexpr bool kLow = !std::is_same<D, float>::value;
+  using T = Eigen::Tensor<D, R, Eigen::RowMajor>;
   const auto dims = dims_of<R>(c);
   T x(dims), y(dims), dy;
-  fill_random(x.data(), static_cast<std::size_t>(x.size()), 1, 0.5f);
+  fill_as(x.data(), static_cast<std::size_t>(x.size()), 1, 0.5f);
   if (m == Mode::backward) {
     dy.resize(dims);
-    fill_random(dy.data(), static_cast<std::size_t>(dy.size()), 2);
+    fill_as(dy.data(), static_cast<std::size_t>(dy.size()), 2);
   }
-  const Index P =
-      c.kind == Kind::layer ? static_cast<Index>(c.last()) : static_cast<Index>(c.channels());
+  const bool rowwise = c.kind == Kind::layer || c.kind == Kind::rms;
+  const Index P = rowwise ? static_cast<Index>(c.last()) : static_cast<Index>(c.channels());
   with_device(threads, [&](const auto& dev) {
     auto go = [&](auto& mod) {
       mod.set_keep_input(false);
       mod.train(m != Mode::eval);
-      normkit::Gradients<float, R, Eigen::RowMajor> g;
+      normkit::Gradients<D, R, Eigen::RowMajor, float> g;
       if (m == Mode::backward)
         mod.forward(x, y, dev);
       auto call = [&] {
@@ -218,38 +284,92 @@ void run_module(benchmark::State& st, const Case& c, Mode m, int threads) {
     };
     switch (c.kind) {
       case Kind::batch: {
-        if constexpr (R == 2 || R == 3) {
+        if constexpr (!kLow && (R == 2 || R == 3)) {
           normkit::BatchNorm1d<float> mod(normkit::BatchNormOptions(P).channels_last(c.channels_last));
           go(mod);
         } else if constexpr (R == 4) {
           normkit::BatchNorm2d<float> mod(normkit::BatchNormOptions(P).channels_last(c.channels_last));
           go(mod);
-        } else {
+        } else if constexpr (!kLow && R == 5) {
           normkit::BatchNorm3d<float> mod(normkit::BatchNormOptions(P).channels_last(c.channels_last));
           go(mod);
+        } else {
+          not_registered(c);
         }
         break;
       }
       case Kind::instance: {
-        if constexpr (R == 4) {
+        if constexpr (!kLow && R == 4) {
           normkit::InstanceNorm2d<float> mod(P);
           go(mod);
+        } else {
+          not_registered(c);
         }
         break;
       }
       case Kind::layer: {
-        normkit::LayerNorm<float> mod(normkit::LayerNormOptions({P}));
-        go(mod);
+        if constexpr (!kLow || R == 2) {
+          normkit::LayerNorm<float> mod(normkit::LayerNormOptions({P}));
+          go(mod);
+        } else {
+          not_registered(c);
+        }
+        break;
+      }
+      case Kind::rms: {
+        if constexpr (!kLow || R == 2) {
+          normkit::RMSNorm<float> mod(normkit::RMSNormOptions({P}).eps(kRmsEps));
+          go(mod);
+        } else {
+          not_registered(c);
+        }
         break;
       }
       case Kind::group: {
-        normkit::GroupNorm<float> mod(normkit::GroupNormOptions(static_cast<Index>(c.groups), P));
-        go(mod);
+        if constexpr (!kLow) {
+          normkit::GroupNorm<float> mod(normkit::GroupNormOptions(static_cast<Index>(c.groups), P));
+          go(mod);
+        } else {
+          not_registered(c);
+        }
         break;
       }
     }
   });
   set_counters(st, c, m, threads);
+}
+
+/// Runs Run<D, R> for the case's dtype and rank: float for ranks 2-5, bfloat16 for ranks 2
+/// and 4 (the bfloat16 cases' ranks).
+template <class Run>
+void dispatch(benchmark::State& st, const Case& c, const Run& run) {
+  const std::size_t r = c.shape.size();
+  if (c.dtype == Dtype::bf16) {
+    if (r == 2) {
+      run(std::integral_constant<int, 2>(), Eigen::bfloat16());
+    } else if (r == 4) {
+      run(std::integral_constant<int, 4>(), Eigen::bfloat16());
+    } else {
+      fail(st, "unsupported rank for bfloat16");
+    }
+    return;
+  }
+  switch (r) {
+    case 2:
+      run(std::integral_constant<int, 2>(), 0.0f);
+      break;
+    case 3:
+      run(std::integral_constant<int, 3>(), 0.0f);
+      break;
+    case 4:
+      run(std::integral_constant<int, 4>(), 0.0f);
+      break;
+    case 5:
+      run(std::integral_constant<int, 5>(), 0.0f);
+      break;
+    default:
+      fail(st, "unsupported rank");
+  }
 }
 
 }  // namespace
@@ -326,22 +446,9 @@ void register_floor(const Case& c, int threads) {
 void register_module(const Case& c, Mode m, int threads) {
   add(bench_name(c, mode_name(m), threads, "normkit_module"), [c, m, threads](benchmark::State& st) {
     guarded(st, [&] {
-      switch (c.shape.size()) {
-        case 2:
-          run_module<2>(st, c, m, threads);
-          break;
-        case 3:
-          run_module<3>(st, c, m, threads);
-          break;
-        case 4:
-          run_module<4>(st, c, m, threads);
-          break;
-        case 5:
-          run_module<5>(st, c, m, threads);
-          break;
-        default:
-          fail(st, "unsupported rank");
-      }
+      dispatch(st, c, [&](auto rank, auto scalar) {
+        run_module<decltype(scalar), decltype(rank)::value>(st, c, m, threads);
+      });
     });
   });
 }
@@ -349,22 +456,9 @@ void register_module(const Case& c, Mode m, int threads) {
 void register_normkit(const Case& c, Mode m, int threads) {
   add(bench_name(c, mode_name(m), threads, "normkit"), [c, m, threads](benchmark::State& st) {
     guarded(st, [&] {
-      switch (c.shape.size()) {
-        case 2:
-          run_normkit<2>(st, c, m, threads);
-          break;
-        case 3:
-          run_normkit<3>(st, c, m, threads);
-          break;
-        case 4:
-          run_normkit<4>(st, c, m, threads);
-          break;
-        case 5:
-          run_normkit<5>(st, c, m, threads);
-          break;
-        default:
-          fail(st, "unsupported rank");
-      }
+      dispatch(st, c, [&](auto rank, auto scalar) {
+        run_normkit<decltype(scalar), decltype(rank)::value>(st, c, m, threads);
+      });
     });
   });
 }

@@ -2,6 +2,13 @@
 // succeeds (NORMKIT_BENCH_TORCH). Forward: the functional ops (torch::batch_norm, ...; the
 // torch namespace re-exports at::) under NoGradGuard. Backward: ATen's native backward
 // kernels, fed with the statistics of a native forward, as autograd would call them.
+// RMSNorm (no op in libtorch 1.13; torch.nn.RMSNorm arrived in 2.4): composed as users wrote
+// it before, y = x * rsqrt(x.pow(2).mean(-1, keepdim) + eps) * w, forward under NoGradGuard;
+// backward: autograd through that expression (torch::autograd::grad on a graph recorded once,
+// retain_graph), see run().
+// bfloat16 cases: LayerNorm and RMSNorm all-bfloat16 (x, w, b bfloat16; 1.13 rejects a float
+// weight with bfloat16 input in layer_norm), BatchNorm mixed (bfloat16 x, dy; float weight,
+// bias and running statistics: supported by 1.13 on CPU).
 // Threads: at::set_num_threads(n), checked with at::get_num_threads().
 // SPDX-License-Identifier: MIT
 #include <cstdint>     // std::int64_t
@@ -13,6 +20,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/version.h>
 
 #include "bench_common.hpp"
@@ -20,19 +28,30 @@
 namespace nkbench {
 namespace {
 
+at::ScalarType scalar_type(const Case& c) {
+  return c.dtype == Dtype::bf16 ? at::kBFloat16 : at::kFloat;
+}
+
+/// The case's activation tensor: float values of fill_random, rounded once to the case's
+/// dtype (the same values normkit gets).
 at::Tensor make(const Case& c, std::uint32_t seed, float offset) {
   auto opts = at::TensorOptions().dtype(at::kFloat);
   if (c.channels_last)
     opts = opts.memory_format(at::MemoryFormat::ChannelsLast);
   at::Tensor t = at::empty(c.shape, opts);
   fill_random(t.data_ptr<float>(), static_cast<std::size_t>(t.numel()), seed, offset);
-  return t;
+  return c.dtype == Dtype::f32 ? t : t.to(scalar_type(c)).contiguous(t.suggest_memory_format());
 }
 
-at::Tensor vec(std::int64_t n, std::uint32_t seed, float offset) {
+at::Tensor vec(std::int64_t n, std::uint32_t seed, float offset, at::ScalarType type = at::kFloat) {
   at::Tensor t = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
   fill_random(t.data_ptr<float>(), static_cast<std::size_t>(n), seed, offset);
-  return t;
+  return type == at::kFloat ? t : t.to(type);
+}
+
+/// RMSNorm as composed before torch.nn.RMSNorm (pow, mean, add, rsqrt, mul, mul).
+at::Tensor rms_composed(const at::Tensor& x, const at::Tensor& w, double eps) {
+  return x * at::rsqrt(x.pow(2).mean(-1, true) + eps) * w;
 }
 
 void run(benchmark::State& st, const Case& c, Mode m, int threads) {
@@ -48,8 +67,11 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
   const bool bwd = m == Mode::backward;
   at::Tensor x = make(c, 1, 0.5f);
   at::Tensor dy = bwd ? make(c, 2, 0.0f) : at::Tensor();
-  at::Tensor w, b, rm, rv, save1, save2, xv, dyv;
+  at::Tensor w, b, rm, rv, save1, save2, xv, dyv, yg;
   std::function<at::Tensor()> call;
+  // Parameters: the case's dtype for LayerNorm and RMSNorm (all-bfloat16), float for
+  // BatchNorm (mixed when x is bfloat16).
+  const at::ScalarType ptype = scalar_type(c);
   switch (c.kind) {
     case Kind::batch: {
       const std::int64_t C = c.channels();
@@ -97,8 +119,8 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
     }
     case Kind::layer: {
       const std::int64_t D = c.last();
-      w = vec(D, 3, 1.0f);
-      b = vec(D, 4, 0.0f);
+      w = vec(D, 3, 1.0f, ptype);
+      b = vec(D, 4, 0.0f, ptype);
       if (bwd) {
         auto r = at::native_layer_norm(x, {D}, w, b, eps);
         save1 = std::get<1>(r);
@@ -127,6 +149,29 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
         };
       } else {
         call = [&, G] { return at::group_norm(x, G, w, b, eps, false); };
+      }
+      break;
+    }
+    case Kind::rms: {
+      w = vec(c.last(), 3, 1.0f, ptype);
+      if (bwd) {
+        // The graph of the composed expression is recorded once, untimed (x and w require
+        // grad); the timed call is autograd's backward through its six nodes (mul by w, mul,
+        // rsqrt, add, mean, pow: the engine, the saved tensors' kernels and the accumulation
+        // of x's two paths) giving dx and dw, retain_graph so the graph can be replayed.
+        // torch::autograd::grad returns fresh gradients (no .grad accumulation).
+        x.requires_grad_(true);
+        w.requires_grad_(true);
+        {
+          at::AutoGradMode grad_on(true);
+          yg = rms_composed(x, w, kRmsEps);
+        }
+        call = [&] {
+          at::AutoGradMode grad_on(true);
+          return torch::autograd::grad({yg}, {x, w}, {dy}, /*retain_graph=*/true)[0];
+        };
+      } else {
+        call = [&] { return rms_composed(x, w, kRmsEps); };
       }
       break;
     }

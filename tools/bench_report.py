@@ -13,14 +13,18 @@ repetition is the mean wall time per call over Google Benchmark's run).
 Benchmark names are BM_<family>/<case>/<mode>/threads:<n>/<impl>[/real_time], with
 impl one of normkit (free functions), normkit_module (the modules: training forward
 with set_keep_input(false), evaluation forward, backward(x, dy) into reused gradients),
-eigen_naive, libtorch, onednn (modes train, eval, backward) or
-memcpy, stream (family Floor, mode copy); the label is the shape-suite case id.
+eigen_naive, libtorch, onednn (modes train, eval, backward; RMSNorm, the same in training
+and evaluation, runs forward and backward) or memcpy, stream (family Floor, mode copy);
+the label is the shape-suite case id (oneDNN's runs append " onednn:<implementation>",
+listed under the table). Cases whose id ends in -bf16 are bfloat16 (B counts 2 bytes an
+element); when the float32 case of the same id without the suffix ran too, a table
+compares the two.
 
 Floor: for a case of B bytes and a thread count, W = 2B / (median time of the memcpy
 probe BM_Floor/<case>/copy/threads:<n>/memcpy of the same run), and the floor time of a
 mode is model_bytes / W, where model_bytes (exported by the binary) is the traffic
 model: eval 2B (BatchNorm; 3B for norms that compute statistics in eval), training
-forward 3B, backward 5B. "x floor" = time / floor time. The binary's own floor_ratio
+forward 3B, RMSNorm forward 3B, backward 5B. "x floor" = time / floor time. The binary's own floor_ratio
 counter uses a memcpy timed once at startup instead; the two agree within noise.
 
 Python 3 standard library only.
@@ -36,7 +40,8 @@ import sys
 from collections import OrderedDict
 
 IMPLS = ("normkit", "normkit_module", "eigen_naive", "libtorch", "onednn")
-MODES = ("train", "eval", "backward")
+MODES = ("train", "eval", "forward", "backward")
+LOW_SUFFIX = "-bf16"  # case ids of the bfloat16 cases: <float32 case id>-bf16
 NAME_RE = re.compile(
     r"^BM_(?P<family>[^/]+)/(?P<case>[^/]+)/(?P<mode>[^/]+)/threads:(?P<threads>\d+)/(?P<impl>[^/]+)")
 UNIT = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
@@ -96,11 +101,13 @@ def collect(data):
             continue
         key = (m.group("family"), m.group("case"), m.group("mode"), int(m.group("threads")), m.group("impl"))
         unit = UNIT[b.get("time_unit", "ns")]
+        label, _, impl_info = b.get("label", "").partition(" onednn:")
         results[key] = {
             "order": b.get("family_index", len(results)),
             "time": b["real_time"] * unit,
             "cpu": b.get("cpu_time", 0.0) * unit,
-            "label": b.get("label", ""),
+            "label": label,
+            "impl_info": impl_info,
             "model_bytes": float(b.get("model_bytes", 0.0)),
             "B": float(b.get("B", 0.0)),
         }
@@ -145,6 +152,8 @@ def build_rows(results):
                         row["preempted"].append(impl)
                     if r:
                         row["model_bytes"], row["B"] = r["model_bytes"], r["B"]
+                        if impl == "onednn" and r.get("impl_info"):
+                            row["onednn_impl"] = r["impl_info"]
                 if row["normkit"] is None and not any(row[i] for i in IMPLS):
                     continue
                 mc = floor.get((case, threads, "memcpy"))
@@ -177,8 +186,10 @@ def markdown(rows, floor, cases, data, reps):
         ctx.get("date", "?"), ctx.get("host_name", "?"), ", ".join("%.2f" % x for x in ctx.get("load_avg", [])),
         reps))
     out.append("- Traffic model: eval 2B (BatchNorm with running stats; 3B for LayerNorm/GroupNorm/"
-               "InstanceNorm, which compute statistics in eval too), training forward 3B, backward 5B; "
-               "floor = model bytes / memcpy bandwidth of the same B and thread count, same run.")
+               "InstanceNorm, which compute statistics in eval too), training forward 3B, RMSNorm forward "
+               "(the same in training and eval) 3B, backward 5B; B = elements × element size (4 float32, "
+               "2 bfloat16: the *-bf16 cases); floor = model bytes / memcpy bandwidth of the same B and "
+               "thread count, same run.")
     out.append("- Speed-up = peer time / normkit time (> 1: normkit faster). **Bold**: normkit slower "
                "than a peer, or above %.1f× floor. †: 1-thread run whose CPU time is below %d%% of its "
                "wall time (descheduled by other load: read with care).\n" % (SLOW_FLOOR, PREEMPTED * 100))
@@ -208,6 +219,11 @@ def markdown(rows, floor, cases, data, reps):
             r["label"], r["mode"], r["threads"], tm("normkit"), "—" if gbs is None else "%.1f" % gbs, xf_s,
             tm("normkit_module"), mod_ratio, tm("eigen_naive"), tm("libtorch"), sp("libtorch"), tm("onednn"),
             sp("onednn")))
+    out.append(low_vs_float(rows))
+    impls = onednn_impls(rows)
+    if impls:
+        out.append("\noneDNN implementations (`impl_info_str` of the timed primitive):\n")
+        out.extend("- %s %s: %s" % k for k in impls)
     out.append("\nFloor probes (copy of B bytes; bandwidth counts read + write):\n")
     out.append("| case | B | memcpy 1 thr | stream 1 thr | memcpy 2 thr | stream 2 thr |")
     out.append("|---|---|---|---|---|---|")
@@ -228,6 +244,48 @@ def markdown(rows, floor, cases, data, reps):
                     cells.append("—")
         out.append("| %s | %s | %s |" % (label, "—" if B is None else "%.3g MB" % (B / 1e6), " | ".join(cells)))
     return "\n".join(out) + "\n"
+
+
+def low_vs_float(rows):
+    """bfloat16 against float32 for the same shape: rows of case <id>-bf16 next to case <id>
+    (when both ran), as float32 time / bfloat16 time (> 1: bfloat16 faster)."""
+    by = {(r["label"], r["mode"], r["threads"]): r for r in rows}
+    lines = []
+    for r in rows:
+        if not r["label"].endswith(LOW_SUFFIX):
+            continue
+        f = by.get((r["label"][:-len(LOW_SUFFIX)], r["mode"], r["threads"]))
+        if not f:
+            continue
+
+        def pair(impl):
+            a, b = f.get(impl), r.get(impl)
+            if not a or not b:
+                return ["—", "—", "—"]
+            return [fmt_time(a), fmt_time(b), "%.2f" % (a / b)]
+
+        lines.append("| %s | %s | %d | %s |" % (
+            r["label"], r["mode"], r["threads"],
+            " | ".join(pair("normkit") + pair("normkit_module") + pair("libtorch")[2:])))
+    if not lines:
+        return ""
+    head = ["\nbfloat16 against float32 for the same shape (speed-up = float32 time / bfloat16 time; "
+            "normkit: float32 free function vs all-bfloat16 free function; module: float32 module vs "
+            "the same float module given bfloat16 x, i.e. mixed):\n",
+            "| case | mode | thr | normkit f32 | normkit bf16 | speed-up | module f32 | module mixed | "
+            "speed-up | libtorch speed-up |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    return "\n".join(head + lines)
+
+
+def onednn_impls(rows):
+    """[(case, mode, implementation)] of the oneDNN runs, one per case and mode."""
+    seen = OrderedDict()
+    for r in rows:
+        info = r.get("onednn_impl")
+        if info:
+            seen.setdefault((r["label"], r["mode"]), set()).add(info)
+    return [(label, mode, ", ".join(sorted(v))) for (label, mode), v in seen.items()]
 
 
 def compact(rows):

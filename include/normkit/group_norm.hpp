@@ -115,8 +115,8 @@ void group_norm_backward_with(
   detail::check_size("group_norm_backward", "grad_bias", grad_bias, sh.dim[1]);
   auto* dx_ptr = detail::prepare_output(x, dx, "group_norm_backward", "grad_input");
   if (sh.numel() == 0) {
-    for (Index c = 0; grad_weight && c < grad_weight.size(); ++c) grad_weight.data()[c] = 0;
-    for (Index c = 0; grad_bias && c < grad_bias.size(); ++c) grad_bias.data()[c] = 0;
+    for (Index c = 0; grad_weight && c < grad_weight.size(); ++c) grad_weight.data()[c] = P(0);
+    for (Index c = 0; grad_bias && c < grad_bias.size(); ++c) grad_bias.data()[c] = P(0);
     return;
   }
   detail::group_norm_backward(sh, num_groups, x.data(), dy.data(), dx_ptr, saved, weight,

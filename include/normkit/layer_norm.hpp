@@ -120,8 +120,8 @@ void layer_norm_backward_with(
   detail::check_size(who, "grad_bias", grad_bias, n);
   auto* dx_ptr = detail::prepare_output(x, dx, who, "grad_input");
   if (sh.numel() == 0) {
-    for (Index i = 0; grad_weight && i < grad_weight.size(); ++i) grad_weight.data()[i] = 0;
-    for (Index i = 0; grad_bias && i < grad_bias.size(); ++i) grad_bias.data()[i] = 0;
+    for (Index i = 0; grad_weight && i < grad_weight.size(); ++i) grad_weight.data()[i] = T(0);
+    for (Index i = 0; grad_bias && i < grad_bias.size(); ++i) grad_bias.data()[i] = T(0);
     return;
   }
   detail::layer_norm_backward(sh, static_cast<int>(normalized_shape.size()), x.data(), dy.data(),
