@@ -25,6 +25,9 @@ enum class Mode { train, eval, forward, backward };
 /// all-bfloat16 free function (`normkit`) and the mixed float module (`normkit_module`);
 /// see benchmarks/README.md for what each peer runs.
 enum class Dtype { f32, bf16 };
+/// A fused epilogue case (normkit's forward_fused / forward_add): add_relu runs
+/// y = relu(norm(x) + r) (BatchNorm), add runs h = x + r, y = norm(h) (LayerNorm).
+enum class Epi { none, add_relu, add };
 
 struct Case {
   std::string id;      // shape-suite id, e.g. "bn2d-resnet" (also the benchmark's label)
@@ -38,6 +41,7 @@ struct Case {
   std::int64_t groups = 0;     // GroupNorm
   bool naive = false;          // also run the naive Eigen-expression baseline
   Dtype dtype = Dtype::f32;    // activations' element type
+  Epi epi = Epi::none;         // fused epilogue case (float32, train and eval only)
 
   std::int64_t numel() const;
   std::int64_t channels() const { return shape.at(1); }  // batch/group/instance
@@ -49,7 +53,8 @@ struct Case {
   int elem_size() const { return dtype == Dtype::bf16 ? 2 : 4; }
   /// B: bytes of one activation tensor of this shape in the case's dtype.
   double bytes() const { return elem_size() * static_cast<double>(numel()); }
-  /// The modes the case runs: forward and backward for RMSNorm, else train, eval, backward.
+  /// The modes the case runs: forward and backward for RMSNorm, train and eval for the
+/// epilogue cases, else train, eval, backward.
   std::vector<Mode> modes() const;
 };
 

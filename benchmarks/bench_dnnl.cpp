@@ -110,6 +110,26 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
   std::unordered_map<int, memory> args;
   dnnl::primitive prim;
   std::string impl;  // impl_info_str of the timed primitive
+  // Epilogue cases: a binary add primitive runs after the norm (BatchNorm: dst += residual
+  // with a ReLU post-op; oneDNN 2.6's batch normalization fuses ReLU only without the add)
+  // or before it (LayerNorm: h = x + residual into the norm's src).
+  dnnl::primitive add_prim;
+  std::unordered_map<int, memory> add_args;
+  auto make_add = [&](const memory::desc& md, const memory& a, const memory& out, bool relu) {
+    dnnl::primitive_attr attr;
+    if (relu) {
+      dnnl::post_ops po;
+      po.append_eltwise(1.0f, dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
+      attr.set_post_ops(po);
+    }
+    const dnnl::binary::primitive_desc pd(
+        dnnl::binary::desc(dnnl::algorithm::binary_add, md, md, md), attr, eng);
+    add_prim = dnnl::binary(pd);
+    add_args[DNNL_ARG_SRC_0] = a;
+    add_args[DNNL_ARG_SRC_1] = filled(md, eng, 2, 0.0f);
+    add_args[DNNL_ARG_DST] = out;
+    impl += " + " + std::string(pd.impl_info_str());
+  };
 
   if (c.kind == Kind::batch || c.kind == Kind::instance) {
     const bool affine = c.kind == Kind::batch;
@@ -170,6 +190,8 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
       prim = bwd(pd);
       impl = pd.impl_info_str();
     }
+    if (c.epi == Epi::add_relu)
+      make_add(md, args[DNNL_ARG_DST], args[DNNL_ARG_DST], true);
   } else if (c.kind == Kind::layer) {
     const memory::dims dims(c.shape.begin(), c.shape.end());
     const memory::dims sdims(c.shape.begin(), c.shape.end() - 1);
@@ -209,16 +231,28 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
       prim = bwd(pd);
       impl = pd.impl_info_str();
     }
+    if (c.epi == Epi::add) {  // h = x + residual into the norm's src (the kept stream)
+      memory x = filled(md, eng, 1, 0.5f);
+      const std::string norm_impl = impl;
+      impl.clear();
+      make_add(md, x, args[DNNL_ARG_SRC], false);
+      impl = norm_impl + impl;
+    }
   } else {
     fail(st, "no oneDNN 2.6 primitive for this norm");
     return;
   }
-  prim.execute(s, args);  // warm-up
-  s.wait();
-  for (auto _ : st) {
+  const bool add_first = c.epi == Epi::add, add_after = c.epi == Epi::add_relu;
+  auto call = [&] {
+    if (add_first)
+      add_prim.execute(s, add_args);
     prim.execute(s, args);
+    if (add_after)
+      add_prim.execute(s, add_args);
     s.wait();
-  }
+  };
+  call();  // warm-up
+  for (auto _ : st) call();
   set_counters(st, c, m, threads);
   st.SetLabel(c.id + " onednn:" + impl);  // tools/bench_report.py lists the implementations
 }

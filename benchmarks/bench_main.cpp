@@ -70,6 +70,12 @@ std::vector<Case> make_cases(bool smoke) {
        false, bf16},
       {"bn2d-resnet-bf16", "BatchNorm2d", "resnet-bf16", Kind::batch,
        S({32, 64, 56, 56}, {2, 16, 48, 48}), false, 0, false, bf16},
+      // Fused epilogues (issue 12 section 2): a ResNet block's BN + shortcut + ReLU, and the
+      // pre-norm "add + LayerNorm" of a transformer block.
+      {"bn2d-add-relu", "BatchNorm2d", "resnet-add-relu", Kind::batch,
+       S({32, 64, 56, 56}, {2, 16, 48, 48}), false, 0, false, f32, Epi::add_relu},
+      {"ln-add", "LayerNorm", "bert-add", Kind::layer, S({4096, 768}, {16, 64}), false, 0, false,
+       f32, Epi::add},
   };
 }
 
@@ -105,6 +111,8 @@ std::vector<std::int64_t> Case::storage_dims() const {
 std::vector<Mode> Case::modes() const {
   if (kind == Kind::rms)
     return {Mode::forward, Mode::backward};
+  if (epi != Epi::none)
+    return {Mode::train, Mode::eval};
   return {Mode::train, Mode::eval, Mode::backward};
 }
 
@@ -140,6 +148,12 @@ const char* dtype_name(Dtype d) {
 
 double model_bytes(const Case& c, Mode m) {
   const double B = c.bytes();
+  // Epilogues: add_relu reads x and r and writes y, plus the statistics pass in training
+  // (3B eval, 4B train); add reads x and r and writes h and y, its statistics from cache (4B).
+  if (c.epi == Epi::add_relu)
+    return m == Mode::eval ? 3 * B : 4 * B;
+  if (c.epi == Epi::add)
+    return 4 * B;
   switch (m) {
     case Mode::train:
       return 3 * B;

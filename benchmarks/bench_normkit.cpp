@@ -339,6 +339,64 @@ void run_module(benchmark::State& st, const Case& c, Mode m, int threads) {
   set_counters(st, c, m, threads);
 }
 
+/// The epilogue cases (float32): fused = the module's forward_fused / forward_add; unfused =
+/// what a user writes without them: the module's forward, then the add (and ReLU) as a
+/// separate pass over raw pointers (LayerNorm: the add first, then forward(h)).
+template <int R>
+void run_epilogue(benchmark::State& st, const Case& c, Mode m, int threads, bool fused) {
+  using T = Eigen::Tensor<float, R, Eigen::RowMajor>;
+  const auto dims = dims_of<R>(c);
+  T x(dims), r(dims), y(dims), h(dims);
+  fill_as(x.data(), static_cast<std::size_t>(x.size()), 1, 0.5f);
+  fill_as(r.data(), static_cast<std::size_t>(r.size()), 2);
+  const Index n = x.size();
+  with_device(threads, [&](const auto& dev) {
+    auto loop = [&](auto& mod, auto&& call) {
+      mod.set_keep_input(false);
+      mod.train(m != Mode::eval);
+      call();
+      for (auto _ : st) {
+        call();
+        benchmark::DoNotOptimize(y.data());
+        benchmark::ClobberMemory();
+      }
+    };
+    if constexpr (R == 4) {
+      if (c.epi != Epi::add_relu)
+        not_registered(c);
+      normkit::BatchNorm2d<float> mod(static_cast<Index>(c.channels()));
+      loop(mod, [&] {
+        if (fused) {
+          mod.forward_fused(x, r, normkit::Activation::relu, y, dev);
+        } else {
+          mod.forward(x, y, dev);
+          float* yp = y.data();
+          const float* rp = r.data();
+          for (Index i = 0; i < n; ++i) yp[i] = std::max(yp[i] + rp[i], 0.0f);
+        }
+      });
+    } else if constexpr (R == 2) {
+      if (c.epi != Epi::add)
+        not_registered(c);
+      normkit::LayerNorm<float> mod(normkit::LayerNormOptions({static_cast<Index>(c.last())}));
+      loop(mod, [&] {
+        if (fused) {
+          mod.forward_add(x, r, h, y, dev);
+        } else {
+          float* hp = h.data();
+          const float* xp = x.data();
+          const float* rp = r.data();
+          for (Index i = 0; i < n; ++i) hp[i] = xp[i] + rp[i];
+          mod.forward(h, y, dev);
+        }
+      });
+    } else {
+      not_registered(c);
+    }
+  });
+  set_counters(st, c, m, threads);
+}
+
 /// Runs Run<D, R> for the case's dtype and rank: float for ranks 2-5, bfloat16 for ranks 2
 /// and 4 (the bfloat16 cases' ranks).
 template <class Run>
@@ -446,6 +504,13 @@ void register_floor(const Case& c, int threads) {
 void register_module(const Case& c, Mode m, int threads) {
   add(bench_name(c, mode_name(m), threads, "normkit_module"), [c, m, threads](benchmark::State& st) {
     guarded(st, [&] {
+      if (c.epi != Epi::none) {  // the unfused sequence
+        if (c.shape.size() == 4)
+          run_epilogue<4>(st, c, m, threads, false);
+        else
+          run_epilogue<2>(st, c, m, threads, false);
+        return;
+      }
       dispatch(st, c, [&](auto rank, auto scalar) {
         run_module<decltype(scalar), decltype(rank)::value>(st, c, m, threads);
       });
@@ -456,6 +521,13 @@ void register_module(const Case& c, Mode m, int threads) {
 void register_normkit(const Case& c, Mode m, int threads) {
   add(bench_name(c, mode_name(m), threads, "normkit"), [c, m, threads](benchmark::State& st) {
     guarded(st, [&] {
+      if (c.epi != Epi::none) {  // the fused module call
+        if (c.shape.size() == 4)
+          run_epilogue<4>(st, c, m, threads, true);
+        else
+          run_epilogue<2>(st, c, m, threads, true);
+        return;
+      }
       dispatch(st, c, [&](auto rank, auto scalar) {
         run_normkit<decltype(scalar), decltype(rank)::value>(st, c, m, threads);
       });

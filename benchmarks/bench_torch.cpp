@@ -87,6 +87,12 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
           return std::get<0>(at::native_batch_norm_backward(dy, x, w, rm, rv, save1, save2, true,
                                                             eps, {true, true, true}));
         };
+      } else if (c.epi == Epi::add_relu) {
+        // What an eager ResNet block runs: bn, then out += shortcut, relu_ in place.
+        xv = make(c, 2, 0.0f);
+        call = [&] {
+          return at::relu_(at::batch_norm(x, w, b, rm, rv, train, momentum, eps, false).add_(xv));
+        };
       } else {
         call = [&] { return at::batch_norm(x, w, b, rm, rv, train, momentum, eps, false); };
       }
@@ -128,6 +134,14 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
         call = [&, D] {
           return std::get<0>(
               at::native_layer_norm_backward(dy, x, {D}, save1, save2, w, b, {true, true, true}));
+        };
+      } else if (c.epi == Epi::add) {
+        // h = x + residual (the residual stream, kept), then layer_norm(h).
+        xv = make(c, 2, 0.0f);
+        yg = at::empty_like(x);
+        call = [&, D] {
+          at::add_out(yg, x, xv);
+          return at::layer_norm(yg, {D}, w, b, eps, false);
         };
       } else {
         call = [&, D] { return at::layer_norm(x, {D}, w, b, eps, false); };

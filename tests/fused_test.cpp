@@ -416,6 +416,13 @@ TEST_P(FusedAdd, HIntoResidualStorageAndErrors) {
   const auto got = b.forward_add(x, r, stream);  // the residual stream updated in place
   EXPECT_TRUE(bitwise_equal(got, want));
   EXPECT_TRUE(bitwise_equal(r, h));
+  // Into a caller's y (no allocation): the same bits.
+  normkit::LayerNorm<float> c(normkit::LayerNormOptions({32}));
+  Eigen::Tensor<float, 2, Eigen::RowMajor> h3, y3(10, 32);
+  auto r0 = random_tensor<float, 2, Eigen::RowMajor>({10, 32}, 40);
+  c.forward_add(x, r0, h3, y3);
+  EXPECT_TRUE(bitwise_equal(y3, want));
+  EXPECT_TRUE(bitwise_equal(h3, h));
 
   const auto bad = random_tensor<float, 2, Eigen::RowMajor>({10, 31}, 41);
   const auto before = normkit_test::snapshot(b);

@@ -227,14 +227,14 @@ class RMSNorm : public detail::ModuleBase<Scalar> {
   }
 
   /// Pre-norm residual, fused ("add + norm" of transformer blocks): writes h = x + residual
-  /// (the residual stream; computed in float and rounded once for bfloat16/half) and returns
+  /// (the residual stream; computed in float and rounded once for bfloat16/half) and writes
   /// y = RMSNorm(h), each tensor crossing memory once. h may be x's or the residual's storage.
   /// Otherwise as forward(h): training keeps h's statistics (and a copy of h), so
   /// backward(dy) gives dL/dh.
   /// @throws shape_error when the residual's dims differ from x's; as forward() otherwise.
-  template <class X, class R, class H, class Device = Eigen::DefaultDevice,
-            detail::if_tensor<R> = 0, detail::if_tensor<H> = 0, detail::if_device<Device> = 0>
-  auto forward_add(const X& x, const R& residual, H&& h, const Device& device = Device()) {
+  template <class X, class R, class H, class Y, class Device = Eigen::DefaultDevice,
+            detail::if_tensor<R> = 0, detail::if_tensor<H> = 0, detail::if_tensor<Y> = 0>
+  void forward_add(const X& x, const R& residual, H&& h, Y&& y, const Device& device = Device()) {
     static_assert(detail::accepts_v<Scalar, detail::scalar_of<X>>,
                   "RMSNorm: input must be of the module's scalar type (or bfloat16/half for a "
                   "float module)");
@@ -245,9 +245,6 @@ class RMSNorm : public detail::ModuleBase<Scalar> {
     const detail::Shape sh = detail::logical_shape(x, false, kName);
     detail::layer_norm_check(kName, sh, options_.normalized_shape(), wref(), VectorRef<const Scalar>());
     detail::check_same_dims(kName, "residual", x, residual);
-    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
-                  detail::tensor_traits<X>::layout>
-        y;
     auto* h_ptr = detail::prepare_output(x, h, kName, "h");
     auto* y_ptr = detail::prepare_output(x, y, kName);
     const bool keep = this->keeps();
@@ -261,6 +258,15 @@ class RMSNorm : public detail::ModuleBase<Scalar> {
     }
     if (keep)
       this->commit(x, std::move(saved), this->keep_input_);
+  }
+  /// Allocating forward_add: returns y.
+  template <class X, class R, class H, class Device = Eigen::DefaultDevice,
+            detail::if_tensor<R> = 0, detail::if_tensor<H> = 0, detail::if_device<Device> = 0>
+  auto forward_add(const X& x, const R& residual, H&& h, const Device& device = Device()) {
+    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
+                  detail::tensor_traits<X>::layout>
+        y;
+    forward_add(x, residual, h, y, device);
     return y;
   }
 
