@@ -85,16 +85,16 @@ template <class Y, class Z>
   using T = typename Y::Scalar;
   const double tol = tol_unit<T>();
   for (Idx i = 0; i < y.size(); ++i) {
-    const double zi = static_cast<double>(z.data()[i]) + (r ? static_cast<double>(r->data()[i]) : 0.0);
+    const double zi =
+        static_cast<double>(z.data()[i]) + (r ? static_cast<double>(r->data()[i]) : 0.0);
     const double want = act_ref(act, zi);
     const double got = static_cast<double>(y.data()[i]);
     // z + r is rounded once in T (on the unfused side too): allow that rounding of the input
     // of the activation, whose slope is at most about 1.13.
     const double scale = 1.0 + std::abs(zi) + std::abs(want);
     if (!(std::abs(got - want) <= tol * scale)) {
-      return ::testing::AssertionFailure()
-             << act_name(act) << ": element " << i << " is " << got << ", expected " << want
-             << " (z + r = " << zi << ")";
+      return ::testing::AssertionFailure() << act_name(act) << ": element " << i << " is " << got
+                                           << ", expected " << want << " (z + r = " << zi << ")";
     }
   }
   return ::testing::AssertionSuccess();
@@ -110,7 +110,9 @@ bool bitwise_equal(const A& a, const B& b) {
 }
 
 template <class T, int R, int L>
-Eigen::Tensor<T, R, L> random_tensor(const std::array<Idx, R>& dims, unsigned seed, double offset = 0) {
+Eigen::Tensor<T, R, L> random_tensor(const std::array<Idx, R>& dims,
+                                     unsigned seed,
+                                     double offset = 0) {
   Eigen::Tensor<float, R, L> f(dims);
   std::srand(seed);
   f.setRandom();  // [0, 1)
@@ -135,7 +137,8 @@ void perturb_affine(M& m) {
     m.set_weight(w);
   if constexpr (has_bias<M>::value) {
     auto b = m.bias();
-    for (Idx i = 0; i < b.size(); ++i) b(i) = static_cast<P>(-0.3 + 0.2 * static_cast<double>(i % 4));
+    for (Idx i = 0; i < b.size(); ++i)
+      b(i) = static_cast<P>(-0.3 + 0.2 * static_cast<double>(i % 4));
     if (b.size())
       m.set_bias(b);
   }
@@ -177,8 +180,8 @@ void check_module(M make(), const X& x, const X& r) {
         ASSERT_EQ(y.dimensions(), x.dimensions());
         EXPECT_TRUE(epilogue_matches(y, z, with_res ? &r : nullptr, act)) << "step " << step;
         // The module changed exactly as forward changes it.
-        EXPECT_TRUE(normkit_test::same_state(normkit_test::snapshot(plain),
-                                             normkit_test::snapshot(fused)))
+        EXPECT_TRUE(
+            normkit_test::same_state(normkit_test::snapshot(plain), normkit_test::snapshot(fused)))
             << "step " << step;
       }
     }
@@ -193,13 +196,15 @@ class FusedForward : public normkit_test::PerIsa {};
 TEST_P(FusedForward, BatchNorm2dRowMajor) {
   const auto x = random_tensor<float, 4, Eigen::RowMajor>({3, 5, 7, 9}, 1, 0.5);
   const auto r = random_tensor<float, 4, Eigen::RowMajor>({3, 5, 7, 9}, 2);
-  check_module<normkit::BatchNorm2d<float>>(+[] { return normkit::BatchNorm2d<float>(5); }, x, r);
+  check_module<normkit::BatchNorm2d<float>>(
+      +[] { return normkit::BatchNorm2d<float>(5); }, x, r);
 }
 
 TEST_P(FusedForward, BatchNorm2dColMajorDouble) {
   const auto x = random_tensor<double, 4, Eigen::ColMajor>({4, 3, 6, 5}, 3, -1.0);
   const auto r = random_tensor<double, 4, Eigen::ColMajor>({4, 3, 6, 5}, 4);
-  check_module<normkit::BatchNorm2d<double>>(+[] { return normkit::BatchNorm2d<double>(3); }, x, r);
+  check_module<normkit::BatchNorm2d<double>>(
+      +[] { return normkit::BatchNorm2d<double>(3); }, x, r);
 }
 
 TEST_P(FusedForward, BatchNorm2dChannelsLast) {
@@ -207,14 +212,17 @@ TEST_P(FusedForward, BatchNorm2dChannelsLast) {
   const auto x = random_tensor<float, 4, Eigen::RowMajor>({2, 5, 7, 19}, 5, 2.0);
   const auto r = random_tensor<float, 4, Eigen::RowMajor>({2, 5, 7, 19}, 6);
   check_module<normkit::BatchNorm2d<float>>(
-      +[] { return normkit::BatchNorm2d<float>(normkit::BatchNormOptions(19).channels_last(true)); },
+      +[] {
+        return normkit::BatchNorm2d<float>(normkit::BatchNormOptions(19).channels_last(true));
+      },
       x, r);
 }
 
 TEST_P(FusedForward, BatchNorm1dFullyConnected) {
   const auto x = random_tensor<float, 2, Eigen::RowMajor>({33, 21}, 7);
   const auto r = random_tensor<float, 2, Eigen::RowMajor>({33, 21}, 8);
-  check_module<normkit::BatchNorm1d<float>>(+[] { return normkit::BatchNorm1d<float>(21); }, x, r);
+  check_module<normkit::BatchNorm1d<float>>(
+      +[] { return normkit::BatchNorm1d<float>(21); }, x, r);
 }
 
 TEST_P(FusedForward, InstanceNorm2dAffineAndPlain) {
@@ -245,7 +253,8 @@ TEST_P(FusedForward, GroupNorm) {
 TEST_P(FusedForward, BFloat16InputFloatModule) {
   const auto x = random_tensor<Eigen::bfloat16, 4, Eigen::RowMajor>({2, 6, 8, 8}, 15, 1.0);
   const auto r = random_tensor<Eigen::bfloat16, 4, Eigen::RowMajor>({2, 6, 8, 8}, 16);
-  check_module<normkit::BatchNorm2d<float>>(+[] { return normkit::BatchNorm2d<float>(6); }, x, r);
+  check_module<normkit::BatchNorm2d<float>>(
+      +[] { return normkit::BatchNorm2d<float>(6); }, x, r);
 }
 
 TEST_P(FusedForward, OutputIntoResidualStorage) {
@@ -292,7 +301,8 @@ TEST_P(FusedForward, BackwardReluIsBackwardOfMaskedGradient) {
   const auto gi = fused.backward_fused(x, y, dy, Activation::identity);
   EXPECT_TRUE(bitwise_equal(gi.residual, dy));
 
-  normkit::GroupNorm<float> gf(normkit::GroupNormOptions(2, 4)), gp(normkit::GroupNormOptions(2, 4));
+  normkit::GroupNorm<float> gf(normkit::GroupNormOptions(2, 4)),
+      gp(normkit::GroupNormOptions(2, 4));
   const auto yg = gf.forward_fused(x, r, Activation::relu);
   for (Idx i = 0; i < dy.size(); ++i) masked.data()[i] = yg.data()[i] > 0 ? dy.data()[i] : 0.0f;
   const auto gg = gf.backward_fused(x, yg, dy, Activation::relu);
@@ -350,17 +360,17 @@ void check_add(M make(), const X& x, const X& r) {
   const X y_ref = plain.forward(h_ref);
   EXPECT_TRUE(bitwise_equal(h, h_ref));
   EXPECT_TRUE(bitwise_equal(y, y_ref));
-  EXPECT_TRUE(normkit_test::same_state(normkit_test::snapshot_tensors({"mean", "rstd"},
-                                                                       plain.saved_stats().mean,
-                                                                       plain.saved_stats().rstd),
-                                       normkit_test::snapshot_tensors({"mean", "rstd"},
-                                                                       fused.saved_stats().mean,
-                                                                       fused.saved_stats().rstd)));
+  EXPECT_TRUE(normkit_test::same_state(
+      normkit_test::snapshot_tensors({"mean", "rstd"}, plain.saved_stats().mean,
+                                     plain.saved_stats().rstd),
+      normkit_test::snapshot_tensors({"mean", "rstd"}, fused.saved_stats().mean,
+                                     fused.saved_stats().rstd)));
   // backward after forward_add is backward after forward(h): the kept input is h.
   const X dy = random_tensor<S, X::NumDimensions, X::Layout>(
       [&] {
         std::array<Idx, X::NumDimensions> d{};
-        for (int i = 0; i < X::NumDimensions; ++i) d[static_cast<std::size_t>(i)] = x.dimension(static_cast<std::size_t>(i));
+        for (int i = 0; i < X::NumDimensions; ++i)
+          d[static_cast<std::size_t>(i)] = x.dimension(static_cast<std::size_t>(i));
         return d;
       }(),
       99);
@@ -388,7 +398,10 @@ TEST_P(FusedAdd, LayerNorm) {
   check_add<normkit::LayerNorm<float>>(
       +[] { return normkit::LayerNorm<float>(normkit::LayerNormOptions({256})); }, x, r);
   check_add<normkit::LayerNorm<float>>(
-      +[] { return normkit::LayerNorm<float>(normkit::LayerNormOptions({77, 256})); }, x, r);
+      +[] {
+        return normkit::LayerNorm<float>(normkit::LayerNormOptions({77, 256}));
+      },
+      x, r);
   const auto xc = random_tensor<double, 3, Eigen::ColMajor>({6, 5, 40}, 33);
   const auto rc = random_tensor<double, 3, Eigen::ColMajor>({6, 5, 40}, 34);
   check_add<normkit::LayerNorm<double>>(

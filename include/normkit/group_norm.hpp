@@ -284,6 +284,12 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
     fused_impl(shape(x), x, &residual, act, y, detail::make_exec(device));
     return y;
   }
+  /// forward_fused without a residual into y: y = act(norm(x)).
+  template <class X, class Y, class Device = Eigen::DefaultDevice, detail::if_tensor<Y> = 0>
+  void forward_fused(const X& x, Activation act, Y&& y, const Device& device = Device()) {
+    fused_impl(shape(x), x, static_cast<const X*>(nullptr), act, y,
+                     detail::make_exec(device));
+  }
   /// Allocating forward_fused without a residual: y = act(norm(x)).
   template <class X, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
   auto forward_fused(const X& x, Activation act, const Device& device = Device()) {
