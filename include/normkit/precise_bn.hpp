@@ -39,10 +39,11 @@ namespace detail {
 // (merge_part), in double. That is exact in algebra whatever the batch sizes and means, and
 // numerically as good as one reduction over the concatenated batch (the large-offset case
 // included: no E[x^2] - E[x]^2 anywhere). torch.optim.swa_utils.update_bn instead runs every
-// batch through a momentum-None forward: its running_var is the plain average of the
-// per-batch unbiased variances, which misses the spread of the batch means around the overall
-// mean and weights every batch alike whatever its size. It equals the population variance
-// only when every batch has the same size and the same mean.
+// batch through a momentum-None forward (a cumulative average): its running_mean is the
+// plain average of the batch means and its running_var that of the per-batch unbiased
+// variances, which weights every batch alike whatever its size, misses the spread of the batch
+// means around the overall mean, and applies Bessel's correction per batch. Even k batches of
+// n elements with equal means give (kn-1)/(k(n-1)) times the population's unbiased variance.
 //
 // InstanceNorm: a running statistic estimates an *instance's* statistics (evaluation
 // normalizes each instance with it), so the exact counterpart is the average over every
@@ -56,20 +57,20 @@ namespace detail {
 /// input ranks its forward accepts. Only BatchNorm and InstanceNorm (with any Dim) qualify.
 template <class M>
 struct StatsModule {
-  static constexpr bool supported = false;
+  static constexpr bool kSupported = false;
 };
 template <class S, int D>
 struct StatsModule<BatchNorm<S, D>> {
-  static constexpr bool supported = true;
-  static constexpr ChannelNormKind kind = ChannelNormKind::batch;
+  static constexpr bool kSupported = true;
+  static constexpr ChannelNormKind kKind = ChannelNormKind::batch;
   using Scalar = S;
   static constexpr bool accepts_rank(int r) { return D == 1 ? (r == 2 || r == 3) : r == D + 2; }
   static constexpr bool batched(int) { return true; }
 };
 template <class S, int D>
 struct StatsModule<InstanceNorm<S, D>> {
-  static constexpr bool supported = true;
-  static constexpr ChannelNormKind kind = ChannelNormKind::instance;
+  static constexpr bool kSupported = true;
+  static constexpr ChannelNormKind kKind = ChannelNormKind::instance;
   using Scalar = S;
   static constexpr bool accepts_rank(int r) { return r == D + 1 || r == D + 2; }
   static constexpr bool batched(int r) { return r == D + 2; }
@@ -116,11 +117,12 @@ struct CompensatedSum {
 /// The state of a precise-BatchNorm accumulation, whatever the module and input types:
 /// BatchNorm: per channel (mean, M2, count) of every element so far; InstanceNorm: per channel
 /// the compensated sums of the instances' means and unbiased variances, and the instance
-/// count.
+/// count. Messages are tagged with the module's class name (`who`, "[normkit.BatchNorm2d]")
+/// and start with the function's (`fn`).
 class RunningStatsCore {
  public:
-  RunningStatsCore(ChannelNormKind kind, Index channels, const char* who, const char* module)
-      : kind_(kind), channels_(channels), who_(who), module_(module) {
+  RunningStatsCore(ChannelNormKind kind, Index channels, const char* who, const char* fn)
+      : kind_(kind), channels_(channels), who_(who), fn_(fn) {
     const auto c = static_cast<std::size_t>(channels);
     if (kind == ChannelNormKind::batch) {
       parts_.resize(c);
@@ -134,23 +136,21 @@ class RunningStatsCore {
   std::int64_t batches() const { return batches_; }
   std::int64_t count() const { return count_; }
   const char* who() const { return who_; }
-  const char* module() const { return module_; }
 
   /// Checks batch `index` (of shape sh) as the accumulation needs it: its channel count, and
   /// for InstanceNorm more than one spatial element (as a training forward).
   void check(const Shape& sh, std::int64_t index) const {
     if (sh.dim[1] != channels_) {
       fail(Fail::shape, who_,
-           "batch %lld: expected input with %lld channels (num_features of the %s) at logical dim "
-           "1, but got input of size %s",
-           static_cast<long long>(index), static_cast<long long>(channels_), module_,
-           shape_text(sh).s);
+           "%s: batch %lld: expected input with %lld channels (num_features) at logical dim 1, "
+           "but got input of size %s",
+           fn_, static_cast<long long>(index), static_cast<long long>(channels_), shape_text(sh).s);
     }
     if (kind_ == ChannelNormKind::instance && spatial_size(sh) == 1) {
       fail(Fail::value, who_,
-           "batch %lld: expected more than 1 spatial element per instance (its unbiased "
-           "variance), got input size %s",
-           static_cast<long long>(index), shape_text(sh).s);
+           "%s: batch %lld: expected more than 1 spatial element per instance (its unbiased "
+           "variance is undefined), got input size %s",
+           fn_, static_cast<long long>(index), shape_text(sh).s);
     }
   }
 
@@ -183,7 +183,8 @@ class RunningStatsCore {
     ++batches_;
   }
 
-  /// Merges o's batches after this one's (same kind and channel count: the caller checks).
+  /// Merges o's batches after this one's (same kind and channel count: the caller checks);
+  /// o may be *this only through a copy.
   void merge(const RunningStatsCore& o) {
     for (std::size_t c = 0; c < parts_.size(); ++c) merge_part(true, parts_[c], o.parts_[c]);
     for (std::size_t c = 0; c < mean_sum_.size(); ++c) {
@@ -194,8 +195,18 @@ class RunningStatsCore {
     batches_ += o.batches_;
   }
 
+  /// value_error unless the module tracks running statistics.
+  static void check_tracking(bool tracking, const char* who, const char* fn) {
+    if (!tracking) {
+      fail(Fail::value, who,
+           "%s: track_running_stats is false: the module has no running statistics to "
+           "recompute",
+           fn);
+    }
+  }
+
   /// Starts over.
-  void reset() { *this = RunningStatsCore(kind_, channels_, who_, module_); }
+  void reset() { *this = RunningStatsCore(kind_, channels_, who_, fn_); }
 
   /// The statistics, per channel: mean and unbiased variance (BatchNorm), or the averages of
   /// the instances' (InstanceNorm), in double.
@@ -204,17 +215,17 @@ class RunningStatsCore {
   void finish(double* mean, double* var) const {
     if (batches_ == 0) {
       fail(Fail::value, who_,
-           "no batches: the running statistics of the %s are undefined (an empty range is an "
-           "error, and the module is left unchanged)",
-           module_);
+           "%s: no batches: the statistics of an empty set of batches are undefined (the "
+           "module is left unchanged)",
+           fn_);
     }
     const auto C = static_cast<std::size_t>(channels_);
     if (kind_ == ChannelNormKind::batch) {
       if (count_ < 2) {
         fail(Fail::value, who_,
-             "Expected more than 1 value per channel over all batches, got %lld in %lld "
-             "batches: the unbiased variance for the %s is undefined",
-             static_cast<long long>(count_), static_cast<long long>(batches_), module_);
+             "%s: expected more than 1 value per channel over all batches, got %lld in %lld "
+             "batches (the unbiased variance is undefined)",
+             fn_, static_cast<long long>(count_), static_cast<long long>(batches_));
       }
       const double m = static_cast<double>(count_);
       for (std::size_t c = 0; c < C; ++c) {
@@ -224,9 +235,9 @@ class RunningStatsCore {
     } else {
       if (count_ == 0) {
         fail(Fail::value, who_,
-             "no instances in %lld batches (every batch is empty): the running statistics of "
-             "the %s are undefined",
-             static_cast<long long>(batches_), module_);
+             "%s: no instances in %lld batches (every batch is empty): the statistics are "
+             "undefined",
+             fn_, static_cast<long long>(batches_));
       }
       const double k = static_cast<double>(count_);
       for (std::size_t c = 0; c < C; ++c) {
@@ -241,16 +252,12 @@ class RunningStatsCore {
   /// num_batches_tracked = the number of batches. Nothing changes when it throws.
   template <class S, class Module>
   void write(Module& module) const {
-    if (!module.options().track_running_stats()) {
-      fail(Fail::value, who_,
-           "the %s has no running statistics (track_running_stats is false): nothing to "
-           "recompute",
-           Module::kName);
-    }
+    check_tracking(module.options().track_running_stats(), who_, fn_);
     if (module.options().num_features() != channels_) {
       fail(Fail::shape, who_,
-           "statistics of %lld channels cannot be written into a %s of %lld channels",
-           static_cast<long long>(channels_), Module::kName,
+           "%s: statistics of %lld channels cannot be written into a module of num_features "
+           "%lld",
+           fn_, static_cast<long long>(channels_),
            static_cast<long long>(module.options().num_features()));
     }
     const auto C = static_cast<std::size_t>(channels_);
@@ -261,7 +268,7 @@ class RunningStatsCore {
       rm.data()[c] = round_to<S>(mean[c]);
       rv.data()[c] = round_to<S>(var[c]);
     }
-    // Same sizes as the module's buffers (checked above): no allocation, nothing throws.
+    // Same sizes as the module's buffers (checked above): no reallocation, nothing throws.
     module.set_running_mean(rm);
     module.set_running_var(rv);
     if (kind_ == ChannelNormKind::batch)
@@ -272,7 +279,7 @@ class RunningStatsCore {
   ChannelNormKind kind_;
   Index channels_;
   const char* who_;
-  const char* module_;
+  const char* fn_;
   std::int64_t batches_ = 0;
   std::int64_t count_ = 0;  // BatchNorm: elements per channel; InstanceNorm: instances
   std::vector<Part> parts_;
@@ -294,18 +301,14 @@ const E& batch_ref(const std::reference_wrapper<E>& e) {
   return e.get();
 }
 
-/// An accumulation for `module` (messages tagged `who`).
+/// An empty accumulation for `module`, its messages tagged with the module's class name and
+/// starting with `fn`.
 /// @throws value_error when the module has no running statistics.
 template <class Module>
-RunningStatsCore stats_core(const Module& module, const char* who) {
-  if (!module.options().track_running_stats()) {
-    fail(Fail::value, who,
-         "the %s has no running statistics (track_running_stats is false): nothing to "
-         "recompute",
-         Module::kName);
-  }
-  return RunningStatsCore(StatsModule<Module>::kind, module.options().num_features(), who,
-                          Module::kName);
+RunningStatsCore stats_core(const Module& module, const char* fn) {
+  RunningStatsCore::check_tracking(module.options().track_running_stats(), Module::kName, fn);
+  return RunningStatsCore(StatsModule<Module>::kKind, module.options().num_features(),
+                          Module::kName, fn);
 }
 
 template <class R, class = void>
@@ -323,9 +326,10 @@ struct is_batch_range<R,
 /// with the module's channels_last option), then write() the exact statistics of all of them
 /// into the module's running_mean and running_var (docs/semantics.md §2.8):
 ///  - BatchNorm1d/2d/3d: per channel, the mean and unbiased variance of every element of every
-///    batch, as one training forward on the concatenated batch would compute them -- not the
-///    momentum or cumulative average of per-batch statistics (update_bn); num_batches_tracked
-///    is set to the number of batches, as update_bn leaves it.
+///    batch -- what one training forward on the concatenated batch would compute -- not the
+///    momentum or cumulative average of per-batch statistics (update_bn). num_batches_tracked
+///    is set to the number of batches added, empty ones included, as update_bn leaves it (it
+///    resets the counter and runs one training forward per batch).
 ///  - InstanceNorm1d/2d/3d with track_running_stats: per channel, the average over every
 ///    instance (n, c) of every batch of the instance's mean, and of its unbiased variance;
 ///    num_batches_tracked is left alone (an InstanceNorm's never moves, as in PyTorch).
@@ -335,9 +339,11 @@ struct is_batch_range<R,
 /// the module's Scalar when written. A batch is reduced with the blocks and merge order of a
 /// training forward, on the device given to add(): results are bitwise the same for any thread
 /// count. The module is never touched before write(), and write() changes only the running
-/// statistics (and BatchNorm's counter): mode, parameters and kept statistics stay as they
-/// are. One accumulator is not safe to add() to from several threads at once; give each thread
-/// its own and merge() them (in a fixed order, for reproducible bits).
+/// statistics (and BatchNorm's counter): mode, options, parameters and the statistics and
+/// input kept for backward stay as they are. Errors are shape_error / value_error tagged with
+/// the module's class name ("[normkit.BatchNorm2d] RunningStatsAccumulator: batch 3: ...").
+/// One accumulator is not safe to add() to from several threads at once; give each thread its
+/// own and merge() them (in a fixed order, for reproducible bits).
 /// @code
 /// normkit::BatchNorm2d<float> bn{64};
 /// normkit::RunningStatsAccumulator acc(bn);  // RunningStatsAccumulator<BatchNorm2d<float>>
@@ -349,7 +355,7 @@ struct is_batch_range<R,
 template <class Module>
 class RunningStatsAccumulator {
   using Traits = detail::StatsModule<Module>;
-  static_assert(Traits::supported,
+  static_assert(Traits::kSupported,
                 "normkit::RunningStatsAccumulator: the module must be a normkit::BatchNorm or "
                 "normkit::InstanceNorm (SyncBatchNorm is not supported)");
 
@@ -368,6 +374,7 @@ class RunningStatsAccumulator {
   /// Adds batch x: (N, C, *), or what the module's forward takes (channels last with the
   /// module's channels_last; unbatched (C, *) for InstanceNorm, a batch of one). An empty
   /// batch counts as a batch (as a training forward counts it) and adds no values.
+  /// @param x the batch, an Eigen::Tensor or TensorMap (read now, not kept).
   /// @param device Eigen::DefaultDevice, or an Eigen::ThreadPoolDevice to reduce x on its
   ///        threads (same bits for any thread count).
   /// @throws shape_error for a channel count other than the module's; value_error for
@@ -386,7 +393,8 @@ class RunningStatsAccumulator {
   void merge(const RunningStatsAccumulator& other) {
     if (other.core_.channels() != core_.channels()) {
       detail::fail(detail::Fail::shape, core_.who(),
-                   "cannot merge the statistics of %lld channels into an accumulator of %lld",
+                   "RunningStatsAccumulator: cannot merge the statistics of %lld channels into "
+                   "an accumulator of %lld",
                    static_cast<long long>(other.core_.channels()),
                    static_cast<long long>(core_.channels()));
     }
@@ -442,29 +450,35 @@ class RunningStatsAccumulator {
 /// BatchNorm, docs/semantics.md §2.8): every batch goes through a RunningStatsAccumulator in
 /// order, then write(). BatchNorm: running_mean and running_var become the mean and unbiased
 /// variance of all elements of all batches per channel, and num_batches_tracked the number of
-/// batches; InstanceNorm (with track_running_stats): the averages over all instances of their
-/// means and unbiased variances. Unlike torch.optim.swa_utils.update_bn, which averages
-/// per-batch variances, the result is the population variance, whatever the batch sizes and
-/// batch means. The module's mode, options, parameters and kept statistics are not touched.
+/// batches (empty ones included); InstanceNorm (with track_running_stats): the averages over
+/// all instances of their means and unbiased variances (num_batches_tracked unchanged). Unlike
+/// torch.optim.swa_utils.update_bn, which averages per-batch variances, the result is the
+/// variance of the whole population, whatever the batch sizes and batch means. The module's
+/// mode, options, parameters and the statistics and input kept for backward are not touched.
 ///
 /// The iterators' elements are Eigen::Tensor or TensorMap batches (or pointers or
-/// std::reference_wrapper to them) that the module's forward takes, read with its
-/// channels_last option. Forward iterators over lvalues are checked all first (shape_error
-/// before any reduction); any input iterator works, read once.
+/// std::reference_wrapper to them; not null) that the module's forward takes, read with its
+/// channels_last option; a wrong rank or scalar type does not compile. Batches of forward
+/// iterators over lvalues are all checked first (an error before any reduction); any input
+/// iterator works, read once.
+/// @param module a BatchNorm, or an InstanceNorm with track_running_stats.
+/// @param first, last the batches, in the order they are merged.
 /// @param device Eigen::DefaultDevice, or an Eigen::ThreadPoolDevice to reduce each batch on
 ///        its threads (same bits for any thread count).
 /// @throws value_error when the module has no running statistics, for an empty range, with
 ///         fewer than 2 values per channel in all (BatchNorm), or for InstanceNorm input with
 ///         one spatial element; shape_error for a batch of another channel count (naming the
-///         batch). Messages start with "[normkit.recompute_running_stats]". Every input is
-///         checked before anything is written: the module is unchanged when it throws.
+///         batch, counted from 0). Messages are tagged with the module's class name:
+///         "[normkit.BatchNorm2d] recompute_running_stats: batch 2: expected input with 64
+///         channels ...". Every input is checked before anything is written: the module is
+///         unchanged when it throws.
 /// @code
 /// bn.eval();  // any mode: it is left as it is
 /// normkit::recompute_running_stats(bn, batches.begin(), batches.end(), pool_device);
 /// @endcode
 template <class Module, class It, class Device = Eigen::DefaultDevice>
 void recompute_running_stats(Module& module, It first, It last, const Device& device = Device()) {
-  static_assert(detail::StatsModule<Module>::supported,
+  static_assert(detail::StatsModule<Module>::kSupported,
                 "normkit::recompute_running_stats: the module must be a normkit::BatchNorm or "
                 "normkit::InstanceNorm (SyncBatchNorm is not supported)");
   detail::RunningStatsCore core = detail::stats_core(module, "recompute_running_stats");
@@ -494,8 +508,11 @@ void recompute_running_stats(Module& module, It first, It last, const Device& de
 template <class Module,
           class Range,
           class Device = Eigen::DefaultDevice,
-          std::enable_if_t<detail::is_batch_range<Range>::value, int> = 0>
-void recompute_running_stats(Module& module, const Range& batches, const Device& device = Device()) {
+          std::enable_if_t<detail::is_batch_range<Range>::value, int> = 0,
+          detail::if_device<Device> = 0>
+void recompute_running_stats(Module& module,
+                             const Range& batches,
+                             const Device& device = Device()) {
   recompute_running_stats(module, std::begin(batches), std::end(batches), device);
 }
 

@@ -287,7 +287,8 @@ void channel_norm_stats(ChannelNormKind kind,
 /// plan, blocks and merge order, so the same bits for any thread count). precise_bn.hpp
 /// merges them over batches.
 template <class T>
-void channel_norm_parts(ChannelNormKind kind, const Shape& sh, const T* x, Part* out, const Exec& ex) {
+void channel_norm_parts(
+    ChannelNormKind kind, const Shape& sh, const T* x, Part* out, const Exec& ex) {
   const Index C = sh.dim[1];
   const Index slots = kind == ChannelNormKind::batch ? C : sh.dim[0] * C;
   const Plan p = channel_plan(kind, sh);
