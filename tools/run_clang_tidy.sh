@@ -9,6 +9,7 @@ printf '#include <normkit/normkit.hpp>\n#include <normkit/state_dict.hpp>\n#incl
 cat >> "$tu" <<'CPP'
 // Instantiate every module so the templates are analysed.
 #include <cstdint>
+#include <vector>
 template class normkit::BatchNorm<float, 2>;
 template class normkit::BatchNorm<double, 1>;
 template class normkit::InstanceNorm<float, 2>;
@@ -41,6 +42,13 @@ int main() {
   normkit::RMSNorm<float> rms(normkit::RMSNormOptions({3}));
   auto rh = rms.forward(xh);
   auto grh = rms.backward(rh);
+  // Precise BatchNorm statistics (a range; an accumulator).
+  std::vector<Eigen::Tensor<float, 4, Eigen::RowMajor>> batches{x, x};
+  normkit::recompute_running_stats(bn, batches);
+  normkit::InstanceNorm2d<float> tracked(normkit::InstanceNormOptions(4).track_running_stats(true));
+  normkit::RunningStatsAccumulator<normkit::InstanceNorm2d<float>> acc(tracked);
+  acc.add(x);
+  acc.write(tracked);
   (void)gb, (void)wb, (void)grh;
   return static_cast<int>(g.input(0) + gz.input(0) + gw.input(0) + gv.input(0));
 }

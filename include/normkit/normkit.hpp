@@ -14,6 +14,7 @@
 #include <normkit/isa.hpp>
 #include <normkit/layer_norm.hpp>
 #include <normkit/options.hpp>
+#include <normkit/precise_bn.hpp>
 #include <normkit/rms_norm.hpp>
 #include <normkit/version.hpp>
 

@@ -282,6 +282,22 @@ void channel_norm_stats(ChannelNormKind kind,
   out.batch_stats = true;
 }
 
+/// The moments of every statistic slot of x, in logical slot order (batch: C; instance:
+/// N * C): out[l] = (mean, M2, count), computed as a training forward computes them (the same
+/// plan, blocks and merge order, so the same bits for any thread count). precise_bn.hpp
+/// merges them over batches.
+template <class T>
+void channel_norm_parts(
+    ChannelNormKind kind, const Shape& sh, const T* x, Part* out, const Exec& ex) {
+  const Index C = sh.dim[1];
+  const Index slots = kind == ChannelNormKind::batch ? C : sh.dim[0] * C;
+  const Plan p = channel_plan(kind, sh);
+  std::vector<Part> parts(static_cast<std::size_t>(slots));
+  reduce(p, SumOp<T>{&leaves<T>(), x, nullptr, nullptr}, parts.data(), ex);
+  for (Index l = 0; l < slots; ++l)
+    out[l] = parts[static_cast<std::size_t>(plan_slot(kind, p, l, C))];
+}
+
 /// Statistics from running buffers (evaluation with track_running_stats), as a forward in
 /// that mode uses them.
 template <class T>

@@ -19,6 +19,7 @@
                                  const T*, int))                                                 \
   X(void channel_norm_stats<T>(ChannelNormKind, const Shape&, const T*, double, SavedStats&,     \
                                const Exec&))                                                     \
+  X(void channel_norm_parts<T>(ChannelNormKind, const Shape&, const T*, Part*, const Exec&))     \
   X(void running_saved_stats<T>(ChannelNormKind, const Shape&, const T*, const T*, double,        \
                                 SavedStats&))                                                    \
   X(void channel_norm_backward<T, T>(ChannelNormKind, const Shape&, const T*, const T*, T*,          \
