@@ -1,6 +1,8 @@
 // Replays every PyTorch fixture (tests/fixtures, written by tools/fixtures/gen_fixtures.cpp
 // against libtorch 1.13) through the modules in RowMajor, ColMajor and channels-last storage,
-// on every ISA level the CPU supports.
+// on every ISA level the CPU supports. Evaluation steps with running statistics also go through
+// the free functions (batch_norm/instance_norm with saved statistics, then *_norm_backward),
+// which must give the module's y and gradients exactly.
 #include <tuple>
 
 #include <gtest/gtest.h>

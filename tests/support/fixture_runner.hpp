@@ -143,26 +143,49 @@ Eigen::Tensor<S, 1> vec(const FixtureTensor& t) {
 
 template <class M>
 struct module_traits;
+// functional: 1 for BatchNorm, 2 for InstanceNorm (free functions batch_norm/instance_norm
+// and their backward take the same input as (N, C, *)), 0 otherwise.
 template <class S, int D>
 struct module_traits<normkit::BatchNorm<S, D>> {
   static constexpr bool accepts(int r) { return D == 1 ? (r == 2 || r == 3) : r == D + 2; }
   static constexpr bool channels_last_ok(int r) { return r >= 3; }
+  static constexpr int functional = 1;
+  static constexpr bool batched(int) { return true; }
 };
 template <class S, int D>
 struct module_traits<normkit::InstanceNorm<S, D>> {
   static constexpr bool accepts(int r) { return r == D + 1 || r == D + 2; }
   static constexpr bool channels_last_ok(int r) { return r == D + 2; }
+  static constexpr int functional = 2;
+  static constexpr bool batched(int r) { return r == D + 2; }
 };
 template <class S>
 struct module_traits<normkit::LayerNorm<S>> {
   static constexpr bool accepts(int r) { return r >= 1; }
   static constexpr bool channels_last_ok(int) { return false; }
+  static constexpr int functional = 0;
+  static constexpr bool batched(int) { return false; }
 };
 template <class S>
 struct module_traits<normkit::GroupNorm<S>> {
   static constexpr bool accepts(int r) { return r >= 2; }
   static constexpr bool channels_last_ok(int r) { return r >= 3; }
+  static constexpr int functional = 0;
+  static constexpr bool batched(int) { return false; }
 };
+
+/// a and b hold the same values, NaN matching NaN (the bits of a NaN aside).
+template <class A, class B>
+void expect_same_values(const A& a, const B& b, const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what << ": size";
+  int bad = 0;
+  for (Eigen::Index i = 0; i < a.size(); ++i) {
+    const double u = static_cast<double>(a.data()[i]), v = static_cast<double>(b.data()[i]);
+    if (!((std::isnan(u) && std::isnan(v)) || u == v) && bad++ < 3)
+      ADD_FAILURE() << what << ": element " << i << " is " << u << " and " << v;
+  }
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " differences";
+}
 
 template <class S, class M>
 class CaseRunner {
@@ -335,6 +358,63 @@ class CaseRunner {
         expect_matches(g.weight, step.at("dweight"), tol_grad(step), "dweight");
       if (step.has("dbias"))
         expect_matches(g.bias, step.at("dbias"), tol_grad(step), "dbias");
+      if constexpr (module_traits<M>::functional != 0) {
+        if (!step.train && c_.opt_bool("track_running_stats") && module_traits<M>::batched(R))
+          functional_eval<R>(m, xs, dy, ys, g);
+      }
+    }
+  }
+
+  /// Evaluation with running statistics through the free functions: the forward's saved
+  /// statistics, then *_norm_backward from them, give the module's y and gradients exactly.
+  template <int R, class X, class DY, class Y, class G>
+  void functional_eval(M& m, const X& xs, const DY& dy, const Y& ys, const G& g) {
+    SCOPED_TRACE("free functions (evaluation, saved running statistics)");
+    const bool affine = c_.opt_bool("affine");
+    const bool cl = st_ == Storage::channels_last;
+    Eigen::Tensor<S, 1> rm = m.running_mean(), rv = m.running_var(), gw, gb;
+    normkit::VectorRef<const S> w, b;
+    normkit::VectorRef<S> rgw, rgb;
+    if (affine) {
+      w = normkit::VectorRef<const S>(m.weight());
+      b = normkit::VectorRef<const S>(m.bias());
+      gw.resize(m.weight().size());
+      gb.resize(m.bias().size());
+      rgw = normkit::VectorRef<S>(gw);
+      rgb = normkit::VectorRef<S>(gb);
+    }
+    normkit::SavedStats saved;
+    X y, dx;
+    if constexpr (module_traits<M>::functional == 1) {
+      normkit::batch_norm(xs, y,
+                          normkit::BatchNormFuncOptions<S>()
+                              .weight(w)
+                              .bias(b)
+                              .running_mean(rm)
+                              .running_var(rv)
+                              .training(false)
+                              .eps(c_.opt_double("eps"))
+                              .channels_last(cl),
+                          &saved);
+      normkit::batch_norm_backward(xs, dy, dx, saved, w, rgw, rgb, cl);
+    } else {
+      normkit::instance_norm(xs, y,
+                             normkit::InstanceNormFuncOptions<S>()
+                                 .weight(w)
+                                 .bias(b)
+                                 .running_mean(rm)
+                                 .running_var(rv)
+                                 .use_input_stats(false)
+                                 .eps(c_.opt_double("eps"))
+                                 .channels_last(cl),
+                             &saved);
+      normkit::instance_norm_backward(xs, dy, dx, saved, w, rgw, rgb, cl);
+    }
+    expect_same_values(y, ys, "functional y");
+    expect_same_values(dx, g.input, "functional dx");
+    if (affine) {
+      expect_same_values(gw, g.weight, "functional dweight");
+      expect_same_values(gb, g.bias, "functional dbias");
     }
   }
 
