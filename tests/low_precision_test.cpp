@@ -535,6 +535,70 @@ TEST(LowPrecision, BitwiseIdenticalForAnyThreadCount) {
   normkit::set_min_parallel_elements(Eigen::Index{1} << 16);
 }
 
+// The baseline ISA copy's vector conversions (kernels/simd.hpp: GCC/Clang generic vectors,
+// the NEON path on aarch64, SSE2 on x86-64, F16C for half when the translation unit has it)
+// give the bits of the scalar ones: loads for every 16-bit value, stores for floats at and
+// around every rounding boundary of both types (ties, NaN payloads, infinities, subnormals,
+// overflow).
+TEST(LowPrecision, VectorConversionsGiveTheScalarBits) {
+  namespace k = normkit::detail::isa_base;
+  constexpr std::size_t fw = static_cast<std::size_t>(k::kFW);
+  constexpr std::size_t dw = static_cast<std::size_t>(k::kDW);
+  auto fbits = [](float v) { return Eigen::numext::bit_cast<std::uint32_t>(v); };
+  std::vector<float> fs;
+  for (std::uint32_t hi = 0; hi < (1u << 19); ++hi)  // half: 13 bits dropped below a normal
+    for (std::uint32_t low : {0x0u, 0x1u, 0xfffu, 0x1000u, 0x1001u, 0x1fffu})
+      fs.push_back(Eigen::numext::bit_cast<float>((hi << 13) | low));
+  for (std::uint32_t hi = 0; hi < (1u << 16); ++hi)  // bfloat16: 16 bits dropped
+    for (std::uint32_t low : {0x0u, 0x1u, 0x7fffu, 0x8000u, 0x8001u, 0xffffu})
+      fs.push_back(Eigen::numext::bit_cast<float>((hi << 16) | low));
+  while (fs.size() % fw != 0) fs.push_back(0.0f);
+  auto check = [&](auto tag) {
+    using L = decltype(tag);
+    SCOPED_TRACE(type_name<L>());
+    std::vector<L> all(65536);
+    for (std::size_t b = 0; b < all.size(); ++b)
+      all[b] = Eigen::numext::bit_cast<L>(static_cast<std::uint16_t>(b));
+    int bad = 0;
+    for (std::size_t i = 0; i < all.size(); i += fw) {
+      const k::fvec v = k::fload(all.data() + i);
+      float got[fw];
+      std::memcpy(got, &v, sizeof got);
+      for (std::size_t j = 0; j < fw; ++j) {
+        const float want = k::to_f(all[i + j]);
+        if (fbits(got[j]) != fbits(want) && bad++ < 8)
+          ADD_FAILURE() << "fload of 0x" << std::hex << i + j << ": 0x" << fbits(got[j])
+                        << ", scalar 0x" << fbits(want);
+      }
+    }
+    for (std::size_t i = 0; i < all.size(); i += dw) {
+      const k::dvec v = k::dload(all.data() + i);
+      double got[dw];
+      std::memcpy(got, &v, sizeof got);
+      for (std::size_t j = 0; j < dw; ++j) {
+        const double want = static_cast<double>(k::to_f(all[i + j]));
+        const bool same = std::isnan(want) ? std::isnan(got[j]) : got[j] == want;
+        if (!same && bad++ < 8)
+          ADD_FAILURE() << "dload of 0x" << std::hex << i + j << ": " << got[j] << ", scalar " << want;
+      }
+    }
+    std::vector<L> out(fw);
+    for (std::size_t i = 0; i < fs.size(); i += fw) {
+      k::fstore(out.data(), k::fload(fs.data() + i));
+      for (std::size_t j = 0; j < fw; ++j) {
+        const auto got = Eigen::numext::bit_cast<std::uint16_t>(out[j]);
+        const auto want = Eigen::numext::bit_cast<std::uint16_t>(k::from_f<L>(fs[i + j]));
+        if (got != want && bad++ < 8)
+          ADD_FAILURE() << "fstore of float 0x" << std::hex << fbits(fs[i + j]) << ": 0x" << got
+                        << ", scalar 0x" << want;
+      }
+    }
+    EXPECT_EQ(bad, 0);
+  };
+  check(bf16{});
+  check(f16{});
+}
+
 TEST(LowPrecision, KeptInputMustMatchTheGradientsType) {
   Eigen::Tensor<bf16, 2, Eigen::RowMajor> x(4, 8);
   Eigen::Tensor<float, 2, Eigen::RowMajor> dyf(4, 8);
