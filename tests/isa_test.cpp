@@ -107,7 +107,8 @@ TEST(IsaTest, FirstUseFromManyThreadsAgrees) {
 }
 
 template <class T, int R>
-Eigen::Tensor<T, R, Eigen::RowMajor> random(const std::array<Eigen::Index, R>& d, unsigned seed,
+Eigen::Tensor<T, R, Eigen::RowMajor> random(const std::array<Eigen::Index, R>& d,
+                                            unsigned seed,
                                             double offset) {
   Eigen::Tensor<T, R, Eigen::RowMajor> t(d);
   std::mt19937 g(seed);
