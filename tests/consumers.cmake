@@ -141,16 +141,10 @@ if(NORMKIT_INSTALL AND NOT CMAKE_VERSION VERSION_LESS 3.24)
     FIXTURES_REQUIRED normkit_installed)
 endif()
 
-# normkit::safetensors (safetensors.hpp needs nlohmann_json): the state_dict test and two
-# consumers, through find_package(... COMPONENTS safetensors) and add_subdirectory.
+# normkit::safetensors (safetensors.hpp needs nlohmann_json): two consumers, through
+# find_package(... COMPONENTS safetensors) and add_subdirectory (state_dict_test and
+# safetensors_hostile_test are in tests/CMakeLists.txt).
 if(TARGET normkit::safetensors)
-  normkit_add_test(state_dict_test state_dict_test.cpp)
-  target_link_libraries(state_dict_test PRIVATE normkit::safetensors)
-  # Hostile files (issue #15); also replays the file fuzzer's corpus through its invariants.
-  normkit_add_test(safetensors_hostile_test safetensors_hostile_test.cpp)
-  target_link_libraries(safetensors_hostile_test PRIVATE normkit::safetensors)
-  target_compile_definitions(safetensors_hostile_test PRIVATE
-    NORMKIT_SAFETENSORS_CORPUS_DIR="${CMAKE_CURRENT_SOURCE_DIR}/fuzz/corpus_safetensors")
   if(NORMKIT_INSTALL)
     _normkit_add_consumer_test(safetensors.find_package SOURCE safetensors OPTIONS
       "-DNORMKIT_CONSUME=find_package" "-DCMAKE_PREFIX_PATH=${_nk_prefix}")
@@ -160,8 +154,7 @@ if(TARGET normkit::safetensors)
   _normkit_add_consumer_test(safetensors.add_subdirectory SOURCE safetensors OPTIONS
     "-DNORMKIT_CONSUME=add_subdirectory" "-DNORMKIT_SOURCE_DIR=${_nk_checkout}")
 else()
-  message(STATUS "normkit: no normkit::safetensors (apt-get install nlohmann-json3-dev), "
-                 "skipping state_dict_test, safetensors_hostile_test and the safetensors consumers")
+  message(STATUS "normkit: no normkit::safetensors, skipping the safetensors consumers")
 endif()
 
 # normkit::mpi (mpi.hpp needs MPI): a consumer through find_package(... COMPONENTS mpi),

@@ -30,7 +30,9 @@ TEST(IsaTest, ReportsWhichLevelsRunAndWhichTheCpuLacks) {
   for (int i = static_cast<int>(normkit::cpu_isa()) + 1; i <= static_cast<int>(Isa::avx512); ++i)
     lack += std::string(lack.empty() ? "" : ", ") + normkit::isa_name(static_cast<Isa>(i));
   // Printed for CI logs: the per-ISA tests (…/Isa/<level>) ran for these levels.
-  std::printf("normkit ISA levels tested: %s; lacking on this CPU: %s; active: %s\n", ran.c_str(),
+  // (Off x86-64 the higher levels are not compiled in at all.)
+  std::printf("normkit ISA levels tested: %s; %s: %s; active: %s\n", ran.c_str(),
+              NORMKIT_X86_DISPATCH ? "lacking on this CPU" : "not on this target",
               lack.empty() ? "none" : lack.c_str(), normkit::isa_name(normkit::isa()));
   RecordProperty("isa_levels_tested", ran);
   RecordProperty("isa_levels_lacking", lack.empty() ? "none" : lack);
@@ -58,12 +60,29 @@ TEST(IsaTest, EnvironmentNames) {
   EXPECT_EQ(l, Isa::avx512);
   EXPECT_TRUE(normkit::detail::parse_isa("avx2", l));
   EXPECT_EQ(l, Isa::avx2);
-  for (const char* s : {"baseline", "x86-64", "sse2", "generic"}) {
+  for (const char* s : {"baseline", "x86-64", "sse2", "generic", "aarch64", "NEON", "default"}) {
     EXPECT_TRUE(normkit::detail::parse_isa(s, l)) << s;
     EXPECT_EQ(l, Isa::baseline) << s;
   }
   EXPECT_FALSE(normkit::detail::parse_isa("avx3", l));
   EXPECT_FALSE(normkit::detail::parse_isa("", l));
+}
+
+// The baseline is named after the target; off x86-64 (aarch64: the portable kernels, NEON
+// through GCC/Clang generic vectors) it is the only level compiled in, whatever the CPU.
+TEST(IsaTest, BaselineIsNamedAfterTheTarget) {
+#if defined(__x86_64__) || defined(_M_X64)
+  EXPECT_STREQ(normkit::isa_name(Isa::baseline), "x86-64");
+#elif defined(__aarch64__)
+  EXPECT_STREQ(normkit::isa_name(Isa::baseline), "aarch64");
+#else
+  EXPECT_STREQ(normkit::isa_name(Isa::baseline), "generic");
+#endif
+#if !NORMKIT_X86_DISPATCH
+  EXPECT_EQ(normkit::cpu_isa(), Isa::baseline);
+  EXPECT_EQ(normkit::supported_isas(), std::vector<Isa>{Isa::baseline});
+  EXPECT_EQ(normkit::isa(), Isa::baseline);
+#endif
 }
 
 // The first use detects the level once, whatever the number of threads racing to it
@@ -88,7 +107,8 @@ TEST(IsaTest, FirstUseFromManyThreadsAgrees) {
 }
 
 template <class T, int R>
-Eigen::Tensor<T, R, Eigen::RowMajor> random(const std::array<Eigen::Index, R>& d, unsigned seed,
+Eigen::Tensor<T, R, Eigen::RowMajor> random(const std::array<Eigen::Index, R>& d,
+                                            unsigned seed,
                                             double offset) {
   Eigen::Tensor<T, R, Eigen::RowMajor> t(d);
   std::mt19937 g(seed);

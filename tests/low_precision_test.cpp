@@ -7,10 +7,10 @@
 // kept-input type check.
 #include <algorithm>
 #include <array>
-#include <limits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -54,9 +54,8 @@ std::int32_t ulps(L got, double ref) {
   const double lv = static_cast<double>(static_cast<float>(lo));
   const std::int32_t o = ordered(lo);
   auto from_ordered = [](std::int32_t k) {
-    const std::uint16_t b =
-        static_cast<std::uint16_t>(k < 0 ? (0x8000 | static_cast<std::uint16_t>(-k))
-                                         : static_cast<std::uint16_t>(k));
+    const std::uint16_t b = static_cast<std::uint16_t>(
+        k < 0 ? (0x8000 | static_cast<std::uint16_t>(-k)) : static_cast<std::uint16_t>(k));
     return Eigen::numext::bit_cast<L>(b);
   };
   L best = lo;
@@ -98,7 +97,8 @@ void expect_ulps(const A& got, const B& ref, bool exact, const std::string& what
     inexact += u != 0;
     if (u <= 1)
       continue;
-    if (!exact && std::abs(static_cast<double>(static_cast<float>(g)) - r) <= std::ldexp(scale, -18))
+    if (!exact &&
+        std::abs(static_cast<double>(static_cast<float>(g)) - r) <= std::ldexp(scale, -18))
       continue;
     if (u > worst) {
       worst = u;
@@ -111,7 +111,8 @@ void expect_ulps(const A& got, const B& ref, bool exact, const std::string& what
     EXPECT_LE(inexact, got.size() / 200 + 1) << what << ": " << inexact << " of " << got.size()
                                              << " elements are not the reference rounded once";
   }
-  EXPECT_EQ(worst, 0) << what << ": element " << at << " is " << worst << " ulps from the reference "
+  EXPECT_EQ(worst, 0) << what << ": element " << at << " is " << worst
+                      << " ulps from the reference "
                       << (at >= 0 ? static_cast<double>(ref.data()[at]) : 0.0) << " (got "
                       << (at >= 0 ? static_cast<double>(static_cast<float>(got.data()[at])) : 0.0)
                       << ")";
@@ -132,7 +133,8 @@ void expect_float_close(const A& got, const B& ref, const std::string& what) {
 template <class L, class T>
 Eigen::Tensor<L, T::NumDimensions, T::Layout> to_low(const T& t) {
   Eigen::Tensor<L, T::NumDimensions, T::Layout> r(t.dimensions());
-  for (Eigen::Index i = 0; i < t.size(); ++i) r.data()[i] = static_cast<L>(static_cast<float>(t.data()[i]));
+  for (Eigen::Index i = 0; i < t.size(); ++i)
+    r.data()[i] = static_cast<L>(static_cast<float>(t.data()[i]));
   return r;
 }
 template <class T>
@@ -203,8 +205,8 @@ void same_params(M& m, R& r, unsigned seed) {
 }
 
 template <class M, class R, class XL, class XD>
-void check_pass(M& m, R& r, const XL& xl, const XL& dyl, const XD& xd, const XD& dyd,
-                const std::string& what) {
+void check_pass(
+    M& m, R& r, const XL& xl, const XL& dyl, const XD& xd, const XD& dyd, const std::string& what) {
   using P = typename M::Vector::Scalar;
   const auto y = m.forward(xl);
   const auto yr = r.forward(xd);
@@ -274,7 +276,8 @@ void all_modules(const char* tag) {
                            (Layout == Eigen::RowMajor ? " RowMajor" : " ColMajor");
   const T4 x = random_tensor<T4>({3, 8, 9, 13}, 1, 0.5f, 2.0f);
   const T4 dy = random_tensor<T4>({3, 8, 9, 13}, 2, 0.0f, 1.0f);
-  check<L>(normkit::BatchNorm2d<P>(8), normkit::BatchNorm2d<double>(8), x, dy, base + " BatchNorm2d");
+  check<L>(normkit::BatchNorm2d<P>(8), normkit::BatchNorm2d<double>(8), x, dy,
+           base + " BatchNorm2d");
   check<L>(normkit::InstanceNorm2d<P>(normkit::InstanceNormOptions(8).affine(true)),
            normkit::InstanceNorm2d<double>(normkit::InstanceNormOptions(8).affine(true)), x, dy,
            base + " InstanceNorm2d");
@@ -291,8 +294,8 @@ void all_modules(const char* tag) {
            normkit::BatchNorm2d<double>(normkit::BatchNormOptions(13).channels_last(true)), x, dy,
            base + " BatchNorm2d channels_last");
   check<L>(normkit::GroupNorm<P>(normkit::GroupNormOptions(13, 13).channels_last(true)),
-           normkit::GroupNorm<double>(normkit::GroupNormOptions(13, 13).channels_last(true)), x,
-           dy, base + " GroupNorm channels_last");
+           normkit::GroupNorm<double>(normkit::GroupNormOptions(13, 13).channels_last(true)), x, dy,
+           base + " GroupNorm channels_last");
   // Long rows (vector bodies, the one-pass LayerNorm backward) and BatchNorm1d columns.
   using T2 = Eigen::Tensor<float, 2, Layout>;
   const T2 x2 = random_tensor<T2>({12, 1000}, 3, 100.0f, 3.0f);
@@ -394,38 +397,40 @@ void run_bf16_case(const normkit_test::FixtureCase& c, M& m) {
       if constexpr (!module_traits<M>::accepts(R)) {
         FAIL() << "rank " << R << " is not accepted by " << c.module;
       } else {
-      const auto x = to_tensor<bf16, R>(step.at("x"));
-      const auto dy = to_tensor<bf16, R>(step.at("dy"));
-      const auto y = m.forward(x);
-      const auto g = m.backward(x, dy);
-      auto compare = [&](const auto& got, const char* name) {
-        const std::string ref_name = std::string(name) + "_ref";
-        if (!step.has(name) || !step.has(ref_name))
-          return;
-        const FixtureTensor& pt = step.at(name);
-        const FixtureTensor& ref = step.at(ref_name);
-        ASSERT_EQ(static_cast<std::size_t>(got.size()), ref.values.size()) << name;
-        double ours = 0, theirs = 0;
-        for (std::size_t i = 0; i < ref.values.size(); ++i) {
-          const double v = static_cast<double>(static_cast<float>(got.data()[i]));
-          ours = std::max(ours, std::abs(v - ref.values[i]));
-          theirs = std::max(theirs, std::abs(pt.values[i] - ref.values[i]));
+        const auto x = to_tensor<bf16, R>(step.at("x"));
+        const auto dy = to_tensor<bf16, R>(step.at("dy"));
+        const auto y = m.forward(x);
+        const auto g = m.backward(x, dy);
+        auto compare = [&](const auto& got, const char* name) {
+          const std::string ref_name = std::string(name) + "_ref";
+          if (!step.has(name) || !step.has(ref_name))
+            return;
+          const FixtureTensor& pt = step.at(name);
+          const FixtureTensor& ref = step.at(ref_name);
+          ASSERT_EQ(static_cast<std::size_t>(got.size()), ref.values.size()) << name;
+          double ours = 0, theirs = 0;
+          for (std::size_t i = 0; i < ref.values.size(); ++i) {
+            const double v = static_cast<double>(static_cast<float>(got.data()[i]));
+            ours = std::max(ours, std::abs(v - ref.values[i]));
+            theirs = std::max(theirs, std::abs(pt.values[i] - ref.values[i]));
+          }
+          std::string detail;
+          for (std::size_t i = 0; i < ref.values.size() && i < 8; ++i)
+            detail += " [" +
+                      std::to_string(static_cast<double>(static_cast<float>(got.data()[i]))) +
+                      " pt " + std::to_string(pt.values[i]) + " ref " +
+                      std::to_string(ref.values[i]) + "]";
+          EXPECT_LE(ours, theirs) << name << ": normkit's largest error " << ours
+                                  << " exceeds PyTorch's " << theirs << detail;
+        };
+        compare(y, "y");
+        compare(g.input, "dx");
+        compare(g.weight, "dweight");
+        compare(g.bias, "dbias");
+        if constexpr (has_running<M>::value || is_instance<M>::value) {
+          compare(m.running_mean(), "running_mean");
+          compare(m.running_var(), "running_var");
         }
-        std::string detail;
-        for (std::size_t i = 0; i < ref.values.size() && i < 8; ++i)
-          detail += " [" + std::to_string(static_cast<double>(static_cast<float>(got.data()[i]))) +
-                    " pt " + std::to_string(pt.values[i]) + " ref " + std::to_string(ref.values[i]) + "]";
-        EXPECT_LE(ours, theirs) << name << ": normkit's largest error " << ours
-                                << " exceeds PyTorch's " << theirs << detail;
-      };
-      compare(y, "y");
-      compare(g.input, "dx");
-      compare(g.weight, "dweight");
-      compare(g.bias, "dbias");
-      if constexpr (has_running<M>::value || is_instance<M>::value) {
-        compare(m.running_mean(), "running_mean");
-        compare(m.running_var(), "running_var");
-      }
       }
     };
     switch (step.at("x").rank()) {
@@ -454,7 +459,9 @@ int run_bf16_fixtures(const std::string& param_dtype) {
     ++n;
     if (c.module == "BatchNorm1d" || c.module == "BatchNorm2d") {
       normkit::BatchNormOptions o(c.opt_int("num_features"));
-      o.eps(c.opt_double("eps")).momentum(c.opt_momentum()).affine(c.opt_bool("affine"))
+      o.eps(c.opt_double("eps"))
+          .momentum(c.opt_momentum())
+          .affine(c.opt_bool("affine"))
           .track_running_stats(c.opt_bool("track_running_stats"));
       if (c.module == "BatchNorm1d") {
         normkit::BatchNorm1d<P> m(o);
@@ -465,7 +472,9 @@ int run_bf16_fixtures(const std::string& param_dtype) {
       }
     } else if (c.module == "InstanceNorm1d" || c.module == "InstanceNorm2d") {
       normkit::InstanceNormOptions o(c.opt_int("num_features"));
-      o.eps(c.opt_double("eps")).momentum(c.opt_double("momentum")).affine(c.opt_bool("affine"))
+      o.eps(c.opt_double("eps"))
+          .momentum(c.opt_double("momentum"))
+          .affine(c.opt_bool("affine"))
           .track_running_stats(c.opt_bool("track_running_stats"));
       if (c.module == "InstanceNorm1d") {
         normkit::InstanceNorm1d<P> m(o);
@@ -477,14 +486,15 @@ int run_bf16_fixtures(const std::string& param_dtype) {
     } else if (c.module == "LayerNorm") {
       std::vector<Eigen::Index> ns;
       for (long d : c.opt_list("normalized_shape")) ns.push_back(d);
-      normkit::LayerNorm<P> m(normkit::LayerNormOptions(ns).eps(c.opt_double("eps"))
+      normkit::LayerNorm<P> m(normkit::LayerNormOptions(ns)
+                                  .eps(c.opt_double("eps"))
                                   .elementwise_affine(c.opt_bool("elementwise_affine")));
       run_bf16_case<P>(c, m);
     } else if (c.module == "GroupNorm") {
-      normkit::GroupNorm<P> m(normkit::GroupNormOptions(c.opt_int("num_groups"),
-                                                         c.opt_int("num_channels"))
-                                  .eps(c.opt_double("eps"))
-                                  .affine(c.opt_bool("affine")));
+      normkit::GroupNorm<P> m(
+          normkit::GroupNormOptions(c.opt_int("num_groups"), c.opt_int("num_channels"))
+              .eps(c.opt_double("eps"))
+              .affine(c.opt_bool("affine")));
       run_bf16_case<P>(c, m);
     } else {
       ADD_FAILURE() << c.where() << ": unexpected module " << c.module;
@@ -503,7 +513,8 @@ TEST(LowPrecisionFixtures, MixedModulesAtLeastAsCloseAsPyTorch) {
 template <class A, class B>
 bool same_bits(const A& a, const B& b) {
   return a.size() == b.size() &&
-         std::memcmp(a.data(), b.data(), sizeof(*a.data()) * static_cast<std::size_t>(a.size())) == 0;
+         std::memcmp(a.data(), b.data(), sizeof(*a.data()) * static_cast<std::size_t>(a.size())) ==
+             0;
 }
 
 TEST(LowPrecision, BitwiseIdenticalForAnyThreadCount) {
@@ -533,6 +544,71 @@ TEST(LowPrecision, BitwiseIdenticalForAnyThreadCount) {
   run(normkit::RMSNorm<bf16>(normkit::RMSNormOptions({40})), "RMSNorm bf16");
   run(normkit::GroupNorm<float>(normkit::GroupNormOptions(4, 16)), "GroupNorm mixed");
   normkit::set_min_parallel_elements(Eigen::Index{1} << 16);
+}
+
+// The baseline ISA copy's vector conversions (kernels/simd.hpp: GCC/Clang generic vectors,
+// the NEON path on aarch64, SSE2 on x86-64, F16C for half when the translation unit has it)
+// give the bits of the scalar ones: loads for every 16-bit value, stores for floats at and
+// around every rounding boundary of both types (ties, NaN payloads, infinities, subnormals,
+// overflow).
+TEST(LowPrecision, VectorConversionsGiveTheScalarBits) {
+  namespace k = normkit::detail::isa_base;
+  constexpr std::size_t fw = static_cast<std::size_t>(k::kFW);
+  constexpr std::size_t dw = static_cast<std::size_t>(k::kDW);
+  auto fbits = [](float v) { return Eigen::numext::bit_cast<std::uint32_t>(v); };
+  std::vector<float> fs;
+  for (std::uint32_t hi = 0; hi < (1u << 19); ++hi)  // half: 13 bits dropped below a normal
+    for (std::uint32_t low : {0x0u, 0x1u, 0xfffu, 0x1000u, 0x1001u, 0x1fffu})
+      fs.push_back(Eigen::numext::bit_cast<float>((hi << 13) | low));
+  for (std::uint32_t hi = 0; hi < (1u << 16); ++hi)  // bfloat16: 16 bits dropped
+    for (std::uint32_t low : {0x0u, 0x1u, 0x7fffu, 0x8000u, 0x8001u, 0xffffu})
+      fs.push_back(Eigen::numext::bit_cast<float>((hi << 16) | low));
+  while (fs.size() % fw != 0) fs.push_back(0.0f);
+  auto check = [&](auto tag) {
+    using L = decltype(tag);
+    SCOPED_TRACE(type_name<L>());
+    std::vector<L> all(65536);
+    for (std::size_t b = 0; b < all.size(); ++b)
+      all[b] = Eigen::numext::bit_cast<L>(static_cast<std::uint16_t>(b));
+    int bad = 0;
+    for (std::size_t i = 0; i < all.size(); i += fw) {
+      const k::fvec v = k::fload(all.data() + i);
+      float got[fw];
+      std::memcpy(got, &v, sizeof got);
+      for (std::size_t j = 0; j < fw; ++j) {
+        const float want = k::to_f(all[i + j]);
+        if (fbits(got[j]) != fbits(want) && bad++ < 8)
+          ADD_FAILURE() << "fload of 0x" << std::hex << i + j << ": 0x" << fbits(got[j])
+                        << ", scalar 0x" << fbits(want);
+      }
+    }
+    for (std::size_t i = 0; i < all.size(); i += dw) {
+      const k::dvec v = k::dload(all.data() + i);
+      double got[dw];
+      std::memcpy(got, &v, sizeof got);
+      for (std::size_t j = 0; j < dw; ++j) {
+        const double want = static_cast<double>(k::to_f(all[i + j]));
+        const bool same = std::isnan(want) ? std::isnan(got[j]) : got[j] == want;
+        if (!same && bad++ < 8)
+          ADD_FAILURE() << "dload of 0x" << std::hex << i + j << ": " << got[j] << ", scalar "
+                        << want;
+      }
+    }
+    std::vector<L> out(fw);
+    for (std::size_t i = 0; i < fs.size(); i += fw) {
+      k::fstore(out.data(), k::fload(fs.data() + i));
+      for (std::size_t j = 0; j < fw; ++j) {
+        const auto got = Eigen::numext::bit_cast<std::uint16_t>(out[j]);
+        const auto want = Eigen::numext::bit_cast<std::uint16_t>(k::from_f<L>(fs[i + j]));
+        if (got != want && bad++ < 8)
+          ADD_FAILURE() << "fstore of float 0x" << std::hex << fbits(fs[i + j]) << ": 0x" << got
+                        << ", scalar 0x" << want;
+      }
+    }
+    EXPECT_EQ(bad, 0);
+  };
+  check(bf16{});
+  check(f16{});
 }
 
 TEST(LowPrecision, KeptInputMustMatchTheGradientsType) {
@@ -589,8 +665,12 @@ TEST(LowPrecision, FreeFunctionsTakeFloatParametersWithLowPrecisionData) {
   Eigen::Tensor<f16, 4, Eigen::RowMajor> y, dx;
   normkit::SavedStats saved;
   normkit::batch_norm(x, y,
-                      normkit::BatchNormFuncOptions<float>().weight(w).bias(b).running_mean(rm)
-                          .running_var(rv).training(true),
+                      normkit::BatchNormFuncOptions<float>()
+                          .weight(w)
+                          .bias(b)
+                          .running_mean(rm)
+                          .running_var(rv)
+                          .training(true),
                       &saved);
   EXPECT_TRUE(same_bits(y, ym));
   EXPECT_TRUE(same_bits(rm, bn.running_mean()));
@@ -619,8 +699,8 @@ TEST(LowPrecision, FreeFunctionsTakeFloatParametersWithLowPrecisionData) {
   static_assert(std::is_same<std::decay_t<decltype(yl)>::Scalar, bf16>::value, "bfloat16 out");
   normkit::GroupNorm<float> gn(normkit::GroupNormOptions(2, 4));
   const auto ygm = gn.forward(xr);
-  const auto ygf =
-      normkit::group_norm(xr, normkit::GroupNormFuncOptions<float>(2).weight(gn.weight()).bias(gn.bias()));
+  const auto ygf = normkit::group_norm(
+      xr, normkit::GroupNormFuncOptions<float>(2).weight(gn.weight()).bias(gn.bias()));
   EXPECT_TRUE(same_bits(ygf, ygm));
 }
 
