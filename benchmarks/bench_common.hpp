@@ -54,7 +54,7 @@ struct Case {
   /// B: bytes of one activation tensor of this shape in the case's dtype.
   double bytes() const { return elem_size() * static_cast<double>(numel()); }
   /// The modes the case runs: forward and backward for RMSNorm, train and eval for the
-/// epilogue cases, else train, eval, backward.
+  /// epilogue cases, else train, eval, backward.
   std::vector<Mode> modes() const;
 };
 

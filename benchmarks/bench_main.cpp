@@ -10,8 +10,8 @@
 // (see the NB in main).
 #include <atomic>   // std::atomic
 #include <cstdint>  // std::uint32_t, std::int64_t
-#include <cstdlib>  // std::getenv
 #include <cstdio>   // std::fprintf
+#include <cstdlib>  // std::getenv
 #include <cstring>  // std::strcmp, std::strncmp
 #include <fstream>  // std::ifstream
 #include <string>   // std::string

@@ -285,13 +285,16 @@ void run_module(benchmark::State& st, const Case& c, Mode m, int threads) {
     switch (c.kind) {
       case Kind::batch: {
         if constexpr (!kLow && (R == 2 || R == 3)) {
-          normkit::BatchNorm1d<float> mod(normkit::BatchNormOptions(P).channels_last(c.channels_last));
+          normkit::BatchNorm1d<float> mod(
+              normkit::BatchNormOptions(P).channels_last(c.channels_last));
           go(mod);
         } else if constexpr (R == 4) {
-          normkit::BatchNorm2d<float> mod(normkit::BatchNormOptions(P).channels_last(c.channels_last));
+          normkit::BatchNorm2d<float> mod(
+              normkit::BatchNormOptions(P).channels_last(c.channels_last));
           go(mod);
         } else if constexpr (!kLow && R == 5) {
-          normkit::BatchNorm3d<float> mod(normkit::BatchNormOptions(P).channels_last(c.channels_last));
+          normkit::BatchNorm3d<float> mod(
+              normkit::BatchNormOptions(P).channels_last(c.channels_last));
           go(mod);
         } else {
           not_registered(c);
@@ -502,20 +505,21 @@ void register_floor(const Case& c, int threads) {
 }
 
 void register_module(const Case& c, Mode m, int threads) {
-  add(bench_name(c, mode_name(m), threads, "normkit_module"), [c, m, threads](benchmark::State& st) {
-    guarded(st, [&] {
-      if (c.epi != Epi::none) {  // the unfused sequence
-        if (c.shape.size() == 4)
-          run_epilogue<4>(st, c, m, threads, false);
-        else
-          run_epilogue<2>(st, c, m, threads, false);
-        return;
-      }
-      dispatch(st, c, [&](auto rank, auto scalar) {
-        run_module<decltype(scalar), decltype(rank)::value>(st, c, m, threads);
+  add(bench_name(c, mode_name(m), threads, "normkit_module"),
+      [c, m, threads](benchmark::State& st) {
+        guarded(st, [&] {
+          if (c.epi != Epi::none) {  // the unfused sequence
+            if (c.shape.size() == 4)
+              run_epilogue<4>(st, c, m, threads, false);
+            else
+              run_epilogue<2>(st, c, m, threads, false);
+            return;
+          }
+          dispatch(st, c, [&](auto rank, auto scalar) {
+            run_module<decltype(scalar), decltype(rank)::value>(st, c, m, threads);
+          });
+        });
       });
-    });
-  });
 }
 
 void register_normkit(const Case& c, Mode m, int threads) {

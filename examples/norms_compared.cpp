@@ -110,13 +110,15 @@ int main() {
       {"GroupNorm(2 groups, 4 channels)",
        "one statistic per (n, group of 2 channels), over c in group, h, w", i(N * 2),
        [i](Eigen::Index n, Eigen::Index c) { return i(n * 2 + c / 2); }, gn.forward(x)},
-      {"RMSNorm({4, 3, 3})", "one root mean square per sample n, over c, h, w (no centering)",
-       i(N), [i](Eigen::Index n, Eigen::Index) { return i(n); }, rms.forward(x), true},
+      {"RMSNorm({4, 3, 3})", "one root mean square per sample n, over c, h, w (no centering)", i(N),
+       [i](Eigen::Index n, Eigen::Index) { return i(n); }, rms.forward(x), true},
   };
 
   const double eps = 1e-5;  // the default of the first four modules, and RMSNorm's here
   bool ok = true;
   for (const Norm& m : norms) ok = report(m, x, eps) && ok;
-  std::printf("\n%s\n", ok ? "OK: every group has mean 0 and variance var/(var+eps) (RMSNorm: mean square ms/(ms+eps))" : "FAIL");
+  std::printf("\n%s\n", ok ? "OK: every group has mean 0 and variance var/(var+eps) (RMSNorm: mean "
+                             "square ms/(ms+eps))"
+                           : "FAIL");
   return ok ? 0 : 1;
 }

@@ -10,8 +10,8 @@
 
 #include "support/fixture.hpp"
 #include "support/fixture_runner.hpp"
-#include "support/reference.hpp"
 #include "support/isa_param.hpp"
+#include "support/reference.hpp"
 
 namespace {
 

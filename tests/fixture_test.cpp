@@ -34,17 +34,18 @@ TEST_P(FixtureTest, GroupNormMatchesPyTorch) {
   EXPECT_GE(run_fixture_file("group_norm.txt", storage()), 50);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Storage,
-    FixtureTest,
-    ::testing::Combine(::testing::Values(Storage::row_major, Storage::col_major,
-                                         Storage::channels_last),
-                       ::testing::ValuesIn(normkit_test::isa_levels())),
-    [](const ::testing::TestParamInfo<std::tuple<Storage, normkit::Isa>>& p) {
-      const Storage st = std::get<0>(p.param);
-      return (st == Storage::channels_last ? std::string("ChannelsLast")
-                                           : std::string(normkit_test::storage_name(st))) +
-             "_" + normkit_test::isa_label(std::get<1>(p.param));
-    });
+INSTANTIATE_TEST_SUITE_P(Storage,
+                         FixtureTest,
+                         ::testing::Combine(::testing::Values(Storage::row_major,
+                                                              Storage::col_major,
+                                                              Storage::channels_last),
+                                            ::testing::ValuesIn(normkit_test::isa_levels())),
+                         [](const ::testing::TestParamInfo<std::tuple<Storage, normkit::Isa>>& p) {
+                           const Storage st = std::get<0>(p.param);
+                           return (st == Storage::channels_last
+                                       ? std::string("ChannelsLast")
+                                       : std::string(normkit_test::storage_name(st))) +
+                                  "_" + normkit_test::isa_label(std::get<1>(p.param));
+                         });
 
 }  // namespace

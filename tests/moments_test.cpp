@@ -9,8 +9,8 @@
 
 #include <normkit/normkit.hpp>
 
-#include "support/reference.hpp"
 #include "support/isa_param.hpp"
+#include "support/reference.hpp"
 
 namespace {
 

@@ -27,7 +27,8 @@ template <class A>
 double worst(const A& got, const FixtureTensor& want, double atol, double rtol) {
   double w = 0;
   for (Eigen::Index i = 0; i < got.size(); ++i) {
-    const double g = static_cast<double>(got.data()[i]), e = want.values[static_cast<std::size_t>(i)];
+    const double g = static_cast<double>(got.data()[i]),
+                 e = want.values[static_cast<std::size_t>(i)];
     w = std::max(w, std::abs(g - e) / (atol + rtol * std::abs(e)));
   }
   return w;
@@ -174,7 +175,8 @@ TEST(RMSNorm, FreeFunctionsAgreeWithTheModule) {
 TEST(RMSNorm, ErrorsNameTheModule) {
   EXPECT_THROW(normkit::RMSNorm<float>(normkit::RMSNormOptions(std::vector<Eigen::Index>{})),
                normkit::value_error);
-  EXPECT_THROW(normkit::RMSNorm<float>(normkit::RMSNormOptions({4}).eps(-1.0)), normkit::value_error);
+  EXPECT_THROW(normkit::RMSNorm<float>(normkit::RMSNormOptions({4}).eps(-1.0)),
+               normkit::value_error);
   normkit::RMSNorm<float> m(normkit::RMSNormOptions({2, 3}));
   Eigen::Tensor<float, 3, Eigen::RowMajor> x(4, 3, 2);
   x.setRandom();

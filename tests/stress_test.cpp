@@ -12,8 +12,8 @@
 
 #include <normkit/normkit.hpp>
 
-#include "support/reference.hpp"
 #include "support/isa_param.hpp"
+#include "support/reference.hpp"
 
 namespace {
 

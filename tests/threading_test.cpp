@@ -131,7 +131,7 @@ TEST_P(ThreadingTest, ConcurrentEvalForwardIsSafeAndIdentical) {
   Eigen::Tensor<float, 4, Eigen::RowMajor> x(4, 8, 16, 16);
   fill(x, 9);
   bn.forward(x);  // one training step so the running stats are non-trivial
-  bn.eval();  // an evaluation forward only reads the module (by default)
+  bn.eval();      // an evaluation forward only reads the module (by default)
   const auto want = bn.forward(x);
   std::vector<Eigen::Tensor<float, 4, Eigen::RowMajor>> out(4);
   std::vector<std::thread> ts;

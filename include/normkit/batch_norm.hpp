@@ -94,11 +94,12 @@ void batch_norm(const X& x,
 }
 
 /// batch_norm on a device, without saved statistics.
-template <class X, class Y, class P = detail::scalar_of<X>, class Device, detail::if_device<Device> = 0>
-void batch_norm(const X& x,
-                Y&& y,
-                const BatchNormFuncOptions<P>& options,
-                const Device& device) {
+template <class X,
+          class Y,
+          class P = detail::scalar_of<X>,
+          class Device,
+          detail::if_device<Device> = 0>
+void batch_norm(const X& x, Y&& y, const BatchNormFuncOptions<P>& options, const Device& device) {
   batch_norm(x, y, options, nullptr, device);
 }
 
@@ -117,16 +118,15 @@ namespace detail {
 /// batch_norm_backward with parameters of type P (the input's, or float for bfloat16/half
 /// input).
 template <class P, class X, class DY, class DX, class Device>
-void batch_norm_backward_with(
-    const X& x,
-    const DY& dy,
-    DX&& dx,
-    const SavedStats& saved,
-    VectorRef<const P> weight,
-    VectorRef<P> grad_weight,
-    VectorRef<P> grad_bias,
-    bool channels_last,
-    const Device& device) {
+void batch_norm_backward_with(const X& x,
+                              const DY& dy,
+                              DX&& dx,
+                              const SavedStats& saved,
+                              VectorRef<const P> weight,
+                              VectorRef<P> grad_weight,
+                              VectorRef<P> grad_bias,
+                              bool channels_last,
+                              const Device& device) {
   const char* who = "batch_norm_backward";
   const detail::Shape sh = detail::logical_shape(x, channels_last, who);
   detail::check_same_dims(who, "grad_output", x, dy);
@@ -154,7 +154,8 @@ void batch_norm_backward(const X& x,
                          VectorRef<detail::scalar_of<X>> grad_bias,
                          bool channels_last = false,
                          const Device& device = Device()) {
-  detail::batch_norm_backward_with<detail::scalar_of<X>>(x, dy, dx, saved, weight, grad_weight, grad_bias, channels_last, device);
+  detail::batch_norm_backward_with<detail::scalar_of<X>>(x, dy, dx, saved, weight, grad_weight,
+                                                         grad_bias, channels_last, device);
 }
 
 /// batch_norm_backward of bfloat16/half input with float parameters (mixed precision: dx in the
@@ -169,7 +170,8 @@ void batch_norm_backward(const X& x,
                          VectorRef<float> grad_bias,
                          bool channels_last = false,
                          const Device& device = Device()) {
-  detail::batch_norm_backward_with<float>(x, dy, dx, saved, weight, grad_weight, grad_bias, channels_last, device);
+  detail::batch_norm_backward_with<float>(x, dy, dx, saved, weight, grad_weight, grad_bias,
+                                          channels_last, device);
 }
 
 /// batch_norm_backward on a device (NCHW-like layout).
@@ -218,7 +220,9 @@ class BatchNorm : public detail::ChannelModule<Scalar, BatchNormOptions> {
   ///         in training. The module is unchanged when it throws.
   template <class X, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
   auto forward(const X& x, const Device& device = Device()) {
-    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
+    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
+                  detail::tensor_traits<X>::layout>
+        y;
     forward(x, y, device);
     return y;
   }
@@ -240,7 +244,10 @@ class BatchNorm : public detail::ChannelModule<Scalar, BatchNormOptions> {
   /// Gradients at x (the last forward's input given again, or any input: see
   /// ModuleBase): batch statistics in training mode, running statistics in evaluation mode
   /// with track_running_stats.
-  template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0,
+  template <class X,
+            class DY,
+            class Device = Eigen::DefaultDevice,
+            detail::if_tensor<DY> = 0,
             detail::if_device<Device> = 0>
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
     detail::gradients_for<Scalar, X> g;
@@ -250,7 +257,10 @@ class BatchNorm : public detail::ChannelModule<Scalar, BatchNormOptions> {
 
   /// Non-allocating backward into caller-owned gradients (resized only when their sizes
   /// differ, so a reused Gradients allocates nothing).
-  template <class X, class DY, class G, class Device = Eigen::DefaultDevice,
+  template <class X,
+            class DY,
+            class G,
+            class Device = Eigen::DefaultDevice,
             detail::if_gradients<G> = 0>
   void backward(const X& x, const DY& dy, G& grads, const Device& device = Device()) {
     this->backward_impl(detail::ChannelNormKind::batch, shape(x), x, dy, grads,
@@ -268,30 +278,39 @@ class BatchNorm : public detail::ChannelModule<Scalar, BatchNormOptions> {
   /// residual's storage). Otherwise as forward(): the same statistics, running updates and
   /// kept state; backward_fused() gives the gradients for ReLU and identity.
   /// @throws shape_error when the residual's dims differ from x's; as forward() otherwise.
-  template <class X, class R, class Y, class Device = Eigen::DefaultDevice,
-            detail::if_tensor<R> = 0, detail::if_tensor<Y> = 0>
-  void forward_fused(const X& x,
-                     const R& residual,
-                     Activation act,
-                     Y&& y,
-                     const Device& device = Device()) {
-    this->fused_impl(detail::ChannelNormKind::batch, shape(x), x, &residual, act, y, detail::make_exec(device));
+  template <class X,
+            class R,
+            class Y,
+            class Device = Eigen::DefaultDevice,
+            detail::if_tensor<R> = 0,
+            detail::if_tensor<Y> = 0>
+  void forward_fused(
+      const X& x, const R& residual, Activation act, Y&& y, const Device& device = Device()) {
+    this->fused_impl(detail::ChannelNormKind::batch, shape(x), x, &residual, act, y,
+                     detail::make_exec(device));
   }
   /// Allocating forward_fused with a residual.
-  template <class X, class R, class Device = Eigen::DefaultDevice, detail::if_tensor<R> = 0,
+  template <class X,
+            class R,
+            class Device = Eigen::DefaultDevice,
+            detail::if_tensor<R> = 0,
             detail::if_device<Device> = 0>
-  auto forward_fused(const X& x, const R& residual, Activation act, const Device& device = Device()) {
+  auto forward_fused(const X& x,
+                     const R& residual,
+                     Activation act,
+                     const Device& device = Device()) {
     Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
                   detail::tensor_traits<X>::layout>
         y;
-    this->fused_impl(detail::ChannelNormKind::batch, shape(x), x, &residual, act, y, detail::make_exec(device));
+    this->fused_impl(detail::ChannelNormKind::batch, shape(x), x, &residual, act, y,
+                     detail::make_exec(device));
     return y;
   }
   /// forward_fused without a residual into y: y = act(norm(x)).
   template <class X, class Y, class Device = Eigen::DefaultDevice, detail::if_tensor<Y> = 0>
   void forward_fused(const X& x, Activation act, Y&& y, const Device& device = Device()) {
-    this->fused_impl(detail::ChannelNormKind::batch, shape(x), x, static_cast<const X*>(nullptr), act, y,
-                     detail::make_exec(device));
+    this->fused_impl(detail::ChannelNormKind::batch, shape(x), x, static_cast<const X*>(nullptr),
+                     act, y, detail::make_exec(device));
   }
   /// Allocating forward_fused without a residual: y = act(norm(x)).
   template <class X, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
@@ -299,17 +318,20 @@ class BatchNorm : public detail::ChannelModule<Scalar, BatchNormOptions> {
     Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
                   detail::tensor_traits<X>::layout>
         y;
-    this->fused_impl(detail::ChannelNormKind::batch, shape(x), x, static_cast<const X*>(nullptr), act, y,
-                     detail::make_exec(device));
+    this->fused_impl(detail::ChannelNormKind::batch, shape(x), x, static_cast<const X*>(nullptr),
+                     act, y, detail::make_exec(device));
     return y;
   }
   /// Gradients of forward_fused at x from its output y and dy (ReLU: the mask y > 0, as
   /// oneDNN's fused norm + ReLU; identity). g.residual is dL/dresidual.
   /// @throws value_error for SiLU and GELU (their gradient needs the pre-activation).
-  template <class X, class Y, class DY, class Device = Eigen::DefaultDevice,
+  template <class X,
+            class Y,
+            class DY,
+            class Device = Eigen::DefaultDevice,
             detail::if_device<Device> = 0>
-  auto backward_fused(const X& x, const Y& y, const DY& dy, Activation act,
-                      const Device& device = Device()) {
+  auto backward_fused(
+      const X& x, const Y& y, const DY& dy, Activation act, const Device& device = Device()) {
     auto dz = detail::epilogue_grad(kName, y, dy, act);
     FusedGradients<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
                    detail::tensor_traits<X>::layout, Scalar>

@@ -4,10 +4,10 @@
 #ifndef NORMKIT_GROUP_NORM_HPP_
 #define NORMKIT_GROUP_NORM_HPP_
 
-#include <algorithm>  // std::fill
-#include <string>     // std::string
+#include <algorithm>    // std::fill
+#include <string>       // std::string
 #include <type_traits>  // std::is_same
-#include <vector>  // std::vector
+#include <vector>       // std::vector
 
 #include <normkit/config.hpp>
 #include <normkit/detail/exec.hpp>
@@ -61,17 +61,18 @@ void group_norm(const X& x,
   auto* y_ptr = detail::prepare_output(x, y, "group_norm");
   if (sh.numel() == 0)
     return;
-  detail::group_norm_forward(sh, options.num_groups(), x.data(), y_ptr, options.weight(),
-                             options.bias(), options.eps(), saved,
-                             static_cast<detail::scalar_of<X>*>(nullptr), detail::make_exec(device));
+  detail::group_norm_forward(
+      sh, options.num_groups(), x.data(), y_ptr, options.weight(), options.bias(), options.eps(),
+      saved, static_cast<detail::scalar_of<X>*>(nullptr), detail::make_exec(device));
 }
 
 /// group_norm on a device, without saved statistics.
-template <class X, class Y, class P = detail::scalar_of<X>, class Device, detail::if_device<Device> = 0>
-void group_norm(const X& x,
-                Y&& y,
-                const GroupNormFuncOptions<P>& options,
-                const Device& device) {
+template <class X,
+          class Y,
+          class P = detail::scalar_of<X>,
+          class Device,
+          detail::if_device<Device> = 0>
+void group_norm(const X& x, Y&& y, const GroupNormFuncOptions<P>& options, const Device& device) {
   group_norm(x, y, options, nullptr, device);
 }
 
@@ -90,20 +91,18 @@ namespace detail {
 /// group_norm_backward with parameters of type P (the input's, or float for bfloat16/half
 /// input).
 template <class P, class X, class DY, class DX, class Device>
-void group_norm_backward_with(
-    const X& x,
-    const DY& dy,
-    DX&& dx,
-    const SavedStats& saved,
-    Index num_groups,
-    VectorRef<const P> weight,
-    VectorRef<P> grad_weight,
-    VectorRef<P> grad_bias,
-    bool channels_last,
-    const Device& device) {
+void group_norm_backward_with(const X& x,
+                              const DY& dy,
+                              DX&& dx,
+                              const SavedStats& saved,
+                              Index num_groups,
+                              VectorRef<const P> weight,
+                              VectorRef<P> grad_weight,
+                              VectorRef<P> grad_bias,
+                              bool channels_last,
+                              const Device& device) {
   const detail::Shape sh = detail::logical_shape(x, channels_last, "group_norm_backward");
-  detail::group_norm_check("group_norm_backward", sh, num_groups, weight,
-                           VectorRef<const P>());
+  detail::group_norm_check("group_norm_backward", sh, num_groups, weight, VectorRef<const P>());
   detail::check_same_dims("group_norm_backward", "grad_output", x, dy);
   if (saved.mean.size() != sh.dim[0] * num_groups || saved.rstd.size() != saved.mean.size()) {
     detail::fail(detail::Fail::shape, "group_norm_backward",
@@ -137,7 +136,8 @@ void group_norm_backward(const X& x,
                          VectorRef<detail::scalar_of<X>> grad_bias,
                          bool channels_last = false,
                          const Device& device = Device()) {
-  detail::group_norm_backward_with<detail::scalar_of<X>>(x, dy, dx, saved, num_groups, weight, grad_weight, grad_bias, channels_last, device);
+  detail::group_norm_backward_with<detail::scalar_of<X>>(
+      x, dy, dx, saved, num_groups, weight, grad_weight, grad_bias, channels_last, device);
 }
 
 /// group_norm_backward of bfloat16/half input with float parameters (mixed precision: dx in the
@@ -153,7 +153,8 @@ void group_norm_backward(const X& x,
                          VectorRef<float> grad_bias,
                          bool channels_last = false,
                          const Device& device = Device()) {
-  detail::group_norm_backward_with<float>(x, dy, dx, saved, num_groups, weight, grad_weight, grad_bias, channels_last, device);
+  detail::group_norm_backward_with<float>(x, dy, dx, saved, num_groups, weight, grad_weight,
+                                          grad_bias, channels_last, device);
 }
 
 /// group_norm_backward on a device (NCHW-like layout).
@@ -173,8 +174,8 @@ void group_norm_backward(const X& x,
 /// GroupNorm over (N, C, *) input, as torch.nn.GroupNorm; weight (1) and bias (0) of
 /// num_channels elements when affine. No running statistics: training and evaluation agree.
 /// @code
-/// normkit::GroupNorm<float> gn{normkit::GroupNormOptions{/*num_groups=*/32, /*num_channels=*/256}};
-/// auto y = gn.forward(x);  // x: (N, 256, H, W)
+/// normkit::GroupNorm<float> gn{normkit::GroupNormOptions{/*num_groups=*/32,
+/// /*num_channels=*/256}}; auto y = gn.forward(x);  // x: (N, 256, H, W)
 /// @endcode
 template <class Scalar>
 class GroupNorm : public detail::ModuleBase<Scalar> {
@@ -197,7 +198,9 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
   /// evaluation. Returns y; throws as the non-allocating forward.
   template <class X, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
   auto forward(const X& x, const Device& device = Device()) {
-    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
+    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
+                  detail::tensor_traits<X>::layout>
+        y;
     forward(x, y, device);
     return y;
   }
@@ -220,7 +223,10 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
 
   /// Gradients at x (the group statistics the last training forward kept for an input of
   /// x's shape, else x's own).
-  template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0,
+  template <class X,
+            class DY,
+            class Device = Eigen::DefaultDevice,
+            detail::if_tensor<DY> = 0,
             detail::if_device<Device> = 0>
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
     detail::gradients_for<Scalar, X> g;
@@ -229,7 +235,10 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
   }
 
   /// Non-allocating backward into caller-owned gradients.
-  template <class X, class DY, class G, class Device = Eigen::DefaultDevice,
+  template <class X,
+            class DY,
+            class G,
+            class Device = Eigen::DefaultDevice,
             detail::if_gradients<G> = 0>
   void backward(const X& x, const DY& dy, G& g, const Device& device = Device()) {
     const detail::Shape sh = shape(x);
@@ -265,19 +274,26 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
   /// residual's storage). Otherwise as forward(): the same statistics, running updates and
   /// kept state; backward_fused() gives the gradients for ReLU and identity.
   /// @throws shape_error when the residual's dims differ from x's; as forward() otherwise.
-  template <class X, class R, class Y, class Device = Eigen::DefaultDevice,
-            detail::if_tensor<R> = 0, detail::if_tensor<Y> = 0>
-  void forward_fused(const X& x,
-                     const R& residual,
-                     Activation act,
-                     Y&& y,
-                     const Device& device = Device()) {
+  template <class X,
+            class R,
+            class Y,
+            class Device = Eigen::DefaultDevice,
+            detail::if_tensor<R> = 0,
+            detail::if_tensor<Y> = 0>
+  void forward_fused(
+      const X& x, const R& residual, Activation act, Y&& y, const Device& device = Device()) {
     fused_impl(shape(x), x, &residual, act, y, detail::make_exec(device));
   }
   /// Allocating forward_fused with a residual.
-  template <class X, class R, class Device = Eigen::DefaultDevice, detail::if_tensor<R> = 0,
+  template <class X,
+            class R,
+            class Device = Eigen::DefaultDevice,
+            detail::if_tensor<R> = 0,
             detail::if_device<Device> = 0>
-  auto forward_fused(const X& x, const R& residual, Activation act, const Device& device = Device()) {
+  auto forward_fused(const X& x,
+                     const R& residual,
+                     Activation act,
+                     const Device& device = Device()) {
     Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
                   detail::tensor_traits<X>::layout>
         y;
@@ -287,8 +303,7 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
   /// forward_fused without a residual into y: y = act(norm(x)).
   template <class X, class Y, class Device = Eigen::DefaultDevice, detail::if_tensor<Y> = 0>
   void forward_fused(const X& x, Activation act, Y&& y, const Device& device = Device()) {
-    fused_impl(shape(x), x, static_cast<const X*>(nullptr), act, y,
-                     detail::make_exec(device));
+    fused_impl(shape(x), x, static_cast<const X*>(nullptr), act, y, detail::make_exec(device));
   }
   /// Allocating forward_fused without a residual: y = act(norm(x)).
   template <class X, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
@@ -296,17 +311,19 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
     Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
                   detail::tensor_traits<X>::layout>
         y;
-    fused_impl(shape(x), x, static_cast<const X*>(nullptr), act, y,
-                     detail::make_exec(device));
+    fused_impl(shape(x), x, static_cast<const X*>(nullptr), act, y, detail::make_exec(device));
     return y;
   }
   /// Gradients of forward_fused at x from its output y and dy (ReLU: the mask y > 0, as
   /// oneDNN's fused norm + ReLU; identity). g.residual is dL/dresidual.
   /// @throws value_error for SiLU and GELU (their gradient needs the pre-activation).
-  template <class X, class Y, class DY, class Device = Eigen::DefaultDevice,
+  template <class X,
+            class Y,
+            class DY,
+            class Device = Eigen::DefaultDevice,
             detail::if_device<Device> = 0>
-  auto backward_fused(const X& x, const Y& y, const DY& dy, Activation act,
-                      const Device& device = Device()) {
+  auto backward_fused(
+      const X& x, const Y& y, const DY& dy, Activation act, const Device& device = Device()) {
     auto dz = detail::epilogue_grad(kName, y, dy, act);
     FusedGradients<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
                    detail::tensor_traits<X>::layout, Scalar>
@@ -337,7 +354,11 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
  private:
   /// forward with the fused epilogue y = act(norm(x) + *residual) (residual may be null).
   template <class X, class R, class Y>
-  void fused_impl(const detail::Shape& sh, const X& x, const R* residual, Activation act, Y& y,
+  void fused_impl(const detail::Shape& sh,
+                  const X& x,
+                  const R* residual,
+                  Activation act,
+                  Y& y,
                   const detail::Exec& ex) {
     static_assert(std::is_same<detail::scalar_of<X>, detail::scalar_of<R>>::value &&
                       detail::tensor_traits<X>::rank == detail::tensor_traits<R>::rank &&

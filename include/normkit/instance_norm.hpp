@@ -82,7 +82,11 @@ void instance_norm(const X& x,
 }
 
 /// instance_norm on a device, without saved statistics.
-template <class X, class Y, class P = detail::scalar_of<X>, class Device, detail::if_device<Device> = 0>
+template <class X,
+          class Y,
+          class P = detail::scalar_of<X>,
+          class Device,
+          detail::if_device<Device> = 0>
 void instance_norm(const X& x,
                    Y&& y,
                    const InstanceNormFuncOptions<P>& options,
@@ -105,16 +109,15 @@ namespace detail {
 /// instance_norm_backward with parameters of type P (the input's, or float for bfloat16/half
 /// input).
 template <class P, class X, class DY, class DX, class Device>
-void instance_norm_backward_with(
-    const X& x,
-    const DY& dy,
-    DX&& dx,
-    const SavedStats& saved,
-    VectorRef<const P> weight,
-    VectorRef<P> grad_weight,
-    VectorRef<P> grad_bias,
-    bool channels_last,
-    const Device& device) {
+void instance_norm_backward_with(const X& x,
+                                 const DY& dy,
+                                 DX&& dx,
+                                 const SavedStats& saved,
+                                 VectorRef<const P> weight,
+                                 VectorRef<P> grad_weight,
+                                 VectorRef<P> grad_bias,
+                                 bool channels_last,
+                                 const Device& device) {
   const char* who = "instance_norm_backward";
   const detail::Shape sh = detail::logical_shape(x, channels_last, who);
   detail::check_same_dims(who, "grad_output", x, dy);
@@ -139,7 +142,8 @@ void instance_norm_backward(const X& x,
                             VectorRef<detail::scalar_of<X>> grad_bias,
                             bool channels_last = false,
                             const Device& device = Device()) {
-  detail::instance_norm_backward_with<detail::scalar_of<X>>(x, dy, dx, saved, weight, grad_weight, grad_bias, channels_last, device);
+  detail::instance_norm_backward_with<detail::scalar_of<X>>(x, dy, dx, saved, weight, grad_weight,
+                                                            grad_bias, channels_last, device);
 }
 
 /// instance_norm_backward of bfloat16/half input with float parameters (mixed precision: dx in the
@@ -154,7 +158,8 @@ void instance_norm_backward(const X& x,
                             VectorRef<float> grad_bias,
                             bool channels_last = false,
                             const Device& device = Device()) {
-  detail::instance_norm_backward_with<float>(x, dy, dx, saved, weight, grad_weight, grad_bias, channels_last, device);
+  detail::instance_norm_backward_with<float>(x, dy, dx, saved, weight, grad_weight, grad_bias,
+                                             channels_last, device);
 }
 
 /// instance_norm_backward on a device (NCHW-like layout).
@@ -201,7 +206,9 @@ class InstanceNorm : public detail::ChannelModule<Scalar, InstanceNormOptions> {
   /// throws as the non-allocating forward.
   template <class X, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
   auto forward(const X& x, const Device& device = Device()) {
-    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
+    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
+                  detail::tensor_traits<X>::layout>
+        y;
     forward(x, y, device);
     return y;
   }
@@ -225,7 +232,10 @@ class InstanceNorm : public detail::ChannelModule<Scalar, InstanceNormOptions> {
 
   /// Gradients at x: the statistics the last training forward kept for an input of x's
   /// shape, else those the current mode's forward would use.
-  template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0,
+  template <class X,
+            class DY,
+            class Device = Eigen::DefaultDevice,
+            detail::if_tensor<DY> = 0,
             detail::if_device<Device> = 0>
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
     detail::gradients_for<Scalar, X> g;
@@ -234,7 +244,10 @@ class InstanceNorm : public detail::ChannelModule<Scalar, InstanceNormOptions> {
   }
 
   /// Non-allocating backward into caller-owned gradients.
-  template <class X, class DY, class G, class Device = Eigen::DefaultDevice,
+  template <class X,
+            class DY,
+            class G,
+            class Device = Eigen::DefaultDevice,
             detail::if_gradients<G> = 0>
   void backward(const X& x, const DY& dy, G& grads, const Device& device = Device()) {
     this->backward_impl(detail::ChannelNormKind::instance, shape(x), x, dy, grads,
@@ -252,30 +265,39 @@ class InstanceNorm : public detail::ChannelModule<Scalar, InstanceNormOptions> {
   /// residual's storage). Otherwise as forward(): the same statistics, running updates and
   /// kept state; backward_fused() gives the gradients for ReLU and identity.
   /// @throws shape_error when the residual's dims differ from x's; as forward() otherwise.
-  template <class X, class R, class Y, class Device = Eigen::DefaultDevice,
-            detail::if_tensor<R> = 0, detail::if_tensor<Y> = 0>
-  void forward_fused(const X& x,
-                     const R& residual,
-                     Activation act,
-                     Y&& y,
-                     const Device& device = Device()) {
-    this->fused_impl(detail::ChannelNormKind::instance, shape(x), x, &residual, act, y, detail::make_exec(device));
+  template <class X,
+            class R,
+            class Y,
+            class Device = Eigen::DefaultDevice,
+            detail::if_tensor<R> = 0,
+            detail::if_tensor<Y> = 0>
+  void forward_fused(
+      const X& x, const R& residual, Activation act, Y&& y, const Device& device = Device()) {
+    this->fused_impl(detail::ChannelNormKind::instance, shape(x), x, &residual, act, y,
+                     detail::make_exec(device));
   }
   /// Allocating forward_fused with a residual.
-  template <class X, class R, class Device = Eigen::DefaultDevice, detail::if_tensor<R> = 0,
+  template <class X,
+            class R,
+            class Device = Eigen::DefaultDevice,
+            detail::if_tensor<R> = 0,
             detail::if_device<Device> = 0>
-  auto forward_fused(const X& x, const R& residual, Activation act, const Device& device = Device()) {
+  auto forward_fused(const X& x,
+                     const R& residual,
+                     Activation act,
+                     const Device& device = Device()) {
     Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
                   detail::tensor_traits<X>::layout>
         y;
-    this->fused_impl(detail::ChannelNormKind::instance, shape(x), x, &residual, act, y, detail::make_exec(device));
+    this->fused_impl(detail::ChannelNormKind::instance, shape(x), x, &residual, act, y,
+                     detail::make_exec(device));
     return y;
   }
   /// forward_fused without a residual into y: y = act(norm(x)).
   template <class X, class Y, class Device = Eigen::DefaultDevice, detail::if_tensor<Y> = 0>
   void forward_fused(const X& x, Activation act, Y&& y, const Device& device = Device()) {
-    this->fused_impl(detail::ChannelNormKind::instance, shape(x), x, static_cast<const X*>(nullptr), act, y,
-                     detail::make_exec(device));
+    this->fused_impl(detail::ChannelNormKind::instance, shape(x), x, static_cast<const X*>(nullptr),
+                     act, y, detail::make_exec(device));
   }
   /// Allocating forward_fused without a residual: y = act(norm(x)).
   template <class X, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
@@ -283,17 +305,20 @@ class InstanceNorm : public detail::ChannelModule<Scalar, InstanceNormOptions> {
     Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
                   detail::tensor_traits<X>::layout>
         y;
-    this->fused_impl(detail::ChannelNormKind::instance, shape(x), x, static_cast<const X*>(nullptr), act, y,
-                     detail::make_exec(device));
+    this->fused_impl(detail::ChannelNormKind::instance, shape(x), x, static_cast<const X*>(nullptr),
+                     act, y, detail::make_exec(device));
     return y;
   }
   /// Gradients of forward_fused at x from its output y and dy (ReLU: the mask y > 0, as
   /// oneDNN's fused norm + ReLU; identity). g.residual is dL/dresidual.
   /// @throws value_error for SiLU and GELU (their gradient needs the pre-activation).
-  template <class X, class Y, class DY, class Device = Eigen::DefaultDevice,
+  template <class X,
+            class Y,
+            class DY,
+            class Device = Eigen::DefaultDevice,
             detail::if_device<Device> = 0>
-  auto backward_fused(const X& x, const Y& y, const DY& dy, Activation act,
-                      const Device& device = Device()) {
+  auto backward_fused(
+      const X& x, const Y& y, const DY& dy, Activation act, const Device& device = Device()) {
     auto dz = detail::epilogue_grad(kName, y, dy, act);
     FusedGradients<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
                    detail::tensor_traits<X>::layout, Scalar>

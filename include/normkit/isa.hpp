@@ -83,7 +83,8 @@ inline Isa detect_cpu_isa() {
 /// returns false for anything else.
 inline bool parse_isa(const char* s, Isa& out) {
   std::string v;
-  for (const char* p = s; *p; ++p) v += static_cast<char>(std::tolower(static_cast<unsigned char>(*p)));
+  for (const char* p = s; *p; ++p)
+    v += static_cast<char>(std::tolower(static_cast<unsigned char>(*p)));
   if (v == "avx512" || v == "avx-512" || v == "avx512f") {
     out = Isa::avx512;
   } else if (v == "avx2") {
@@ -105,8 +106,9 @@ inline Isa initial_isa() {
     return cpu;
   Isa want = cpu;
   if (!parse_isa(env, want)) {
-    std::fprintf(stderr, "normkit: NORMKIT_ISA=%s not recognized (avx512, avx2, baseline); using %s\n",
-                 env, isa_name(cpu));
+    std::fprintf(stderr,
+                 "normkit: NORMKIT_ISA=%s not recognized (avx512, avx2, baseline); using %s\n", env,
+                 isa_name(cpu));
     return cpu;
   }
   return static_cast<int>(want) < static_cast<int>(cpu) ? want : cpu;

@@ -6,7 +6,7 @@
 
 #include <algorithm>  // std::fill
 #include <string>     // std::string
-#include <vector>  // std::vector
+#include <vector>     // std::vector
 
 #include <normkit/config.hpp>
 #include <normkit/detail/exec.hpp>
@@ -72,11 +72,12 @@ void layer_norm(const X& x,
 }
 
 /// layer_norm on a device, without saved statistics.
-template <class X, class Y, class P = detail::scalar_of<X>, class Device, detail::if_device<Device> = 0>
-void layer_norm(const X& x,
-                Y&& y,
-                const LayerNormFuncOptions<P>& options,
-                const Device& device) {
+template <class X,
+          class Y,
+          class P = detail::scalar_of<X>,
+          class Device,
+          detail::if_device<Device> = 0>
+void layer_norm(const X& x, Y&& y, const LayerNormFuncOptions<P>& options, const Device& device) {
   layer_norm(x, y, options, nullptr, device);
 }
 
@@ -95,16 +96,15 @@ namespace detail {
 /// layer_norm_backward with parameters of type P (the input's, or float for bfloat16/half
 /// input).
 template <class P, class X, class DY, class DX, class Device>
-void layer_norm_backward_with(
-    const X& x,
-    const DY& dy,
-    DX&& dx,
-    const SavedStats& saved,
-    const std::vector<Index>& normalized_shape,
-    VectorRef<const P> weight,
-    VectorRef<P> grad_weight,
-    VectorRef<P> grad_bias,
-    const Device& device) {
+void layer_norm_backward_with(const X& x,
+                              const DY& dy,
+                              DX&& dx,
+                              const SavedStats& saved,
+                              const std::vector<Index>& normalized_shape,
+                              VectorRef<const P> weight,
+                              VectorRef<P> grad_weight,
+                              VectorRef<P> grad_bias,
+                              const Device& device) {
   using T = P;
   const char* who = "layer_norm_backward";
   const detail::Shape sh = detail::logical_shape(x, false, who);
@@ -144,7 +144,8 @@ void layer_norm_backward(const X& x,
                          VectorRef<detail::scalar_of<X>> grad_weight,
                          VectorRef<detail::scalar_of<X>> grad_bias,
                          const Device& device = Device()) {
-  detail::layer_norm_backward_with<detail::scalar_of<X>>(x, dy, dx, saved, normalized_shape, weight, grad_weight, grad_bias, device);
+  detail::layer_norm_backward_with<detail::scalar_of<X>>(x, dy, dx, saved, normalized_shape, weight,
+                                                         grad_weight, grad_bias, device);
 }
 
 /// layer_norm_backward of bfloat16/half input with float parameters (mixed precision: dx in the
@@ -159,7 +160,8 @@ void layer_norm_backward(const X& x,
                          VectorRef<float> grad_weight,
                          VectorRef<float> grad_bias,
                          const Device& device = Device()) {
-  detail::layer_norm_backward_with<float>(x, dy, dx, saved, normalized_shape, weight, grad_weight, grad_bias, device);
+  detail::layer_norm_backward_with<float>(x, dy, dx, saved, normalized_shape, weight, grad_weight,
+                                          grad_bias, device);
 }
 
 /// LayerNorm over the trailing dims equal to normalized_shape, as torch.nn.LayerNorm.
@@ -191,7 +193,9 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
   /// evaluation. Returns y; throws as the non-allocating forward.
   template <class X, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
   auto forward(const X& x, const Device& device = Device()) {
-    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
+    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
+                  detail::tensor_traits<X>::layout>
+        y;
     forward(x, y, device);
     return y;
   }
@@ -224,8 +228,14 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
   /// Otherwise as forward(h): training keeps h's statistics (and a copy of h), so
   /// backward(dy) gives dL/dh.
   /// @throws shape_error when the residual's dims differ from x's; as forward() otherwise.
-  template <class X, class R, class H, class Y, class Device = Eigen::DefaultDevice,
-            detail::if_tensor<R> = 0, detail::if_tensor<H> = 0, detail::if_tensor<Y> = 0>
+  template <class X,
+            class R,
+            class H,
+            class Y,
+            class Device = Eigen::DefaultDevice,
+            detail::if_tensor<R> = 0,
+            detail::if_tensor<H> = 0,
+            detail::if_tensor<Y> = 0>
   void forward_add(const X& x, const R& residual, H&& h, Y&& y, const Device& device = Device()) {
     static_assert(detail::accepts_v<Scalar, detail::scalar_of<X>>,
                   "LayerNorm: input must be of the module's scalar type (or bfloat16/half for a "
@@ -244,16 +254,21 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
     SavedStats saved;
     if (sh.numel() != 0) {
       detail::layer_norm_add_forward(sh, static_cast<int>(options_.normalized_shape().size()),
-                                     x.data(), residual.data(), h_ptr, y_ptr, wref(), bref(), options_.eps(),
-                                     keep ? &saved : nullptr, copy, detail::make_exec(device),
-                                     false);
+                                     x.data(), residual.data(), h_ptr, y_ptr, wref(), bref(),
+                                     options_.eps(), keep ? &saved : nullptr, copy,
+                                     detail::make_exec(device), false);
     }
     if (keep)
       this->commit(x, std::move(saved), this->keep_input_);
   }
   /// Allocating forward_add: returns y.
-  template <class X, class R, class H, class Device = Eigen::DefaultDevice,
-            detail::if_tensor<R> = 0, detail::if_tensor<H> = 0, detail::if_device<Device> = 0>
+  template <class X,
+            class R,
+            class H,
+            class Device = Eigen::DefaultDevice,
+            detail::if_tensor<R> = 0,
+            detail::if_tensor<H> = 0,
+            detail::if_device<Device> = 0>
   auto forward_add(const X& x, const R& residual, H&& h, const Device& device = Device()) {
     Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
                   detail::tensor_traits<X>::layout>
@@ -272,7 +287,10 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
 
   /// Gradients at x (the row statistics the last training forward kept for an input of x's
   /// shape, else x's own).
-  template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0,
+  template <class X,
+            class DY,
+            class Device = Eigen::DefaultDevice,
+            detail::if_tensor<DY> = 0,
             detail::if_device<Device> = 0>
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
     detail::gradients_for<Scalar, X> g;
@@ -281,7 +299,10 @@ class LayerNorm : public detail::ModuleBase<Scalar> {
   }
 
   /// Non-allocating backward into caller-owned gradients.
-  template <class X, class DY, class G, class Device = Eigen::DefaultDevice,
+  template <class X,
+            class DY,
+            class G,
+            class Device = Eigen::DefaultDevice,
             detail::if_gradients<G> = 0>
   void backward(const X& x, const DY& dy, G& g, const Device& device = Device()) {
     static_assert(detail::accepts_v<Scalar, detail::scalar_of<X>>,

@@ -25,8 +25,9 @@ namespace detail {
 /// float, half and bfloat16; double for double), as PyTorch.
 template <class T>
 double default_rms_eps() {
-  return std::is_same<T, double>::value ? std::numeric_limits<double>::epsilon()
-                                        : static_cast<double>(std::numeric_limits<float>::epsilon());
+  return std::is_same<T, double>::value
+             ? std::numeric_limits<double>::epsilon()
+             : static_cast<double>(std::numeric_limits<float>::epsilon());
 }
 }  // namespace detail
 
@@ -83,11 +84,12 @@ void rms_norm(const X& x,
 }
 
 /// rms_norm on a device, without saved statistics.
-template <class X, class Y, class P = detail::scalar_of<X>, class Device, detail::if_device<Device> = 0>
-void rms_norm(const X& x,
-              Y&& y,
-              const RMSNormFuncOptions<P>& options,
-              const Device& device) {
+template <class X,
+          class Y,
+          class P = detail::scalar_of<X>,
+          class Device,
+          detail::if_device<Device> = 0>
+void rms_norm(const X& x, Y&& y, const RMSNormFuncOptions<P>& options, const Device& device) {
   rms_norm(x, y, options, nullptr, device);
 }
 
@@ -106,15 +108,14 @@ namespace detail {
 /// rms_norm_backward with parameters of type P (the input's, or float for bfloat16/half
 /// input).
 template <class P, class X, class DY, class DX, class Device>
-void rms_norm_backward_with(
-    const X& x,
-    const DY& dy,
-    DX&& dx,
-    const SavedStats& saved,
-    const std::vector<Index>& normalized_shape,
-    VectorRef<const P> weight,
-    VectorRef<P> grad_weight,
-    const Device& device) {
+void rms_norm_backward_with(const X& x,
+                            const DY& dy,
+                            DX&& dx,
+                            const SavedStats& saved,
+                            const std::vector<Index>& normalized_shape,
+                            VectorRef<const P> weight,
+                            VectorRef<P> grad_weight,
+                            const Device& device) {
   using T = P;
   const char* who = "rms_norm_backward";
   const detail::Shape sh = detail::logical_shape(x, false, who);
@@ -151,7 +152,8 @@ void rms_norm_backward(const X& x,
                        VectorRef<const detail::scalar_of<X>> weight,
                        VectorRef<detail::scalar_of<X>> grad_weight,
                        const Device& device = Device()) {
-  detail::rms_norm_backward_with<detail::scalar_of<X>>(x, dy, dx, saved, normalized_shape, weight, grad_weight, device);
+  detail::rms_norm_backward_with<detail::scalar_of<X>>(x, dy, dx, saved, normalized_shape, weight,
+                                                       grad_weight, device);
 }
 
 /// rms_norm_backward of bfloat16/half input with float parameters (mixed precision: dx in the
@@ -165,7 +167,8 @@ void rms_norm_backward(const X& x,
                        VectorRef<const float> weight,
                        VectorRef<float> grad_weight,
                        const Device& device = Device()) {
-  detail::rms_norm_backward_with<float>(x, dy, dx, saved, normalized_shape, weight, grad_weight, device);
+  detail::rms_norm_backward_with<float>(x, dy, dx, saved, normalized_shape, weight, grad_weight,
+                                        device);
 }
 
 /// RMSNorm over the trailing dims equal to normalized_shape, as torch.nn.RMSNorm (PyTorch
@@ -198,7 +201,9 @@ class RMSNorm : public detail::ModuleBase<Scalar> {
   /// Normalizes each row of x over the trailing normalized_shape dims. Returns y.
   template <class X, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
   auto forward(const X& x, const Device& device = Device()) {
-    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank, detail::tensor_traits<X>::layout> y;
+    Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
+                  detail::tensor_traits<X>::layout>
+        y;
     forward(x, y, device);
     return y;
   }
@@ -232,8 +237,14 @@ class RMSNorm : public detail::ModuleBase<Scalar> {
   /// Otherwise as forward(h): training keeps h's statistics (and a copy of h), so
   /// backward(dy) gives dL/dh.
   /// @throws shape_error when the residual's dims differ from x's; as forward() otherwise.
-  template <class X, class R, class H, class Y, class Device = Eigen::DefaultDevice,
-            detail::if_tensor<R> = 0, detail::if_tensor<H> = 0, detail::if_tensor<Y> = 0>
+  template <class X,
+            class R,
+            class H,
+            class Y,
+            class Device = Eigen::DefaultDevice,
+            detail::if_tensor<R> = 0,
+            detail::if_tensor<H> = 0,
+            detail::if_tensor<Y> = 0>
   void forward_add(const X& x, const R& residual, H&& h, Y&& y, const Device& device = Device()) {
     static_assert(detail::accepts_v<Scalar, detail::scalar_of<X>>,
                   "RMSNorm: input must be of the module's scalar type (or bfloat16/half for a "
@@ -243,7 +254,8 @@ class RMSNorm : public detail::ModuleBase<Scalar> {
                       detail::tensor_traits<X>::layout == detail::tensor_traits<R>::layout,
                   "forward_add: the residual must have the input's type, rank and storage order");
     const detail::Shape sh = detail::logical_shape(x, false, kName);
-    detail::layer_norm_check(kName, sh, options_.normalized_shape(), wref(), VectorRef<const Scalar>());
+    detail::layer_norm_check(kName, sh, options_.normalized_shape(), wref(),
+                             VectorRef<const Scalar>());
     detail::check_same_dims(kName, "residual", x, residual);
     auto* h_ptr = detail::prepare_output(x, h, kName, "h");
     auto* y_ptr = detail::prepare_output(x, y, kName);
@@ -252,16 +264,21 @@ class RMSNorm : public detail::ModuleBase<Scalar> {
     SavedStats saved;
     if (sh.numel() != 0) {
       detail::layer_norm_add_forward(sh, static_cast<int>(options_.normalized_shape().size()),
-                                     x.data(), residual.data(), h_ptr, y_ptr, wref(), VectorRef<const Scalar>(), eps(),
-                                     keep ? &saved : nullptr, copy, detail::make_exec(device),
-                                     true);
+                                     x.data(), residual.data(), h_ptr, y_ptr, wref(),
+                                     VectorRef<const Scalar>(), eps(), keep ? &saved : nullptr,
+                                     copy, detail::make_exec(device), true);
     }
     if (keep)
       this->commit(x, std::move(saved), this->keep_input_);
   }
   /// Allocating forward_add: returns y.
-  template <class X, class R, class H, class Device = Eigen::DefaultDevice,
-            detail::if_tensor<R> = 0, detail::if_tensor<H> = 0, detail::if_device<Device> = 0>
+  template <class X,
+            class R,
+            class H,
+            class Device = Eigen::DefaultDevice,
+            detail::if_tensor<R> = 0,
+            detail::if_tensor<H> = 0,
+            detail::if_device<Device> = 0>
   auto forward_add(const X& x, const R& residual, H&& h, const Device& device = Device()) {
     Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
                   detail::tensor_traits<X>::layout>
@@ -279,7 +296,10 @@ class RMSNorm : public detail::ModuleBase<Scalar> {
 
   /// Gradients at x (the statistics the last training forward kept for an input of x's shape,
   /// else x's own).
-  template <class X, class DY, class Device = Eigen::DefaultDevice, detail::if_tensor<DY> = 0,
+  template <class X,
+            class DY,
+            class Device = Eigen::DefaultDevice,
+            detail::if_tensor<DY> = 0,
             detail::if_device<Device> = 0>
   auto backward(const X& x, const DY& dy, const Device& device = Device()) {
     detail::gradients_for<Scalar, X> g;
@@ -288,7 +308,10 @@ class RMSNorm : public detail::ModuleBase<Scalar> {
   }
 
   /// Non-allocating backward into caller-owned gradients (g.bias stays empty: no bias).
-  template <class X, class DY, class G, class Device = Eigen::DefaultDevice,
+  template <class X,
+            class DY,
+            class G,
+            class Device = Eigen::DefaultDevice,
             detail::if_gradients<G> = 0>
   void backward(const X& x, const DY& dy, G& g, const Device& device = Device()) {
     static_assert(detail::accepts_v<Scalar, detail::scalar_of<X>>,
@@ -331,7 +354,8 @@ class RMSNorm : public detail::ModuleBase<Scalar> {
   /// @throws shape_error unless v has prod(normalized_shape) elements (0 without
   ///         elementwise_affine).
   void set_weight(const Vector& v) {
-    const Index want = options_.elementwise_affine() ? detail::product(options_.normalized_shape()) : 0;
+    const Index want =
+        options_.elementwise_affine() ? detail::product(options_.normalized_shape()) : 0;
     if (v.size() != want) {
       detail::fail(detail::Fail::shape, kName, "expected weight of %lld elements but got %lld",
                    static_cast<long long>(want), static_cast<long long>(v.size()));

@@ -1,5 +1,5 @@
-// normkit/safetensors.hpp: reading and writing state dicts as safetensors files (needs nlohmann/json).
-// SPDX-License-Identifier: MIT
+// normkit/safetensors.hpp: reading and writing state dicts as safetensors files (needs
+// nlohmann/json). SPDX-License-Identifier: MIT
 #ifndef NORMKIT_SAFETENSORS_HPP_
 #define NORMKIT_SAFETENSORS_HPP_
 

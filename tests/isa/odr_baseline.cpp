@@ -19,7 +19,8 @@ int main() {
   ln.forward(x, y);
   double s = 0;
   for (float f : out) s += static_cast<double>(f) * f;
-  std::printf("baseline unit: sum of squares %.4f (isa %s)\n", s, normkit::isa_name(normkit::isa()));
+  std::printf("baseline unit: sum of squares %.4f (isa %s)\n", s,
+              normkit::isa_name(normkit::isa()));
   int bad = std::abs(s - 64.0) > 1e-3;  // 8 rows normalized over 8 elements
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {

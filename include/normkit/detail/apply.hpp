@@ -100,7 +100,7 @@ struct ApplyOp {
   const GradCoef* gk = nullptr;
   const compute_t<T>* gamma = nullptr;  // ln_affine
   const compute_t<T>* beta = nullptr;   // ln_affine
-  const double* w = nullptr;  // gradin weight per aux (LayerNorm), or null
+  const double* w = nullptr;            // gradin weight per aux (LayerNorm), or null
   // Column mode: per-slot tables (see column_tables()), used when tables_ready.
   ColTables tables{};
   bool tables_ready = false;
@@ -131,7 +131,7 @@ struct ApplyOp {
         leaf->affine_rows(x + off, y + off, len, count, stride, ak + slot, slot_step);
       } else if (kind == ApplyKind::ln_affine && aux_inner == 1 && aux_outer == 0) {
         ln_leaf->ln_affine_rows(x + off, y + off, len, count, stride, ak + slot, slot_step,
-                             gamma + aux, beta + aux);
+                                gamma + aux, beta + aux);
       } else if (kind == ApplyKind::gradin && w == nullptr) {
         leaf->gradin_rows(x + off, dy + off, y + off, len, count, stride, gk + slot, slot_step);
       } else {
@@ -150,8 +150,7 @@ struct ApplyOp {
       }
     } else {
       for (Index r = 0; r < count; ++r)
-        generic(true, off + r * stride, len, slot + r * slot_step, aux + r * aux_outer,
-                aux_inner);
+        generic(true, off + r * stride, len, slot + r * slot_step, aux + r * aux_outer, aux_inner);
     }
     if (copy) {
       for (Index r = 0; r < count; ++r)
@@ -181,8 +180,7 @@ struct ApplyOp {
       epi->affine_cols_epi(x + off, r, y + off, stride, count, len, k, act);
     } else {
       for (Index q = 0; q < count; ++q)
-        generic(true, off + q * stride, len, slot + q * slot_step, aux + q * aux_outer,
-                aux_inner);
+        generic(true, off + q * stride, len, slot + q * slot_step, aux + q * aux_outer, aux_inner);
     }
   }
 
@@ -215,7 +213,10 @@ struct ApplyOp {
 /// gradin: {hi, lo, a, b, c} / {m, a, b, c}), stored in `store`; the float ones only when
 /// every slot's coefficients fit float.
 template <class T>
-void column_tables(ApplyOp<T>& op, Index slots, std::vector<double>& dstore, std::vector<float>& fstore) {
+void column_tables(ApplyOp<T>& op,
+                   Index slots,
+                   std::vector<double>& dstore,
+                   std::vector<float>& fstore) {
   if (op.kind == ApplyKind::ln_affine || op.w != nullptr)
     return;
   const bool grad = op.kind == ApplyKind::gradin;

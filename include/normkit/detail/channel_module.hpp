@@ -6,8 +6,8 @@
 #define NORMKIT_DETAIL_CHANNEL_MODULE_HPP_
 // IWYU pragma: private, include <normkit/normkit.hpp>
 
-#include <cstdint>  // std::int64_t
-#include <string>   // std::string
+#include <cstdint>      // std::int64_t
+#include <string>       // std::string
 #include <type_traits>  // std::is_same
 
 #include <normkit/config.hpp>
@@ -129,8 +129,8 @@ class ChannelModule : public ModuleBase<Scalar> {
     check_channels(name_, "num_features", options_.num_features(), sh);
     // docs/semantics.md §2.4: BatchNorm's counter moves (and sets the momentum-none factor)
     // in training with tracking, even for an empty batch; committed only after success.
-    const bool counts = kind == ChannelNormKind::batch && this->training_ &&
-                        options_.track_running_stats();
+    const bool counts =
+        kind == ChannelNormKind::batch && this->training_ && options_.track_running_stats();
     std::int64_t nbt = num_batches_tracked_;
     double factor = options_.momentum().value_or(0.0);
     if (counts) {
@@ -177,7 +177,8 @@ class ChannelModule : public ModuleBase<Scalar> {
   }
 
   template <class X, class DY, class G>
-  void backward_impl(ChannelNormKind kind, const Shape& sh, const X& x, const DY& dy, G& g, const Exec& ex) {
+  void backward_impl(
+      ChannelNormKind kind, const Shape& sh, const X& x, const DY& dy, G& g, const Exec& ex) {
     check_same_dims(name_, "grad_output", x, dy);
     check_channels(name_, "num_features", options_.num_features(), sh);
     SavedStats local;

@@ -29,8 +29,7 @@ NORMKIT_BEGIN_NAMESPACE
 /// whole process, so every translation unit agrees. Results never depend on it: work is cut
 /// into the same blocks, merged in the same order, on one thread or many.
 inline Index min_parallel_elements() {
-  return static_cast<Index>(
-      process_state::min_parallel_elements.load(std::memory_order_relaxed));
+  return static_cast<Index>(process_state::min_parallel_elements.load(std::memory_order_relaxed));
 }
 /// Sets min_parallel_elements() (values below 1 mean 1).
 inline void set_min_parallel_elements(Index n) {
@@ -66,8 +65,9 @@ struct Exec {
 template <class Device, class = void>
 struct has_pool : std::false_type {};
 template <class Device>
-struct has_pool<Device, std::void_t<decltype(std::declval<const Device&>().getPool()),
-                                    decltype(std::declval<const Device&>().numThreads())>>
+struct has_pool<Device,
+                std::void_t<decltype(std::declval<const Device&>().getPool()),
+                            decltype(std::declval<const Device&>().numThreads())>>
     : std::true_type {};
 
 /// The Exec of a device: Eigen::ThreadPoolDevice (defined when the user compiles with

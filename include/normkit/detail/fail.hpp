@@ -47,9 +47,9 @@ enum class Fail { shape, value };
 
 /// Throws shape_error or value_error "[normkit.<who>] <printf(fmt, ...)>".
 [[noreturn]] NORMKIT_NOINLINE NORMKIT_PRINTF(3, 4) inline void fail(Fail kind,
-                                                                   const char* who,
-                                                                   const char* fmt,
-                                                                   ...) {
+                                                                    const char* who,
+                                                                    const char* fmt,
+                                                                    ...) {
   char msg[1200];
   const int k = std::snprintf(msg, sizeof msg, "[normkit.%s] ", who);
   va_list args;

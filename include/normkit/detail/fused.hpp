@@ -104,10 +104,10 @@ void fused_slots(const Plan& ps,
   // block's runs form one contiguous stretch, read in memory order (the prefetchers follow
   // it; one slot at a time they see 196-byte islands). Each slot keeps its own accumulator
   // and adds its runs in the same order as row_block: the same bits.
-  const bool channel_blocks =
-      bl.count == 1 && ns.R > 1 && ns.L <= kShortRunElements && ns.ko.n == 1 && ns.ro.n == 1 &&
-      na.ko.n == 1 && na.ro.n == 1 && ns.ko.ax[0]->stride == ns.L &&
-      na.ko.ax[0]->stride == na.L && na.L == ns.L;
+  const bool channel_blocks = bl.count == 1 && ns.R > 1 && ns.L <= kShortRunElements &&
+                              ns.ko.n == 1 && ns.ro.n == 1 && na.ko.n == 1 && na.ro.n == 1 &&
+                              ns.ko.ax[0]->stride == ns.L && na.ko.ax[0]->stride == na.L &&
+                              na.L == ns.L;
   auto groups = [&](Index first, Index last) {
     Odometer ks = ns.ko, ka = na.ko;
     ks.seek(first);

@@ -115,7 +115,8 @@ void group_norm_forward(const Shape& sh,
   auto coefficients = [&](Index n, Index g, Index s) {
     const auto u = static_cast<std::size_t>(s);
     for (Index c = g * gp.Cg; c < (g + 1) * gp.Cg; ++c)
-      coef[static_cast<std::size_t>(aslot(n, c))] = affine_coef(mean[u], rstd[u] * gamma(c), beta(c));
+      coef[static_cast<std::size_t>(aslot(n, c))] =
+          affine_coef(mean[u], rstd[u] * gamma(c), beta(c));
   };
   ApplyOp<T> op;
   op.kind = ApplyKind::affine;
@@ -184,7 +185,8 @@ void group_norm_forward(const Shape& sh,
 
 /// The group statistics of x, as a forward would save them.
 template <class T>
-void group_norm_stats(const Shape& sh, Index G, const T* x, double eps, SavedStats& out, const Exec& ex) {
+void group_norm_stats(
+    const Shape& sh, Index G, const T* x, double eps, SavedStats& out, const Exec& ex) {
   const GroupPlans gp = group_plans(sh, G);
   const Index NG = gp.N * G;
   std::vector<double> mean(static_cast<std::size_t>(NG)), var(mean.size());

@@ -6,10 +6,10 @@
 #define NORMKIT_DETAIL_LAYER_NORM_IMPL_HPP_
 // IWYU pragma: private, include <normkit/normkit.hpp>
 
-#include <algorithm>  // std::max, std::min, std::fill
-#include <string>     // std::string
+#include <algorithm>    // std::max, std::min, std::fill
+#include <string>       // std::string
 #include <type_traits>  // std::is_same
-#include <vector>     // std::vector
+#include <vector>       // std::vector
 
 #include <normkit/config.hpp>
 #include <normkit/detail/apply.hpp>
@@ -43,7 +43,8 @@ const C* as_compute(const VectorRef<const P>& v, std::vector<C>& buf) {
     return v.data();
   } else {
     buf.resize(static_cast<std::size_t>(v.size()));
-    for (std::size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<C>(static_cast<float>(v.data()[i]));
+    for (std::size_t i = 0; i < buf.size(); ++i)
+      buf[i] = static_cast<C>(static_cast<float>(v.data()[i]));
     return buf.data();
   }
 }
@@ -251,7 +252,8 @@ inline bool layer_norm_one_pass_ok(const LayerPlans& lp) {
   const Nest ns = split(lp.stats);
   if (ns.R != 1 || ns.L != lp.n || ns.aux_step != 1)
     return false;
-  return ns.ko.n == 0 || (ns.ko.n == 1 && ns.ko.ax[0]->stride == lp.n && ns.ko.ax[0]->slot_stride == 1);
+  return ns.ko.n == 0 ||
+         (ns.ko.n == 1 && ns.ko.ax[0]->stride == lp.n && ns.ko.ax[0]->slot_stride == 1);
 }
 
 /// Backward for layouts the one-pass kernel does not take (rows longer than kLnOnePassMaxN,
@@ -373,8 +375,8 @@ void layer_norm_backward(const Shape& sh,
         merge(b, part.data() + b * 2 * lp.n, part.data() + b * 2 * lp.n + lp.n);
     }
   } else {
-    layer_norm_backward_generic(lp, x, dy, dx, mean.data(), rstd.data(),
-                                w ? gamma.data() : nullptr, dg.data(), dbv.data(), rms);
+    layer_norm_backward_generic(lp, x, dy, dx, mean.data(), rstd.data(), w ? gamma.data() : nullptr,
+                                dg.data(), dbv.data(), rms);
   }
   store_grad(gw, dg.data());
   store_grad(gb, dbv.data());

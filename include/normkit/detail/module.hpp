@@ -29,19 +29,18 @@ struct is_gradients<Gradients<S, R, L, P>> : std::true_type {};
 /// float module, bfloat16 or half (PyTorch's CPU mixed mode: low-precision data, float
 /// parameters and statistics).
 template <class P, class D>
-inline constexpr bool accepts_v =
-    std::is_same<P, D>::value || (std::is_same<P, float>::value && is_low_v<D>);
+inline constexpr bool accepts_v = std::is_same<P, D>::value ||
+                                  (std::is_same<P, float>::value && is_low_v<D>);
 
 /// The gradients a module with parameters of type P returns for input x.
 template <class P, class X>
-using gradients_for =
-    Gradients<scalar_of<X>, tensor_traits<X>::rank, tensor_traits<X>::layout, P>;
+using gradients_for = Gradients<scalar_of<X>, tensor_traits<X>::rank, tensor_traits<X>::layout, P>;
 
 /// A number per storage type, to tell which type a kept input has.
 template <class T>
 constexpr int type_code() {
-  return std::is_same<T, float>::value    ? 1
-         : std::is_same<T, double>::value ? 2
+  return std::is_same<T, float>::value             ? 1
+         : std::is_same<T, double>::value          ? 2
          : std::is_same<T, Eigen::bfloat16>::value ? 3
          : std::is_same<T, Eigen::half>::value     ? 4
                                                    : 0;
@@ -53,7 +52,8 @@ template <class D>
 inline constexpr bool is_device_v =
     !is_tensor_v<D> && !std::is_pointer<std::decay_t<D>>::value &&
     !std::is_null_pointer<std::decay_t<D>>::value && !is_gradients<std::decay_t<D>>::value &&
-    !std::is_same<std::decay_t<D>, SavedStats>::value && !std::is_arithmetic<std::decay_t<D>>::value;
+    !std::is_same<std::decay_t<D>, SavedStats>::value &&
+    !std::is_arithmetic<std::decay_t<D>>::value;
 template <class D>
 using if_device = std::enable_if_t<is_device_v<D>, int>;
 template <class X>
@@ -228,7 +228,8 @@ class ModuleBase {
     for (int i = 0; same && i < R; ++i)
       same = kept_dims_[static_cast<std::size_t>(i)] == dim(dy, i);
     if (!same) {
-      fail(Fail::shape, who, "expected grad_output of size %s%s (the last forward's input) but got %s",
+      fail(Fail::shape, who,
+           "expected grad_output of size %s%s (the last forward's input) but got %s",
            dims_text(kept_dims_.data(), kept_rank_).s,
            kept_layout_ == L ? "" : " in the other storage order", dims_of(dy.dimensions(), R).s);
     }
@@ -238,7 +239,8 @@ class ModuleBase {
            "backward(x, dy) with both of one type");
     }
     std::array<Index, R> d{};
-    for (int i = 0; i < R; ++i) d[static_cast<std::size_t>(i)] = kept_dims_[static_cast<std::size_t>(i)];
+    for (int i = 0; i < R; ++i)
+      d[static_cast<std::size_t>(i)] = kept_dims_[static_cast<std::size_t>(i)];
     return Map(reinterpret_cast<const D*>(kept_x_.data()), d);
   }
 

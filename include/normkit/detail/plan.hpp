@@ -113,8 +113,8 @@ inline Plan make_plan(const AxisSpec* spec, int n) {
   // Coalesce from the outside in.
   for (int i = 0; i < m; ++i) {
     const AxisSpec& s = spec[order[static_cast<std::size_t>(i)]];
-    LoopAxis ax{s.extent, s.stride, sstride[static_cast<std::size_t>(i)], s.aux_stride, s.role,
-                s.sample};
+    LoopAxis ax{s.extent,     s.stride, sstride[static_cast<std::size_t>(i)],
+                s.aux_stride, s.role,   s.sample};
     if (p.rank > 0) {
       LoopAxis& o = p.axes[static_cast<std::size_t>(p.rank - 1)];
       if (!o.sample && !ax.sample && o.role == ax.role && o.stride == ax.stride * ax.extent &&

@@ -260,8 +260,8 @@ template <class T>
 struct SumOp {
   const Leaves<T>* leaf;
   const T* x;
-  const T* dy;              // null: moments
-  const double* center;     // backward sums only (per slot)
+  const T* dy;           // null: moments
+  const double* center;  // backward sums only (per slot)
 
   bool moments() const { return dy == nullptr; }
   /// Run r (at off + r*stride) into st[r * st_step] with shift c[r * c_step].
@@ -297,7 +297,8 @@ struct SumOp {
 
 /// Block b of the slot group at `ko`, from a fresh accumulator.
 template <class T>
-Part row_block(const Nest& n, const RowBlocks& bl, const SumOp<T>& op, const Odometer& ko, Index b) {
+Part row_block(
+    const Nest& n, const RowBlocks& bl, const SumOp<T>& op, const Odometer& ko, Index b) {
   RowAcc st{};
   double shift = 0;
   Index count = 0;
@@ -487,8 +488,8 @@ void reduce(const Plan& p, const SumOp<T>& op, Part* out, const Exec& ex) {
     for (Index it = first; it < last; ++it) {
       double* buf = part.data() + static_cast<std::size_t>(it) * 3 * tw;
       const Index g = it / cb.count;
-      rows[static_cast<std::size_t>(it)] =
-          col_block(n, cb, op, g / cb.tiles, g % cb.tiles, it % cb.count, buf, buf + tw, buf + 2 * tw);
+      rows[static_cast<std::size_t>(it)] = col_block(n, cb, op, g / cb.tiles, g % cb.tiles,
+                                                     it % cb.count, buf, buf + tw, buf + 2 * tw);
     }
   });
   std::vector<Folder> fold(tw, Folder{mom, {}, {}});

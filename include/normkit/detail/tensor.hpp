@@ -144,7 +144,8 @@ inline Text shape_text(const Shape& s) {
 template <class Dims>
 Text dims_of(const Dims& d, int rank) {
   Index a[kMaxAxes] = {};
-  for (int i = 0; i < rank && i < kMaxAxes; ++i) a[i] = static_cast<Index>(d[static_cast<std::size_t>(i)]);
+  for (int i = 0; i < rank && i < kMaxAxes; ++i)
+    a[i] = static_cast<Index>(d[static_cast<std::size_t>(i)]);
   return dims_text(a, rank);
 }
 

@@ -22,7 +22,7 @@
 #define NORMKIT_KERNEL_NS isa_avx2
 #elif NORMKIT_KERNEL_ISA == 2
 #if defined(__clang__)
-#pragma clang attribute push(                                                                     \
+#pragma clang attribute push(                                                                    \
     __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,bmi,bmi2,popcnt"))), \
     apply_to = function)
 #else

@@ -245,13 +245,8 @@ NORMKIT_KINLINE void column_strips(Index rows,
 
 /// Column moments (see the section comment).
 template <class T>
-void mom_cols(const T* x,
-              Index row_stride,
-              Index rows,
-              Index len,
-              const double* c,
-              double* s1,
-              double* s2) {
+void mom_cols(
+    const T* x, Index row_stride, Index rows, Index len, const double* c, double* s1, double* s2) {
   column_strips(
       rows, len, c, s1, s2,
       [&](Index k, Index j, const D8& cv, D8& a, D8& q) NORMKIT_KLAMBDA {
@@ -367,13 +362,8 @@ NORMKIT_KINLINE void dmap(Index len, T* y, const F& f, const P*... in) {
 // Forward apply, rows: run r uses coefficients k[r*k_step] (AffineCoef: y = (x - m)*a + b).
 
 template <class T>
-void affine_rows(const T* x,
-                 T* y,
-                 Index len,
-                 Index count,
-                 Index stride,
-                 const AffineCoef* k,
-                 Index k_step) {
+void affine_rows(
+    const T* x, T* y, Index len, Index count, Index stride, const AffineCoef* k, Index k_step) {
   for (Index r = 0; r < count; ++r) {
     const AffineCoef& q = k[r * k_step];
     const T* xp = x + r * stride;
@@ -381,12 +371,15 @@ void affine_rows(const T* x,
     if constexpr (is_floatlike_v<T>) {
       if (q.use_float) {
         const float hi = q.hi, lo = q.lo, a = q.af, b = q.bf;
-        fmap(len, yp, [&](auto& o, const auto& v) NORMKIT_KLAMBDA { o = ((v - hi) - lo) * a + b; }, xp);
+        fmap(
+            len, yp, [&](auto& o, const auto& v) NORMKIT_KLAMBDA { o = ((v - hi) - lo) * a + b; },
+            xp);
         continue;
       }
     }
     const double m = q.m, a = q.a, b = q.b;
-    dmap(len, yp, [&](auto& o, const auto& v) NORMKIT_KLAMBDA { o = (v - m) * a + b; }, xp);
+    dmap(
+        len, yp, [&](auto& o, const auto& v) NORMKIT_KLAMBDA { o = (v - m) * a + b; }, xp);
   }
 }
 
@@ -467,12 +460,12 @@ void affine_rows_epi(const T* x,
                      const AffineCoef* k,
                      Index k_step,
                      int act) {
-#define NORMKIT_EPI_CASE(A)                                                                  \
-  case A:                                                                                    \
-    if (res)                                                                                 \
-      affine_rows_epi_impl<T, A, true>(x, res, y, len, count, stride, k, k_step);            \
-    else                                                                                     \
-      affine_rows_epi_impl<T, A, false>(x, res, y, len, count, stride, k, k_step);           \
+#define NORMKIT_EPI_CASE(A)                                                        \
+  case A:                                                                          \
+    if (res)                                                                       \
+      affine_rows_epi_impl<T, A, true>(x, res, y, len, count, stride, k, k_step);  \
+    else                                                                           \
+      affine_rows_epi_impl<T, A, false>(x, res, y, len, count, stride, k, k_step); \
     break;
   switch (act) {
     NORMKIT_EPI_CASE(0)
@@ -506,9 +499,8 @@ void ln_affine_rows(const T* x,
         const float hi = q.hi, lo = q.lo, a = q.af;
         fmap(
             len, yp,
-            [&](auto& o, const auto& v, const auto& g, const auto& b) NORMKIT_KLAMBDA {
-              o = ((v - hi) - lo) * a * g + b;
-            },
+            [&](auto& o, const auto& v, const auto& g, const auto& b)
+                NORMKIT_KLAMBDA { o = ((v - hi) - lo) * a * g + b; },
             xp, gamma, beta);
         continue;
       }
@@ -516,19 +508,15 @@ void ln_affine_rows(const T* x,
     const double m = q.m, a = q.a;
     dmap(
         len, yp,
-        [&](auto& o, const auto& v, const auto& g, const auto& b) NORMKIT_KLAMBDA { o = (v - m) * a * g + b; },
+        [&](auto& o, const auto& v, const auto& g, const auto& b)
+            NORMKIT_KLAMBDA { o = (v - m) * a * g + b; },
         xp, gamma, beta);
   }
 }
 
 /// Forward apply, columns: row k at x + k*row_stride; column j uses the tables' entry j.
 template <class T>
-void affine_cols(const T* x,
-                 T* y,
-                 Index row_stride,
-                 Index rows,
-                 Index len,
-                 const ColTables& k) {
+void affine_cols(const T* x, T* y, Index row_stride, Index rows, Index len, const ColTables& k) {
   for (Index r = 0; r < rows; ++r) {
     const T* xp = x + r * row_stride;
     T* yp = y + r * row_stride;
@@ -536,17 +524,16 @@ void affine_cols(const T* x,
       if (k.use_float) {
         fmap(
             len, yp,
-            [](auto& o, const auto& v, const auto& h, const auto& l, const auto& a,
-               const auto& b) NORMKIT_KLAMBDA { o = ((v - h) - l) * a + b; },
+            [](auto& o, const auto& v, const auto& h, const auto& l, const auto& a, const auto& b)
+                NORMKIT_KLAMBDA { o = ((v - h) - l) * a + b; },
             xp, k.f[0], k.f[1], k.f[2], k.f[3]);
         continue;
       }
     }
     dmap(
         len, yp,
-        [](auto& o, const auto& v, const auto& m, const auto& a, const auto& b) NORMKIT_KLAMBDA {
-          o = (v - m) * a + b;
-        },
+        [](auto& o, const auto& v, const auto& m, const auto& a, const auto& b)
+            NORMKIT_KLAMBDA { o = (v - m) * a + b; },
         xp, k.d[0], k.d[1], k.d[2]);
   }
 }
@@ -573,26 +560,23 @@ void gradin_rows(const T* x,
         const float hi = q.hi, lo = q.lo, a = q.af, b = q.bf, c = q.cf;
         fmap(
             len, op,
-            [&](auto& o, const auto& g, const auto& v) NORMKIT_KLAMBDA { o = a * g + b * ((v - hi) - lo) + c; },
+            [&](auto& o, const auto& g, const auto& v)
+                NORMKIT_KLAMBDA { o = a * g + b * ((v - hi) - lo) + c; },
             gp, xp);
         continue;
       }
     }
     const double m = q.m, a = q.a, b = q.b, c = q.c;
     dmap(
-        len, op, [&](auto& o, const auto& g, const auto& v) NORMKIT_KLAMBDA { o = a * g + b * (v - m) + c; }, gp,
-        xp);
+        len, op,
+        [&](auto& o, const auto& g, const auto& v) NORMKIT_KLAMBDA { o = a * g + b * (v - m) + c; },
+        gp, xp);
   }
 }
 
 template <class T>
-void gradin_cols(const T* x,
-                 const T* dy,
-                 T* dx,
-                 Index row_stride,
-                 Index rows,
-                 Index len,
-                 const ColTables& k) {
+void gradin_cols(
+    const T* x, const T* dy, T* dx, Index row_stride, Index rows, Index len, const ColTables& k) {
   for (Index r = 0; r < rows; ++r) {
     const T* xp = x + r * row_stride;
     const T* gp = dy + r * row_stride;
@@ -629,13 +613,8 @@ inline constexpr Index kLnFloatRows = 4;
 
 // Sums of one row: s1 += w*dy, s2 += w*dy*(x - c) (w = gamma[j], or 1).
 template <class T, bool kW>
-NORMKIT_KINLINE void ln_sums_step8(const T* xp,
-                                   const T* gp,
-                                   const double* w,
-                                   const D8& cv,
-                                   Index j,
-                                   D8& s1,
-                                   D8& s2) {
+NORMKIT_KINLINE void ln_sums_step8(
+    const T* xp, const T* gp, const double* w, const D8& cv, Index j, D8& s1, D8& s2) {
   D8 g, d;
   load(g, gp + j);
   if constexpr (kW) {
@@ -759,13 +738,13 @@ void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* 
         const float rf = static_cast<float>(r), bf = static_cast<float>(B),
                     cf = static_cast<float>(C);
         const float* wt = A.gamma_t;
-        auto body = [&](auto& o, auto& ag, auto& ab, const auto& xv, const auto& g,
-                        const auto& wv) NORMKIT_KLAMBDA {
-          const auto xc = (xv - hi) - lo;
-          o = (rf * wv) * g + bf * xc + cf;
-          ag += g * (xc * rf);
-          ab += g;
-        };
+        auto body = [&](auto& o, auto& ag, auto& ab, const auto& xv, const auto& g, const auto& wv)
+                        NORMKIT_KLAMBDA {
+                          const auto xc = (xv - hi) - lo;
+                          o = (rf * wv) * g + bf * xc + cf;
+                          ag += g * (xc * rf);
+                          ab += g;
+                        };
         Index j = 0;
         if (more) {
           // This row's dx from L1, the next row's sums streaming in.
@@ -815,8 +794,7 @@ void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* 
       }
     }
     if (more && !next_done) {
-      ln_sums_range<T, kW>(nxp, ngp, w, nc, 0, n, nxt.a1, nxt.a2, nxt.b1, nxt.b2, nxt.t1,
-                           nxt.t2);
+      ln_sums_range<T, kW>(nxp, ngp, w, nc, 0, n, nxt.a1, nxt.a2, nxt.b1, nxt.b2, nxt.t1, nxt.t2);
     }
     cur = nxt;
   }
@@ -845,13 +823,8 @@ inline constexpr Leaves<T> kLeaves = {
 };
 /// Column-mode fused epilogue: row k at x + k*row_stride, column j with the tables' entry j.
 template <class T, int kAct, bool kRes>
-void affine_cols_epi_impl(const T* x,
-                          const T* res,
-                          T* y,
-                          Index row_stride,
-                          Index rows,
-                          Index len,
-                          const ColTables& k) {
+void affine_cols_epi_impl(
+    const T* x, const T* res, T* y, Index row_stride, Index rows, Index len, const ColTables& k) {
   for (Index r = 0; r < rows; ++r) {
     const T* xp = x + r * row_stride;
     const T* rp = kRes ? res + r * row_stride : nullptr;
@@ -895,12 +868,12 @@ void affine_cols_epi(const T* x,
                      Index len,
                      const ColTables& k,
                      int act) {
-#define NORMKIT_EPI_CASE(A)                                                         \
-  case A:                                                                           \
-    if (res)                                                                        \
-      affine_cols_epi_impl<T, A, true>(x, res, y, row_stride, rows, len, k);        \
-    else                                                                            \
-      affine_cols_epi_impl<T, A, false>(x, res, y, row_stride, rows, len, k);       \
+#define NORMKIT_EPI_CASE(A)                                                   \
+  case A:                                                                     \
+    if (res)                                                                  \
+      affine_cols_epi_impl<T, A, true>(x, res, y, row_stride, rows, len, k);  \
+    else                                                                      \
+      affine_cols_epi_impl<T, A, false>(x, res, y, row_stride, rows, len, k); \
     break;
   switch (act) {
     NORMKIT_EPI_CASE(0)

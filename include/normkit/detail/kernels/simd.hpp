@@ -60,12 +60,24 @@ typedef float fnarrow __attribute__((vector_size(4 * kDW)));  // kDW floats (SSE
 typedef double dvec_u __attribute__((vector_size(8 * kDW), aligned(8)));
 typedef float fvec_u __attribute__((vector_size(4 * kFW), aligned(4)));
 
-NORMKIT_KINLINE dvec dload(const double* p) { return *reinterpret_cast<const dvec_u*>(p); }
-NORMKIT_KINLINE void dstore(double* p, dvec v) { *reinterpret_cast<dvec_u*>(p) = v; }
-NORMKIT_KINLINE dvec dsplat(double v) { return dvec{} + v; }
-NORMKIT_KINLINE fvec fload(const float* p) { return *reinterpret_cast<const fvec_u*>(p); }
-NORMKIT_KINLINE void fstore(float* p, fvec v) { *reinterpret_cast<fvec_u*>(p) = v; }
-NORMKIT_KINLINE fvec fsplat(float v) { return fvec{} + v; }
+NORMKIT_KINLINE dvec dload(const double* p) {
+  return *reinterpret_cast<const dvec_u*>(p);
+}
+NORMKIT_KINLINE void dstore(double* p, dvec v) {
+  *reinterpret_cast<dvec_u*>(p) = v;
+}
+NORMKIT_KINLINE dvec dsplat(double v) {
+  return dvec{} + v;
+}
+NORMKIT_KINLINE fvec fload(const float* p) {
+  return *reinterpret_cast<const fvec_u*>(p);
+}
+NORMKIT_KINLINE void fstore(float* p, fvec v) {
+  *reinterpret_cast<fvec_u*>(p) = v;
+}
+NORMKIT_KINLINE fvec fsplat(float v) {
+  return fvec{} + v;
+}
 
 #if NORMKIT_SIMD == 1
 typedef float v4sf __attribute__((vector_size(16)));
@@ -113,14 +125,30 @@ using dvec = double;
 using fvec = float;
 inline constexpr int kDW = 1;
 inline constexpr int kFW = 1;
-NORMKIT_KINLINE dvec dload(const double* p) { return *p; }
-NORMKIT_KINLINE dvec dload(const float* p) { return static_cast<double>(*p); }
-NORMKIT_KINLINE void dstore(double* p, dvec v) { *p = v; }
-NORMKIT_KINLINE void dstore(float* p, dvec v) { *p = static_cast<float>(v); }
-NORMKIT_KINLINE dvec dsplat(double v) { return v; }
-NORMKIT_KINLINE fvec fload(const float* p) { return *p; }
-NORMKIT_KINLINE void fstore(float* p, fvec v) { *p = v; }
-NORMKIT_KINLINE fvec fsplat(float v) { return v; }
+NORMKIT_KINLINE dvec dload(const double* p) {
+  return *p;
+}
+NORMKIT_KINLINE dvec dload(const float* p) {
+  return static_cast<double>(*p);
+}
+NORMKIT_KINLINE void dstore(double* p, dvec v) {
+  *p = v;
+}
+NORMKIT_KINLINE void dstore(float* p, dvec v) {
+  *p = static_cast<float>(v);
+}
+NORMKIT_KINLINE dvec dsplat(double v) {
+  return v;
+}
+NORMKIT_KINLINE fvec fload(const float* p) {
+  return *p;
+}
+NORMKIT_KINLINE void fstore(float* p, fvec v) {
+  *p = v;
+}
+NORMKIT_KINLINE fvec fsplat(float v) {
+  return v;
+}
 #endif
 
 // ---------------------------------------------------------------------------------------
@@ -131,14 +159,20 @@ NORMKIT_KINLINE fvec fsplat(float v) { return v; }
 typedef Eigen::bfloat16 bf16_t;
 typedef Eigen::half f16_t;
 
-NORMKIT_KINLINE float to_f(float v) { return v; }
-NORMKIT_KINLINE double to_f(double v) { return v; }
+NORMKIT_KINLINE float to_f(float v) {
+  return v;
+}
+NORMKIT_KINLINE double to_f(double v) {
+  return v;
+}
 NORMKIT_KINLINE float to_f(bf16_t v) {
   const std::uint32_t u = static_cast<std::uint32_t>(Eigen::numext::bit_cast<std::uint16_t>(v))
                           << 16;
   return Eigen::numext::bit_cast<float>(u);
 }
-NORMKIT_KINLINE float to_f(f16_t v) { return static_cast<float>(v); }
+NORMKIT_KINLINE float to_f(f16_t v) {
+  return static_cast<float>(v);
+}
 
 template <class T>
 NORMKIT_KINLINE T from_f(float v);
@@ -263,15 +297,27 @@ NORMKIT_KINLINE dvec dload(const f16_t* p) {
 #endif
 #undef NORMKIT_F16C
 #else
-NORMKIT_KINLINE fvec fload(const bf16_t* p) { return to_f(*p); }
-NORMKIT_KINLINE fvec fload(const f16_t* p) { return to_f(*p); }
-NORMKIT_KINLINE void fstore(bf16_t* p, fvec v) { *p = from_f<bf16_t>(v); }
-NORMKIT_KINLINE void fstore(f16_t* p, fvec v) { *p = from_f<f16_t>(v); }
-NORMKIT_KINLINE dvec dload(const bf16_t* p) { return static_cast<double>(to_f(*p)); }
-NORMKIT_KINLINE dvec dload(const f16_t* p) { return static_cast<double>(to_f(*p)); }
+NORMKIT_KINLINE fvec fload(const bf16_t* p) {
+  return to_f(*p);
+}
+NORMKIT_KINLINE fvec fload(const f16_t* p) {
+  return to_f(*p);
+}
+NORMKIT_KINLINE void fstore(bf16_t* p, fvec v) {
+  *p = from_f<bf16_t>(v);
+}
+NORMKIT_KINLINE void fstore(f16_t* p, fvec v) {
+  *p = from_f<f16_t>(v);
+}
+NORMKIT_KINLINE dvec dload(const bf16_t* p) {
+  return static_cast<double>(to_f(*p));
+}
+NORMKIT_KINLINE dvec dload(const f16_t* p) {
+  return static_cast<double>(to_f(*p));
+}
 #endif
 
-inline constexpr int kDK = 8 / kDW;   // native registers per D8
+inline constexpr int kDK = 8 / kDW;  // native registers per D8
 // Two accumulator pairs (elements 0-7 and 8-15 of every 16 in different registers) hide the
 // add latency where a D8 is one or two registers; with 16 xmm registers (SSE2) they spill,
 // so the narrow copies use one pair (their results differ in the last bits anyway: no FMA).
@@ -299,7 +345,9 @@ NORMKIT_KINLINE void splat(D8& o, double v) {
   const dvec s = dsplat(v);
   for (int k = 0; k < kDK; ++k) o.v[k] = s;
 }
-NORMKIT_KINLINE void zero(D8& o) { splat(o, 0.0); }
+NORMKIT_KINLINE void zero(D8& o) {
+  splat(o, 0.0);
+}
 NORMKIT_KINLINE D8 operator+(const D8& a, const D8& b) {
   D8 r;
   for (int k = 0; k < kDK; ++k) r.v[k] = a.v[k] + b.v[k];
@@ -341,7 +389,9 @@ NORMKIT_KINLINE D8 operator*(const D8& a, double b) {
   splat(s, b);
   return a * s;
 }
-NORMKIT_KINLINE D8 operator*(double a, const D8& b) { return b * a; }
+NORMKIT_KINLINE D8 operator*(double a, const D8& b) {
+  return b * a;
+}
 
 template <class T>
 NORMKIT_KINLINE void load(F16& o, const T* p) {
@@ -384,10 +434,18 @@ NORMKIT_KINLINE F16& operator+=(F16& a, const F16& b) {
   return a;
 }
 
-NORMKIT_KINLINE F16 operator+(const F16& a, float b) { return a + splat16(b); }
-NORMKIT_KINLINE F16 operator-(const F16& a, float b) { return a - splat16(b); }
-NORMKIT_KINLINE F16 operator*(const F16& a, float b) { return a * splat16(b); }
-NORMKIT_KINLINE F16 operator*(float a, const F16& b) { return b * splat16(a); }
+NORMKIT_KINLINE F16 operator+(const F16& a, float b) {
+  return a + splat16(b);
+}
+NORMKIT_KINLINE F16 operator-(const F16& a, float b) {
+  return a - splat16(b);
+}
+NORMKIT_KINLINE F16 operator*(const F16& a, float b) {
+  return a * splat16(b);
+}
+NORMKIT_KINLINE F16 operator*(float a, const F16& b) {
+  return b * splat16(a);
+}
 template <class T>
 NORMKIT_KINLINE D8 load8d(const T* p) {
   D8 r;
@@ -407,7 +465,9 @@ NORMKIT_KINLINE fvec vrelu(fvec z) {
   // max(z, 0) with NaN kept (as torch.relu): clear the lanes where z < 0.
   return (fvec)((ivec)z & ~(ivec)(z < 0.0f));
 }
-NORMKIT_KINLINE fvec vsel(ivec m, fvec a, fvec b) { return (fvec)(((ivec)a & m) | ((ivec)b & ~m)); }
+NORMKIT_KINLINE fvec vsel(ivec m, fvec a, fvec b) {
+  return (fvec)(((ivec)a & m) | ((ivec)b & ~m));
+}
 NORMKIT_KINLINE fvec vexp(fvec x) {
   const fvec hi = fsplat(88.3762626647949f), lo = fsplat(-87.3365447504019f);
   x = vsel(x > hi, hi, x);
@@ -427,7 +487,9 @@ NORMKIT_KINLINE fvec vexp(fvec x) {
   const ivec e = (__builtin_convertvector(n, ivec) + 127) << 23;
   return p * (fvec)e;
 }
-NORMKIT_KINLINE fvec vabs(fvec x) { return (fvec)((ivec)x & 0x7fffffff); }
+NORMKIT_KINLINE fvec vabs(fvec x) {
+  return (fvec)((ivec)x & 0x7fffffff);
+}
 NORMKIT_KINLINE fvec verf(fvec x) {
   const fvec a = vabs(x);
   const fvec t = 1.0f / (a * 0.3275911f + 1.0f);

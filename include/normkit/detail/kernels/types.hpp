@@ -79,8 +79,8 @@ struct LnBwdArgs {
   T* dx;
   const double* mean;
   const double* rstd;
-  const double* gamma;            // per position, or null
-  const compute_t<T>* gamma_t;    // per position in float (float path; ones without weight)
+  const double* gamma;          // per position, or null
+  const compute_t<T>* gamma_t;  // per position in float (float path; ones without weight)
   Index n;
   int want_dg;
   int rms;  // RMSNorm: no mean term (the mean is 0 and dx has no -r * mean(g) part)
@@ -90,30 +90,61 @@ struct LnBwdArgs {
 /// each). Baseline code picks the table once per call (detail/dispatch.hpp).
 template <class T>
 struct Leaves {
-  void (*mom_rows)(const T* x, Index len, Index count, Index stride, const double* c,
-                   Index c_step, RowAcc* st, Index st_step);
-  void (*grad_rows)(const T* x, const T* dy, Index len, Index count, Index stride,
-                    const double* c, Index c_step, RowAcc* st, Index st_step);
-  void (*mom_cols)(const T* x, Index row_stride, Index rows, Index len, const double* c,
-                   double* s1, double* s2);
-  void (*grad_cols)(const T* x, const T* dy, Index row_stride, Index rows, Index len,
-                    const double* c, double* s1, double* s2);
-  void (*affine_rows)(const T* x, T* y, Index len, Index count, Index stride,
-                      const AffineCoef* k, Index k_step);
-  void (*affine_cols)(const T* x, T* y, Index row_stride, Index rows, Index len,
-                      const ColTables& k);
-  void (*gradin_rows)(const T* x, const T* dy, T* dx, Index len, Index count, Index stride,
-                      const GradCoef* k, Index k_step);
-  void (*gradin_cols)(const T* x, const T* dy, T* dx, Index row_stride, Index rows, Index len,
-                      const ColTables& k);
+  void (*mom_rows)(const T* x,
+                   Index len,
+                   Index count,
+                   Index stride,
+                   const double* c,
+                   Index c_step,
+                   RowAcc* st,
+                   Index st_step);
+  void (*grad_rows)(const T* x,
+                    const T* dy,
+                    Index len,
+                    Index count,
+                    Index stride,
+                    const double* c,
+                    Index c_step,
+                    RowAcc* st,
+                    Index st_step);
+  void (*mom_cols)(
+      const T* x, Index row_stride, Index rows, Index len, const double* c, double* s1, double* s2);
+  void (*grad_cols)(const T* x,
+                    const T* dy,
+                    Index row_stride,
+                    Index rows,
+                    Index len,
+                    const double* c,
+                    double* s1,
+                    double* s2);
+  void (*affine_rows)(
+      const T* x, T* y, Index len, Index count, Index stride, const AffineCoef* k, Index k_step);
+  void (*affine_cols)(
+      const T* x, T* y, Index row_stride, Index rows, Index len, const ColTables& k);
+  void (*gradin_rows)(const T* x,
+                      const T* dy,
+                      T* dx,
+                      Index len,
+                      Index count,
+                      Index stride,
+                      const GradCoef* k,
+                      Index k_step);
+  void (*gradin_cols)(
+      const T* x, const T* dy, T* dx, Index row_stride, Index rows, Index len, const ColTables& k);
 };
 
 /// The leaves only LayerNorm uses (a table of their own, so that a program using BatchNorm
 /// alone does not compile them).
 template <class T>
 struct LnLeaves {
-  void (*ln_affine_rows)(const T* x, T* y, Index len, Index count, Index stride,
-                         const AffineCoef* k, Index k_step, const compute_t<T>* gamma,
+  void (*ln_affine_rows)(const T* x,
+                         T* y,
+                         Index len,
+                         Index count,
+                         Index stride,
+                         const AffineCoef* k,
+                         Index k_step,
+                         const compute_t<T>* gamma,
                          const compute_t<T>* beta);
   void (*ln_bwd_rows)(const LnBwdArgs<T>& a, Index r0, Index r1, double* pg, double* pb);
 };
@@ -122,10 +153,23 @@ struct LnLeaves {
 /// called).
 template <class T>
 struct EpiLeaves {
-  void (*affine_rows_epi)(const T* x, const T* res, T* y, Index len, Index count, Index stride,
-                          const AffineCoef* k, Index k_step, int act);
-  void (*affine_cols_epi)(const T* x, const T* res, T* y, Index row_stride, Index rows,
-                          Index len, const ColTables& k, int act);
+  void (*affine_rows_epi)(const T* x,
+                          const T* res,
+                          T* y,
+                          Index len,
+                          Index count,
+                          Index stride,
+                          const AffineCoef* k,
+                          Index k_step,
+                          int act);
+  void (*affine_cols_epi)(const T* x,
+                          const T* res,
+                          T* y,
+                          Index row_stride,
+                          Index rows,
+                          Index len,
+                          const ColTables& k,
+                          int act);
 };
 
 }  // namespace detail
