@@ -49,7 +49,13 @@ int main() {
   normkit::RunningStatsAccumulator<normkit::InstanceNorm2d<float>> acc(tracked);
   acc.add(x);
   acc.write(tracked);
-  (void)gb, (void)wb, (void)grh;
+  // Fused epilogues.
+  auto yf = bn.forward_fused(x, y, normkit::Activation::gelu);
+  auto gf = bn.backward_fused(x, yf, y, normkit::Activation::relu);
+  auto yg = gn.forward_fused(x, normkit::Activation::silu);
+  Eigen::Tensor<float, 4, Eigen::RowMajor> h;
+  auto ya = ln.forward_add(x, w, h);
+  (void)gb, (void)wb, (void)grh, (void)gf, (void)yg, (void)ya;
   return static_cast<int>(g.input(0) + gz.input(0) + gw.input(0) + gv.input(0));
 }
 CPP

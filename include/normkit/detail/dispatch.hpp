@@ -21,17 +21,20 @@
 #include <normkit/detail/kernels/types.hpp>
 #include <normkit/isa.hpp>
 
+// Each kernel copy is isa_begin, leaves, isa_end in this order: no include sorting here.
+// clang-format off
 // The baseline copy: the translation unit's own flags.
 #define NORMKIT_KERNEL_ISA 0
 #include <normkit/detail/kernels/isa_begin.hpp>
-#include <normkit/detail/kernels/isa_end.hpp>
 #include <normkit/detail/kernels/leaves.hpp>
+#include <normkit/detail/kernels/isa_end.hpp>
 
 // NB: when the translation unit is itself compiled for AVX2 or AVX-512 (-march=native, say),
 // the baseline copy already uses those registers (kernels/simd.hpp), so the higher copies
 // are not compiled again: compile time stays that of one copy.
 #if NORMKIT_X86_DISPATCH
-#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512BW__) && \
+    defined(__AVX512DQ__)
 #define NORMKIT_AVX2_NS isa_base
 #define NORMKIT_AVX512_NS isa_base
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -39,21 +42,22 @@
 #define NORMKIT_AVX512_NS isa_avx512
 #define NORMKIT_KERNEL_ISA 2
 #include <normkit/detail/kernels/isa_begin.hpp>
-#include <normkit/detail/kernels/isa_end.hpp>
 #include <normkit/detail/kernels/leaves.hpp>
+#include <normkit/detail/kernels/isa_end.hpp>
 #else
 #define NORMKIT_AVX2_NS isa_avx2
 #define NORMKIT_AVX512_NS isa_avx512
 #define NORMKIT_KERNEL_ISA 1
 #include <normkit/detail/kernels/isa_begin.hpp>
-#include <normkit/detail/kernels/isa_end.hpp>
 #include <normkit/detail/kernels/leaves.hpp>
+#include <normkit/detail/kernels/isa_end.hpp>
 #define NORMKIT_KERNEL_ISA 2
 #include <normkit/detail/kernels/isa_begin.hpp>
-#include <normkit/detail/kernels/isa_end.hpp>
 #include <normkit/detail/kernels/leaves.hpp>
+#include <normkit/detail/kernels/isa_end.hpp>
 #endif
 #endif
+// clang-format on
 
 NORMKIT_BEGIN_NAMESPACE
 namespace detail {
