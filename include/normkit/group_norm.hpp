@@ -209,8 +209,8 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
   /// @throws shape_error for a wrong channel count. The module is unchanged when it throws.
   template <class X, class Y, class Device = Eigen::DefaultDevice, detail::if_tensor<Y> = 0>
   void forward(const X& x, Y&& y, const Device& device = Device()) {
-    fused_impl(shape(x), x, static_cast<const X*>(nullptr), Activation::identity, y,
-               detail::make_exec(device));
+    fused_impl<false>(shape(x), x, static_cast<const X*>(nullptr), Activation::identity, y,
+                      detail::make_exec(device));
   }
 
   /// Gradients for the last training forward from its kept input (keep_input()).
@@ -282,7 +282,7 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
             detail::if_tensor<Y> = 0>
   void forward_fused(
       const X& x, const R& residual, Activation act, Y&& y, const Device& device = Device()) {
-    fused_impl(shape(x), x, &residual, act, y, detail::make_exec(device));
+    fused_impl<true>(shape(x), x, &residual, act, y, detail::make_exec(device));
   }
   /// Allocating forward_fused with a residual.
   template <class X,
@@ -297,13 +297,14 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
     Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
                   detail::tensor_traits<X>::layout>
         y;
-    fused_impl(shape(x), x, &residual, act, y, detail::make_exec(device));
+    fused_impl<true>(shape(x), x, &residual, act, y, detail::make_exec(device));
     return y;
   }
   /// forward_fused without a residual into y: y = act(norm(x)).
   template <class X, class Y, class Device = Eigen::DefaultDevice, detail::if_tensor<Y> = 0>
   void forward_fused(const X& x, Activation act, Y&& y, const Device& device = Device()) {
-    fused_impl(shape(x), x, static_cast<const X*>(nullptr), act, y, detail::make_exec(device));
+    fused_impl<true>(shape(x), x, static_cast<const X*>(nullptr), act, y,
+                     detail::make_exec(device));
   }
   /// Allocating forward_fused without a residual: y = act(norm(x)).
   template <class X, class Device = Eigen::DefaultDevice, detail::if_device<Device> = 0>
@@ -311,7 +312,8 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
     Eigen::Tensor<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
                   detail::tensor_traits<X>::layout>
         y;
-    fused_impl(shape(x), x, static_cast<const X*>(nullptr), act, y, detail::make_exec(device));
+    fused_impl<true>(shape(x), x, static_cast<const X*>(nullptr), act, y,
+                     detail::make_exec(device));
     return y;
   }
   /// Gradients of forward_fused at x from its output y and dy (ReLU: the mask y > 0, as
@@ -353,7 +355,7 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
 
  private:
   /// forward with the fused epilogue y = act(norm(x) + *residual) (residual may be null).
-  template <class X, class R, class Y>
+  template <bool kEpi, class X, class R, class Y>
   void fused_impl(const detail::Shape& sh,
                   const X& x,
                   const R* residual,
@@ -371,10 +373,14 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
     const bool keep = this->keeps();
     auto* copy = this->input_buffer(x);
     SavedStats saved;
+    // The epilogue kernels are instantiated only where forward_fused is called.
+    const detail::EpiLeaves<detail::scalar_of<X>>* epi = nullptr;
+    if constexpr (kEpi)
+      epi = &detail::epi_leaves<detail::scalar_of<X>>();
     if (sh.numel() != 0) {
       detail::group_norm_forward(sh, options_.num_groups(), x.data(), y_ptr, wref(), bref(),
                                  options_.eps(), keep ? &saved : nullptr, copy, ex,
-                                 residual ? residual->data() : nullptr, static_cast<int>(act));
+                                 residual ? residual->data() : nullptr, static_cast<int>(act), epi);
     }
     if (keep)
       this->commit(x, std::move(saved), this->keep_input_);

@@ -125,7 +125,8 @@ class ChannelModule : public ModuleBase<Scalar> {
                     const Exec& ex,
                     const GivenStats* batch = nullptr,
                     const scalar_of<X>* res = nullptr,
-                    int act = 0) {
+                    int act = 0,
+                    const EpiLeaves<scalar_of<X>>* epi = nullptr) {
     check_channels(name_, "num_features", options_.num_features(), sh);
     // docs/semantics.md §2.4: BatchNorm's counter moves (and sets the momentum-none factor)
     // in training with tracking, even for an empty batch; committed only after success.
@@ -150,7 +151,8 @@ class ChannelModule : public ModuleBase<Scalar> {
     const bool keep = this->keeps();
     auto* copy = this->input_buffer(x);
     SavedStats saved;
-    channel_norm_forward(kind, sh, x.data(), y_ptr, a, keep ? &saved : nullptr, copy, ex, res, act);
+    channel_norm_forward(kind, sh, x.data(), y_ptr, a, keep ? &saved : nullptr, copy, ex, res, act,
+                         epi);
     if (counts)
       num_batches_tracked_ = nbt;
     if (keep)
@@ -173,7 +175,7 @@ class ChannelModule : public ModuleBase<Scalar> {
     if (residual)
       check_same_dims(name_, "residual", x, *residual);
     forward_impl(kind, sh, x, y, ex, nullptr, residual ? residual->data() : nullptr,
-                 static_cast<int>(act));
+                 static_cast<int>(act), &epi_leaves<scalar_of<X>>());
   }
 
   template <class X, class DY, class G>

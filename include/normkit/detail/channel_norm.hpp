@@ -150,7 +150,8 @@ void channel_norm_forward(ChannelNormKind kind,
                           T* copy,
                           const Exec& ex,
                           const T* res = nullptr,
-                          int act = 0) {
+                          int act = 0,
+                          const EpiLeaves<T>* epi = nullptr) {
   const Index N = sh.dim[0], C = sh.dim[1];
   const Index slots = kind == ChannelNormKind::batch ? C : N * C;
   const Plan p = channel_plan(kind, sh);
@@ -190,7 +191,7 @@ void channel_norm_forward(ChannelNormKind kind,
   if (res || act) {
     op.res = res;
     op.act = act;
-    op.epi = &epi_leaves<T>();
+    op.epi = epi;  // the caller's table: only forward_fused instantiates the epilogue kernels
   }
   std::vector<double> dtab;
   std::vector<float> ftab;

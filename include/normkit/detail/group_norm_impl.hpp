@@ -98,7 +98,8 @@ void group_norm_forward(const Shape& sh,
                         T* copy,
                         const Exec& ex,
                         const T* res = nullptr,
-                        int act = 0) {
+                        int act = 0,
+                        const EpiLeaves<T>* epi = nullptr) {
   const GroupPlans gp = group_plans(sh, G);
   const Index NG = gp.N * G, NC = gp.N * gp.C;
   std::vector<double> mean(static_cast<std::size_t>(NG)), rstd(mean.size());
@@ -128,7 +129,7 @@ void group_norm_forward(const Shape& sh,
   if (res || act) {
     op.res = res;
     op.act = act;
-    op.epi = &epi_leaves<T>();
+    op.epi = epi;  // the caller's table: only forward_fused instantiates the epilogue kernels
   }
   const SumOp<T> rop{op.leaf, x, nullptr, nullptr};
   if (gp.planes && can_fuse(gp.stats, gp.stats, ex)) {

@@ -16,7 +16,7 @@
 #define NORMKIT_CHANNEL_NORM_ENTRY_POINTS(X, T)                                                    \
   X(void channel_norm_forward<T, T>(ChannelNormKind, const Shape&, const T*, T*,                   \
                                     const ChannelNormArgs<T>&, SavedStats*, T*, const Exec&,       \
-                                    const T*, int))                                                \
+                                    const T*, int, const EpiLeaves<T>*))                           \
   X(void channel_norm_stats<T>(ChannelNormKind, const Shape&, const T*, double, SavedStats&,       \
                                const Exec&))                                                       \
   X(void channel_norm_parts<T>(ChannelNormKind, const Shape&, const T*, Part*, const Exec&))       \
@@ -40,7 +40,7 @@
 #define NORMKIT_GROUP_NORM_ENTRY_POINTS(X, T)                                                      \
   X(void group_norm_forward<T, T>(const Shape&, Index, const T*, T*, const VectorRef<const T>&,    \
                                   const VectorRef<const T>&, double, SavedStats*, T*, const Exec&, \
-                                  const T*, int))                                                  \
+                                  const T*, int, const EpiLeaves<T>*))                             \
   X(void group_norm_stats<T>(const Shape&, Index, const T*, double, SavedStats&, const Exec&))     \
   X(void group_norm_backward<T, T>(const Shape&, Index, const T*, const T*, T*, const SavedStats&, \
                                    const VectorRef<const T>&, const VectorRef<T>&,                 \
