@@ -326,13 +326,7 @@ class GroupNorm : public detail::ModuleBase<Scalar> {
             detail::if_device<Device> = 0>
   auto backward_fused(
       const X& x, const Y& y, const DY& dy, Activation act, const Device& device = Device()) {
-    auto dz = detail::epilogue_grad(kName, y, dy, act);
-    FusedGradients<detail::scalar_of<X>, detail::tensor_traits<X>::rank,
-                   detail::tensor_traits<X>::layout, Scalar>
-        g;
-    backward(x, dz, static_cast<detail::gradients_for<Scalar, X>&>(g), device);
-    g.residual = std::move(dz);
-    return g;
+    return detail::fused_backward<Scalar>(*this, kName, x, y, dy, act, device);
   }
 
   /// Per-channel scale, num_channels elements (init 1); empty when not affine.

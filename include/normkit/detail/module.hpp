@@ -9,6 +9,7 @@
 #include <array>        // std::array
 #include <string>       // std::string
 #include <type_traits>  // std::enable_if_t
+#include <utility>      // std::move
 #include <vector>       // std::vector
 
 #include <normkit/config.hpp>
@@ -108,6 +109,23 @@ Eigen::Tensor<scalar_of<DY>, tensor_traits<DY>::rank, tensor_traits<DY>::layout>
     dz.data()[i] = act == Activation::relu && !(static_cast<double>(y.data()[i]) > 0) ? zero : g;
   }
   return dz;
+}
+
+/// backward_fused of any module m (BatchNorm, InstanceNorm, GroupNorm): dz from the
+/// epilogue, m.backward(x, dz) into the norm's gradients, and dz as the residual's gradient.
+template <class Param, class M, class X, class Y, class DY, class Device>
+auto fused_backward(M& m,
+                    const char* who,
+                    const X& x,
+                    const Y& y,
+                    const DY& dy,
+                    Activation act,
+                    const Device& device) {
+  auto dz = epilogue_grad(who, y, dy, act);
+  FusedGradients<scalar_of<X>, tensor_traits<X>::rank, tensor_traits<X>::layout, Param> g;
+  m.backward(x, dz, static_cast<gradients_for<Param, X>&>(g), device);
+  g.residual = std::move(dz);
+  return g;
 }
 
 // NB: what a module keeps (issue #10). An evaluation-mode forward keeps nothing and writes
