@@ -25,6 +25,7 @@
 
 #include <normkit/normkit.hpp>
 
+#include "support/bits.hpp"
 #include "support/isa_param.hpp"
 #include "support/state.hpp"
 
@@ -100,14 +101,6 @@ template <class Y, class Z>
   return ::testing::AssertionSuccess();
 }
 
-template <class A, class B>
-bool bitwise_equal(const A& a, const B& b) {
-  using S = typename A::Scalar;
-  static_assert(std::is_same<S, typename B::Scalar>::value, "same type");
-  return a.size() == b.size() &&
-         (a.size() == 0 ||
-          std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(S)) == 0);
-}
 
 template <class T, int R, int L>
 Eigen::Tensor<T, R, L> random_tensor(const std::array<Idx, R>& dims,
@@ -265,7 +258,7 @@ TEST_P(FusedForward, OutputIntoResidualStorage) {
   const auto want = a.forward_fused(x, r, Activation::relu);
   Eigen::TensorMap<Eigen::Tensor<float, 4, Eigen::RowMajor>> out(r.data(), r.dimensions());
   b.forward_fused(x, r, Activation::relu, out);
-  EXPECT_TRUE(bitwise_equal(want, r));
+  EXPECT_TRUE(normkit_test::same_bits(want, r));
 }
 
 TEST_P(FusedForward, ReluKeepsNaNAndClearsNegatives) {
@@ -293,13 +286,13 @@ TEST_P(FusedForward, BackwardReluIsBackwardOfMaskedGradient) {
   for (Idx i = 0; i < dy.size(); ++i) masked.data()[i] = y.data()[i] > 0 ? dy.data()[i] : 0.0f;
   const auto g = fused.backward_fused(x, y, dy, Activation::relu);
   const auto want = plain.backward(x, masked);
-  EXPECT_TRUE(bitwise_equal(g.input, want.input));
-  EXPECT_TRUE(bitwise_equal(g.weight, want.weight));
-  EXPECT_TRUE(bitwise_equal(g.bias, want.bias));
-  EXPECT_TRUE(bitwise_equal(g.residual, masked));
+  EXPECT_TRUE(normkit_test::same_bits(g.input, want.input));
+  EXPECT_TRUE(normkit_test::same_bits(g.weight, want.weight));
+  EXPECT_TRUE(normkit_test::same_bits(g.bias, want.bias));
+  EXPECT_TRUE(normkit_test::same_bits(g.residual, masked));
   // identity: the residual's gradient is dy itself.
   const auto gi = fused.backward_fused(x, y, dy, Activation::identity);
-  EXPECT_TRUE(bitwise_equal(gi.residual, dy));
+  EXPECT_TRUE(normkit_test::same_bits(gi.residual, dy));
 
   normkit::GroupNorm<float> gf(normkit::GroupNormOptions(2, 4)),
       gp(normkit::GroupNormOptions(2, 4));
@@ -307,8 +300,8 @@ TEST_P(FusedForward, BackwardReluIsBackwardOfMaskedGradient) {
   for (Idx i = 0; i < dy.size(); ++i) masked.data()[i] = yg.data()[i] > 0 ? dy.data()[i] : 0.0f;
   const auto gg = gf.backward_fused(x, yg, dy, Activation::relu);
   const auto wg = gp.backward(x, masked);
-  EXPECT_TRUE(bitwise_equal(gg.input, wg.input));
-  EXPECT_TRUE(bitwise_equal(gg.weight, wg.weight));
+  EXPECT_TRUE(normkit_test::same_bits(gg.input, wg.input));
+  EXPECT_TRUE(normkit_test::same_bits(gg.weight, wg.weight));
 }
 
 TEST_P(FusedForward, ErrorsLeaveTheModuleUnchanged) {
@@ -358,8 +351,8 @@ void check_add(M make(), const X& x, const X& r) {
     for (Idx i = 0; i < x.size(); ++i) h_ref.data()[i] = x.data()[i] + r.data()[i];
   }
   const X y_ref = plain.forward(h_ref);
-  EXPECT_TRUE(bitwise_equal(h, h_ref));
-  EXPECT_TRUE(bitwise_equal(y, y_ref));
+  EXPECT_TRUE(normkit_test::same_bits(h, h_ref));
+  EXPECT_TRUE(normkit_test::same_bits(y, y_ref));
   EXPECT_TRUE(normkit_test::same_state(
       normkit_test::snapshot_tensors({"mean", "rstd"}, plain.saved_stats().mean,
                                      plain.saved_stats().rstd),
@@ -376,8 +369,8 @@ void check_add(M make(), const X& x, const X& r) {
       99);
   const auto g = fused.backward(dy);
   const auto want = plain.backward(dy);
-  EXPECT_TRUE(bitwise_equal(g.input, want.input));
-  EXPECT_TRUE(bitwise_equal(g.weight, want.weight));
+  EXPECT_TRUE(normkit_test::same_bits(g.input, want.input));
+  EXPECT_TRUE(normkit_test::same_bits(g.weight, want.weight));
   // Two threads: the same bits.
   Eigen::ThreadPool pool(2);
   Eigen::ThreadPoolDevice dev(&pool, 2);
@@ -385,8 +378,8 @@ void check_add(M make(), const X& x, const X& r) {
   perturb_affine(threaded);
   X h2;
   const X y2 = threaded.forward_add(x, r, h2, dev);
-  EXPECT_TRUE(bitwise_equal(h2, h_ref));
-  EXPECT_TRUE(bitwise_equal(y2, y_ref));
+  EXPECT_TRUE(normkit_test::same_bits(h2, h_ref));
+  EXPECT_TRUE(normkit_test::same_bits(y2, y_ref));
 }
 
 class FusedAdd : public normkit_test::PerIsa {};
@@ -427,15 +420,15 @@ TEST_P(FusedAdd, HIntoResidualStorageAndErrors) {
   const auto want = a.forward_add(x, r, h);
   Eigen::TensorMap<Eigen::Tensor<float, 2, Eigen::RowMajor>> stream(r.data(), 10, 32);
   const auto got = b.forward_add(x, r, stream);  // the residual stream updated in place
-  EXPECT_TRUE(bitwise_equal(got, want));
-  EXPECT_TRUE(bitwise_equal(r, h));
+  EXPECT_TRUE(normkit_test::same_bits(got, want));
+  EXPECT_TRUE(normkit_test::same_bits(r, h));
   // Into a caller's y (no allocation): the same bits.
   normkit::LayerNorm<float> c(normkit::LayerNormOptions({32}));
   Eigen::Tensor<float, 2, Eigen::RowMajor> h3, y3(10, 32);
   auto r0 = random_tensor<float, 2, Eigen::RowMajor>({10, 32}, 40);
   c.forward_add(x, r0, h3, y3);
-  EXPECT_TRUE(bitwise_equal(y3, want));
-  EXPECT_TRUE(bitwise_equal(h3, h));
+  EXPECT_TRUE(normkit_test::same_bits(y3, want));
+  EXPECT_TRUE(normkit_test::same_bits(h3, h));
 
   const auto bad = random_tensor<float, 2, Eigen::RowMajor>({10, 31}, 41);
   const auto before = normkit_test::snapshot(b);

@@ -21,6 +21,7 @@
 
 #include <normkit/normkit.hpp>
 
+#include "support/bits.hpp"
 #include "support/fixture.hpp"
 #include "support/fixture_runner.hpp"
 #include "support/isa_param.hpp"
@@ -510,12 +511,6 @@ TEST(LowPrecisionFixtures, MixedModulesAtLeastAsCloseAsPyTorch) {
   EXPECT_GE(run_bf16_fixtures<float>("float32"), 6);
 }
 
-template <class A, class B>
-bool same_bits(const A& a, const B& b) {
-  return a.size() == b.size() &&
-         std::memcmp(a.data(), b.data(), sizeof(*a.data()) * static_cast<std::size_t>(a.size())) ==
-             0;
-}
 
 TEST(LowPrecision, BitwiseIdenticalForAnyThreadCount) {
   normkit::set_min_parallel_elements(Eigen::Index{1} << 12);
@@ -533,9 +528,9 @@ TEST(LowPrecision, BitwiseIdenticalForAnyThreadCount) {
       auto m = proto;
       const auto y = m.forward(x, dev);
       const auto g = m.backward(dy, dev);
-      EXPECT_TRUE(same_bits(y, y1)) << threads;
-      EXPECT_TRUE(same_bits(g.input, g1.input)) << threads;
-      EXPECT_TRUE(same_bits(g.weight, g1.weight)) << threads;
+      EXPECT_TRUE(normkit_test::same_bits(y, y1)) << threads;
+      EXPECT_TRUE(normkit_test::same_bits(g.input, g1.input)) << threads;
+      EXPECT_TRUE(normkit_test::same_bits(g.weight, g1.weight)) << threads;
     }
   };
   run(normkit::BatchNorm2d<float>(16), "BatchNorm2d mixed");
@@ -638,12 +633,12 @@ TEST(LowPrecision, FreeFunctionsTakeLowPrecisionTensors) {
   normkit::LayerNorm<bf16> m(normkit::LayerNormOptions({40}).bias(false));
   m.set_weight(w);
   const auto ym = m.forward(x);
-  EXPECT_TRUE(same_bits(y, ym));
+  EXPECT_TRUE(normkit_test::same_bits(y, ym));
   Eigen::Tensor<bf16, 2, Eigen::RowMajor> yr;
   normkit::rms_norm(x, yr, normkit::RMSNormFuncOptions<bf16>({40}).weight(w));
   normkit::RMSNorm<bf16> r(normkit::RMSNormOptions({40}));
   r.set_weight(w);
-  EXPECT_TRUE(same_bits(yr, r.forward(x)));
+  EXPECT_TRUE(normkit_test::same_bits(yr, r.forward(x)));
   EXPECT_EQ(r.eps(), static_cast<double>(std::numeric_limits<float>::epsilon()));
 }
 
@@ -672,13 +667,13 @@ TEST(LowPrecision, FreeFunctionsTakeFloatParametersWithLowPrecisionData) {
                           .running_var(rv)
                           .training(true),
                       &saved);
-  EXPECT_TRUE(same_bits(y, ym));
-  EXPECT_TRUE(same_bits(rm, bn.running_mean()));
+  EXPECT_TRUE(normkit_test::same_bits(y, ym));
+  EXPECT_TRUE(normkit_test::same_bits(rm, bn.running_mean()));
   Eigen::Tensor<float, 1> gw(4), gb(4);
   normkit::batch_norm_backward(x, dy, dx, saved, w, gw, gb);
-  EXPECT_TRUE(same_bits(dx, gm.input));
-  EXPECT_TRUE(same_bits(gw, gm.weight));
-  EXPECT_TRUE(same_bits(gb, gm.bias));
+  EXPECT_TRUE(normkit_test::same_bits(dx, gm.input));
+  EXPECT_TRUE(normkit_test::same_bits(gw, gm.weight));
+  EXPECT_TRUE(normkit_test::same_bits(gb, gm.bias));
 
   const auto xr = to_low<bf16>(random_tensor<T4>({2, 4, 5, 6}, 33, 1.0f, 2.0f));
   const auto dyr = to_low<bf16>(random_tensor<T4>({2, 4, 5, 6}, 34, 0.0f, 1.0f));
@@ -689,11 +684,11 @@ TEST(LowPrecision, FreeFunctionsTakeFloatParametersWithLowPrecisionData) {
   const auto grm = rms.backward(xr, dyr);
   Eigen::Tensor<bf16, 4, Eigen::RowMajor> yr, dxr;
   normkit::rms_norm(xr, yr, normkit::RMSNormFuncOptions<float>({5, 6}).weight(wl), &saved);
-  EXPECT_TRUE(same_bits(yr, yrm));
+  EXPECT_TRUE(normkit_test::same_bits(yr, yrm));
   Eigen::Tensor<float, 1> gwl(30);
   normkit::rms_norm_backward(xr, dyr, dxr, saved, {5, 6}, wl, gwl);
-  EXPECT_TRUE(same_bits(dxr, grm.input));
-  EXPECT_TRUE(same_bits(gwl, grm.weight));
+  EXPECT_TRUE(normkit_test::same_bits(dxr, grm.input));
+  EXPECT_TRUE(normkit_test::same_bits(gwl, grm.weight));
   // The braced form takes the input's type: all-bfloat16 with no parameters.
   const auto yl = normkit::layer_norm(xr, {5, 6});
   static_assert(std::is_same<std::decay_t<decltype(yl)>::Scalar, bf16>::value, "bfloat16 out");
@@ -701,7 +696,7 @@ TEST(LowPrecision, FreeFunctionsTakeFloatParametersWithLowPrecisionData) {
   const auto ygm = gn.forward(xr);
   const auto ygf = normkit::group_norm(
       xr, normkit::GroupNormFuncOptions<float>(2).weight(gn.weight()).bias(gn.bias()));
-  EXPECT_TRUE(same_bits(ygf, ygm));
+  EXPECT_TRUE(normkit_test::same_bits(ygf, ygm));
 }
 
 }  // namespace

@@ -26,6 +26,7 @@
 
 #include <normkit/normkit.hpp>
 
+#include "support/bits.hpp"
 #include "support/state.hpp"
 
 namespace {
@@ -188,13 +189,6 @@ void expect_near(const V& got, const std::vector<double>& want, double rel, cons
     EXPECT_TRUE(Near(static_cast<double>(got(c)), want[static_cast<std::size_t>(c)], rel, what, c));
 }
 
-template <class A, class B>
-bool same_bits(const A& a, const B& b) {
-  return a.size() == b.size() && sizeof(*a.data()) == sizeof(*b.data()) &&
-         (a.size() == 0 ||
-          std::memcmp(a.data(), b.data(), sizeof(*a.data()) * static_cast<std::size_t>(a.size())) ==
-              0);
-}
 
 constexpr double kRel = 1e-12;  // double results against the double reference
 // A float result: the reference rounded to float (half an ulp) plus the double error.
@@ -250,10 +244,10 @@ TEST(PreciseBn, BatchNormIsTheConcatenationsMeanAndUnbiasedVariance) {
   expect_near(acc.mean(), ref.mean, kRel, "acc.mean()");
   expect_near(acc.var(), ref.var, kRel, "acc.var()");
   acc.write(bn2);
-  EXPECT_TRUE(same_bits(bn2.running_mean(), bn.running_mean()));
-  EXPECT_TRUE(same_bits(bn2.running_var(), bn.running_var()));
-  EXPECT_TRUE(same_bits(bn2.running_mean(), acc.mean()));
-  EXPECT_TRUE(same_bits(bn2.running_var(), acc.var()));
+  EXPECT_TRUE(normkit_test::same_bits(bn2.running_mean(), bn.running_mean()));
+  EXPECT_TRUE(normkit_test::same_bits(bn2.running_var(), bn.running_var()));
+  EXPECT_TRUE(normkit_test::same_bits(bn2.running_mean(), acc.mean()));
+  EXPECT_TRUE(normkit_test::same_bits(bn2.running_var(), acc.var()));
   EXPECT_EQ(bn2.num_batches_tracked(), 4);
 }
 
@@ -292,8 +286,8 @@ TEST(PreciseBn, OneBatchIsWhatAMomentumOneForwardStores) {
   fwd.forward(x);
   normkit::BatchNorm2d<double> bn{3};
   normkit::recompute_running_stats(bn, std::vector<const Tn<double, 4>*>{&x});
-  EXPECT_TRUE(same_bits(bn.running_mean(), fwd.running_mean()));
-  EXPECT_TRUE(same_bits(bn.running_var(), fwd.running_var()));
+  EXPECT_TRUE(normkit_test::same_bits(bn.running_mean(), fwd.running_mean()));
+  EXPECT_TRUE(normkit_test::same_bits(bn.running_var(), fwd.running_var()));
   EXPECT_EQ(bn.num_batches_tracked(), fwd.num_batches_tracked());
 
   const Tn<float, 4> xf = x.cast<float>();
@@ -302,8 +296,8 @@ TEST(PreciseBn, OneBatchIsWhatAMomentumOneForwardStores) {
   normkit::BatchNorm2d<float> bnf{3};
   normkit::recompute_running_stats(
       bnf, std::vector<std::reference_wrapper<const Tn<float, 4>>>{std::cref(xf)});
-  EXPECT_TRUE(same_bits(bnf.running_mean(), fwdf.running_mean()));
-  EXPECT_TRUE(same_bits(bnf.running_var(), fwdf.running_var()));
+  EXPECT_TRUE(normkit_test::same_bits(bnf.running_mean(), fwdf.running_mean()));
+  EXPECT_TRUE(normkit_test::same_bits(bnf.running_var(), fwdf.running_var()));
 }
 
 TEST(PreciseBn, FloatModuleRoundsTheDoubleStatisticsOnce) {
@@ -369,8 +363,8 @@ TEST(PreciseBn, EmptyBatchesCountButAddNothing) {
   normkit::BatchNorm2d<double> a{3}, b{3};
   normkit::recompute_running_stats(a, batches);
   normkit::recompute_running_stats(b, with_empty);
-  EXPECT_TRUE(same_bits(a.running_mean(), b.running_mean()));
-  EXPECT_TRUE(same_bits(a.running_var(), b.running_var()));
+  EXPECT_TRUE(normkit_test::same_bits(a.running_mean(), b.running_mean()));
+  EXPECT_TRUE(normkit_test::same_bits(a.running_var(), b.running_var()));
   EXPECT_EQ(a.num_batches_tracked(), 4);
   EXPECT_EQ(b.num_batches_tracked(), 6);  // as six training forwards count them
 }
@@ -422,12 +416,12 @@ void expect_same_for_threads(const M& proto, const std::vector<X>& batches, cons
     Eigen::ThreadPoolDevice dev(&tp, threads);
     M m = proto;
     normkit::recompute_running_stats(m, batches, dev);
-    EXPECT_TRUE(same_bits(m.running_mean(), one.running_mean())) << threads << " threads";
-    EXPECT_TRUE(same_bits(m.running_var(), one.running_var())) << threads << " threads";
+    EXPECT_TRUE(normkit_test::same_bits(m.running_mean(), one.running_mean())) << threads << " threads";
+    EXPECT_TRUE(normkit_test::same_bits(m.running_var(), one.running_var())) << threads << " threads";
     normkit::RunningStatsAccumulator<M> acc(proto);
     for (const auto& x : batches) acc.add(x, dev);
-    EXPECT_TRUE(same_bits(acc.mean(), acc1.mean())) << threads << " threads";
-    EXPECT_TRUE(same_bits(acc.var(), acc1.var())) << threads << " threads";
+    EXPECT_TRUE(normkit_test::same_bits(acc.mean(), acc1.mean())) << threads << " threads";
+    EXPECT_TRUE(normkit_test::same_bits(acc.var(), acc1.var())) << threads << " threads";
   }
 }
 
@@ -617,8 +611,8 @@ TEST(PreciseBn, EveryKindOfBatchArgumentGivesTheSameBits) {
     refs.push_back(std::cref(x));
   }
   auto check = [&](const BN& m, const char* what) {
-    EXPECT_TRUE(same_bits(m.running_mean(), ref.running_mean())) << what;
-    EXPECT_TRUE(same_bits(m.running_var(), ref.running_var())) << what;
+    EXPECT_TRUE(normkit_test::same_bits(m.running_mean(), ref.running_mean())) << what;
+    EXPECT_TRUE(normkit_test::same_bits(m.running_var(), ref.running_var())) << what;
     EXPECT_EQ(m.num_batches_tracked(), 4) << what;
   };
   BN a{3}, b{3}, c{3}, d{3}, e{3}, f{3};
@@ -637,7 +631,7 @@ TEST(PreciseBn, EveryKindOfBatchArgumentGivesTheSameBits) {
   normkit::recompute_running_stats(f, arr, arr + 2);
   BN g{3};
   normkit::recompute_running_stats(g, arr);
-  EXPECT_TRUE(same_bits(f.running_var(), g.running_var()));
+  EXPECT_TRUE(normkit_test::same_bits(f.running_var(), g.running_var()));
   EXPECT_EQ(f.num_batches_tracked(), 2);
   Pool pool(3);
   pool.add(arr[0]);
@@ -748,8 +742,8 @@ TEST(PreciseBnErrors, WrongChannelCount) {
                                   {"batch 1", "expected input with 3 channels"}));
   EXPECT_EQ(acc.batches(), 1);
   EXPECT_EQ(acc.count(), 5 * 42);
-  EXPECT_TRUE(same_bits(acc.mean(), m0));
-  EXPECT_TRUE(same_bits(acc.var(), v0));
+  EXPECT_TRUE(normkit_test::same_bits(acc.mean(), m0));
+  EXPECT_TRUE(normkit_test::same_bits(acc.var(), v0));
 
   // write() into a module of another width; merge() of another width.
   auto bn4 = busy_bn(4);
@@ -764,7 +758,7 @@ TEST(PreciseBnErrors, WrongChannelCount) {
       [&] { acc.merge(acc4); },
       "[normkit.BatchNorm2d] RunningStatsAccumulator: ", {"4 channels", "accumulator of 3"}));
   EXPECT_EQ(acc.batches(), 1);
-  EXPECT_TRUE(same_bits(acc.var(), v0));
+  EXPECT_TRUE(normkit_test::same_bits(acc.var(), v0));
 }
 
 TEST(PreciseBnErrors, ModuleWithoutRunningStatistics) {
@@ -867,15 +861,15 @@ TEST(PreciseBn, ParametersModeAndKeptStateUntouched) {
       }
     }
     EXPECT_EQ(changed, 3);
-    EXPECT_TRUE(same_bits(bn.weight(), weight));
-    EXPECT_TRUE(same_bits(bn.bias(), bias));
+    EXPECT_TRUE(normkit_test::same_bits(bn.weight(), weight));
+    EXPECT_TRUE(normkit_test::same_bits(bn.bias(), bias));
     EXPECT_EQ(bn.is_training(), training);
     if (training) {
       // The kept input and batch statistics are still there: the same gradients.
       const auto g = bn.backward(dy);
-      EXPECT_TRUE(same_bits(g.input, g_before.input));
-      EXPECT_TRUE(same_bits(g.weight, g_before.weight));
-      EXPECT_TRUE(same_bits(g.bias, g_before.bias));
+      EXPECT_TRUE(normkit_test::same_bits(g.input, g_before.input));
+      EXPECT_TRUE(normkit_test::same_bits(g.weight, g_before.weight));
+      EXPECT_TRUE(normkit_test::same_bits(g.bias, g_before.bias));
     }
   }
 }

@@ -18,6 +18,7 @@
 #include <gtest/gtest.h>
 #include <unsupported/Eigen/CXX11/Tensor>
 
+#include "support/bits.hpp"
 #include <normkit/normkit.hpp>
 #include <normkit/safetensors.hpp>
 #include <normkit/state_dict.hpp>
@@ -39,12 +40,6 @@ Eigen::Tensor<S, 1> ramp(Eigen::Index n, double start) {
   return v;
 }
 
-template <class S>
-bool same_bits(const Eigen::Tensor<S, 1>& a, const Eigen::Tensor<S, 1>& b) {
-  return a.size() == b.size() &&
-         (a.size() == 0 ||
-          std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(S)) == 0);
-}
 
 // Every tensor of a state dict, byte for byte.
 bool same_dict(const normkit::StateDict& a, const normkit::StateDict& b) {
@@ -201,9 +196,9 @@ void round_trip(Make make, const std::string& tag) {
   M b = make();
   normkit::load_state_dict(b, back);
   EXPECT_TRUE(same_dict(sd, normkit::state_dict(b))) << tag;
-  EXPECT_TRUE(same_bits(a.weight(), b.weight())) << tag;
+  EXPECT_TRUE(normkit_test::same_bits(a.weight(), b.weight())) << tag;
   if constexpr (!normkit::detail::is_rms_norm<M>::value) {
-    EXPECT_TRUE(same_bits(a.bias(), b.bias())) << tag;
+    EXPECT_TRUE(normkit_test::same_bits(a.bias(), b.bias())) << tag;
   }
 }
 
@@ -319,7 +314,7 @@ TEST(StateDictTest, LoadsByPrefixAndIgnoresOtherPrefixes) {
   sd.insert(sd.end(), other.begin(), other.end());
   normkit::BatchNorm2d<float> dst(3);
   normkit::load_state_dict(dst, sd, "layer1.0.bn1.");
-  EXPECT_TRUE(same_bits(dst.weight(), src.weight()));
+  EXPECT_TRUE(normkit_test::same_bits(dst.weight(), src.weight()));
   EXPECT_EQ(dst.num_batches_tracked(), 11);
 }
 

@@ -11,6 +11,7 @@
 
 #include <normkit/normkit.hpp>
 
+#include "support/bits.hpp"
 #include "support/isa_param.hpp"
 
 namespace {
@@ -32,12 +33,6 @@ void fill(Tensor& t, unsigned seed, float offset = 0.0f) {
   for (Eigen::Index i = 0; i < t.size(); ++i) t.data()[i] = d(gen);
 }
 
-template <class A, class B>
-bool same_bits(const A& a, const B& b) {
-  return a.size() == b.size() &&
-         std::memcmp(a.data(), b.data(), sizeof(*a.data()) * static_cast<std::size_t>(a.size())) ==
-             0;
-}
 
 template <class Module, class Tensor>
 void check_threads(const Module& proto, const Tensor& x, const Tensor& dy, const char* what) {
@@ -51,10 +46,10 @@ void check_threads(const Module& proto, const Tensor& x, const Tensor& dy, const
     Module m = proto;
     const auto y = m.forward(x, dev);
     const auto g = m.backward(dy, dev);
-    EXPECT_TRUE(same_bits(y, y1)) << threads << " threads: forward differs";
-    EXPECT_TRUE(same_bits(g.input, g1.input)) << threads << " threads: dx differs";
-    EXPECT_TRUE(same_bits(g.weight, g1.weight)) << threads << " threads: dweight differs";
-    EXPECT_TRUE(same_bits(g.bias, g1.bias)) << threads << " threads: dbias differs";
+    EXPECT_TRUE(normkit_test::same_bits(y, y1)) << threads << " threads: forward differs";
+    EXPECT_TRUE(normkit_test::same_bits(g.input, g1.input)) << threads << " threads: dx differs";
+    EXPECT_TRUE(normkit_test::same_bits(g.weight, g1.weight)) << threads << " threads: dweight differs";
+    EXPECT_TRUE(normkit_test::same_bits(g.bias, g1.bias)) << threads << " threads: dbias differs";
   }
 }
 
@@ -141,7 +136,7 @@ TEST_P(ThreadingTest, ConcurrentEvalForwardIsSafeAndIdentical) {
     });
   }
   for (auto& t : ts) t.join();
-  for (const auto& o : out) EXPECT_TRUE(same_bits(o, want));
+  for (const auto& o : out) EXPECT_TRUE(normkit_test::same_bits(o, want));
 }
 
 NORMKIT_INSTANTIATE_PER_ISA(ThreadingTest);

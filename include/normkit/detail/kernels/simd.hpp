@@ -170,8 +170,14 @@ NORMKIT_KINLINE float to_f(bf16_t v) {
                           << 16;
   return Eigen::numext::bit_cast<float>(u);
 }
+// half: Eigen's software conversion (what GCC builds get, with or without F16C) keeps a
+// signalling NaN signalling and stores every NaN as 0x7e00; F16C quiets and keeps the payload.
+// The scalar conversions here give F16C's bits, so a tail element matches the vector body.
 NORMKIT_KINLINE float to_f(f16_t v) {
-  return static_cast<float>(v);
+  const float f = static_cast<float>(v);
+  return f != f ? Eigen::numext::bit_cast<float>(Eigen::numext::bit_cast<std::uint32_t>(f) |
+                                                 0x00400000u)
+                : f;
 }
 
 template <class T>
@@ -189,6 +195,11 @@ NORMKIT_KINLINE bf16_t from_f<bf16_t>(float v) {
 }
 template <>
 NORMKIT_KINLINE f16_t from_f<f16_t>(float v) {
+  if (v != v) {  // quiet, sign and the payload's top bits kept (F16C)
+    const std::uint32_t u = Eigen::numext::bit_cast<std::uint32_t>(v);
+    const std::uint32_t h = ((u >> 16) & 0x8000u) | 0x7e00u | ((u >> 13) & 0x3ffu);
+    return Eigen::numext::bit_cast<f16_t>(static_cast<std::uint16_t>(h));
+  }
   return f16_t(v);
 }
 /// A double result stored as T (for the low types through float: the rare double path).
