@@ -101,7 +101,6 @@ template <class Y, class Z>
   return ::testing::AssertionSuccess();
 }
 
-
 template <class T, int R, int L>
 Eigen::Tensor<T, R, L> random_tensor(const std::array<Idx, R>& dims,
                                      unsigned seed,

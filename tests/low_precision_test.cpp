@@ -511,7 +511,6 @@ TEST(LowPrecisionFixtures, MixedModulesAtLeastAsCloseAsPyTorch) {
   EXPECT_GE(run_bf16_fixtures<float>("float32"), 6);
 }
 
-
 TEST(LowPrecision, BitwiseIdenticalForAnyThreadCount) {
   normkit::set_min_parallel_elements(Eigen::Index{1} << 12);
   using T4 = Eigen::Tensor<float, 4, Eigen::RowMajor>;

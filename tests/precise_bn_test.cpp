@@ -189,7 +189,6 @@ void expect_near(const V& got, const std::vector<double>& want, double rel, cons
     EXPECT_TRUE(Near(static_cast<double>(got(c)), want[static_cast<std::size_t>(c)], rel, what, c));
 }
 
-
 constexpr double kRel = 1e-12;  // double results against the double reference
 // A float result: the reference rounded to float (half an ulp) plus the double error.
 constexpr double kRelFloat = 0x1p-24 + 1e-12;
@@ -416,8 +415,10 @@ void expect_same_for_threads(const M& proto, const std::vector<X>& batches, cons
     Eigen::ThreadPoolDevice dev(&tp, threads);
     M m = proto;
     normkit::recompute_running_stats(m, batches, dev);
-    EXPECT_TRUE(normkit_test::same_bits(m.running_mean(), one.running_mean())) << threads << " threads";
-    EXPECT_TRUE(normkit_test::same_bits(m.running_var(), one.running_var())) << threads << " threads";
+    EXPECT_TRUE(normkit_test::same_bits(m.running_mean(), one.running_mean()))
+        << threads << " threads";
+    EXPECT_TRUE(normkit_test::same_bits(m.running_var(), one.running_var()))
+        << threads << " threads";
     normkit::RunningStatsAccumulator<M> acc(proto);
     for (const auto& x : batches) acc.add(x, dev);
     EXPECT_TRUE(normkit_test::same_bits(acc.mean(), acc1.mean())) << threads << " threads";

@@ -18,10 +18,11 @@
 #include <gtest/gtest.h>
 #include <unsupported/Eigen/CXX11/Tensor>
 
-#include "support/bits.hpp"
 #include <normkit/normkit.hpp>
 #include <normkit/safetensors.hpp>
 #include <normkit/state_dict.hpp>
+
+#include "support/bits.hpp"
 
 namespace {
 
@@ -39,7 +40,6 @@ Eigen::Tensor<S, 1> ramp(Eigen::Index n, double start) {
     v(i) = static_cast<S>(start + 0.1234567891 * static_cast<double>(i) / 3.0);
   return v;
 }
-
 
 // Every tensor of a state dict, byte for byte.
 bool same_dict(const normkit::StateDict& a, const normkit::StateDict& b) {

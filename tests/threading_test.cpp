@@ -33,7 +33,6 @@ void fill(Tensor& t, unsigned seed, float offset = 0.0f) {
   for (Eigen::Index i = 0; i < t.size(); ++i) t.data()[i] = d(gen);
 }
 
-
 template <class Module, class Tensor>
 void check_threads(const Module& proto, const Tensor& x, const Tensor& dy, const char* what) {
   SCOPED_TRACE(what);
@@ -48,7 +47,8 @@ void check_threads(const Module& proto, const Tensor& x, const Tensor& dy, const
     const auto g = m.backward(dy, dev);
     EXPECT_TRUE(normkit_test::same_bits(y, y1)) << threads << " threads: forward differs";
     EXPECT_TRUE(normkit_test::same_bits(g.input, g1.input)) << threads << " threads: dx differs";
-    EXPECT_TRUE(normkit_test::same_bits(g.weight, g1.weight)) << threads << " threads: dweight differs";
+    EXPECT_TRUE(normkit_test::same_bits(g.weight, g1.weight))
+        << threads << " threads: dweight differs";
     EXPECT_TRUE(normkit_test::same_bits(g.bias, g1.bias)) << threads << " threads: dbias differs";
   }
 }
