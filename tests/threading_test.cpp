@@ -95,6 +95,22 @@ TEST_P(ThreadingTest, BitwiseIdenticalForAnyThreadCount) {
   fill(xc, 11, 1.0f);
   fill(dyc, 12);
   check_threads(normkit::BatchNorm2d<float>(64), xc, dyc, "BatchNorm2d short runs");
+  // Few slot groups of many columns (column mode): column ranges side by side. 1000 columns
+  // end in a partial vector; 1500 make two column tiles, the second partly empty for wide
+  // ranges; channels-last with 200 channels.
+  Eigen::Tensor<float, 2, Eigen::RowMajor> xw(256, 1000), dyw(256, 1000);
+  fill(xw, 13, 5.0f);
+  fill(dyw, 14);
+  check_threads(normkit::BatchNorm1d<float>(1000), xw, dyw, "BatchNorm1d (256, 1000)");
+  Eigen::Tensor<double, 2, Eigen::RowMajor> xt(300, 1500), dyt(300, 1500);
+  fill(xt, 15, -3.0f);
+  fill(dyt, 16);
+  check_threads(normkit::BatchNorm1d<double>(1500), xt, dyt, "BatchNorm1d (300, 1500) double");
+  Eigen::Tensor<float, 4, Eigen::RowMajor> xn(4, 12, 12, 200), dyn(4, 12, 12, 200);
+  fill(xn, 17, 2.0f);
+  fill(dyn, 18);
+  check_threads(normkit::BatchNorm2d<float>(normkit::BatchNormOptions(200).channels_last(true)), xn,
+                dyn, "BatchNorm2d NHWC 200 channels");
   // Few slots, long reductions: the path that splits one slot across threads.
   Eigen::Tensor<float, 3, Eigen::RowMajor> xs(2, 2, 300000), dys(2, 2, 300000);
   fill(xs, 7, 100.0f);

@@ -335,11 +335,17 @@ struct ColBlocks {
   Index per_sample = 0, bps = 1;
 };
 
+// At least this many rows per column block: each block costs every column a merge (Chan's
+// formula, two divisions), which at 16 rows (kBlockElements over 1024 columns) took a quarter
+// of BatchNorm1d (256, 1024)'s statistics pass (perf). Wide tiles are split by columns for
+// threads (reduce()), so longer blocks cost no parallelism.
+inline constexpr Index kMinColumnRows = 128;
+
 inline ColBlocks col_blocks(const Nest& n) {
   ColBlocks c;
   c.tile_w = std::max<Index>(1, std::min(n.L, kMaxColumnTile));
   c.tiles = (n.L + c.tile_w - 1) / c.tile_w;
-  c.rpb = std::max<Index>(1, kBlockElements / c.tile_w);
+  c.rpb = std::max<Index>(kMinColumnRows, kBlockElements / c.tile_w);
   if (n.sample_runs > 0) {
     c.per_sample = n.sample_runs;
     c.rpb = std::min(c.rpb, c.per_sample);
@@ -351,9 +357,9 @@ inline ColBlocks col_blocks(const Nest& n) {
   return c;
 }
 
-/// Column mode: rows of block b for column tile `tile` of slot group t, into fresh s1, s2
-/// (moments: each column shifted by its value in the block's first row, kept in `shift`).
-/// Returns the block's row count.
+/// Column mode: rows of block b for columns [j0, j0 + jw) of column tile `tile` of slot group
+/// t (clipped to the tile), into fresh s1, s2 (moments: each column shifted by its value in the
+/// block's first row, kept in `shift`). Returns the block's row count.
 template <class T>
 Index col_block(const Nest& n,
                 const ColBlocks& cb,
@@ -361,13 +367,15 @@ Index col_block(const Nest& n,
                 Index t,
                 Index tile,
                 Index b,
+                Index j0,
+                Index jw,
                 double* s1,
                 double* s2,
                 double* shift) {
   Odometer ko = n.ko, ro = n.ro;
   ko.seek(t);
-  const Index c0 = tile * cb.tile_w;
-  const Index ct = std::min(cb.tile_w, n.L - c0);
+  const Index c0 = tile * cb.tile_w + j0;
+  const Index ct = std::min(jw, std::min(cb.tile_w, n.L - tile * cb.tile_w) - j0);
   std::fill(s1, s1 + ct, 0.0);
   std::fill(s2, s2 + ct, 0.0);
   const bool mom = op.moments();
@@ -397,6 +405,11 @@ Index col_block(const Nest& n,
   }
   return rows;
 }
+
+/// Column ranges handed to one thread: a multiple of every kernel copy's column strip
+/// (kernels/leaves.hpp: 64, 16 or 8 columns), so a column is summed by the same instructions
+/// wherever a range starts.
+inline constexpr Index kColumnChunk = 64;
 
 /// Computes, for every slot s of the plan, out[s]: the op's moments or sums over the slot's
 /// elements (plan slot order; overwritten). Blocks are fixed by the shape and merged in
@@ -448,31 +461,30 @@ void reduce(const Plan& p, const SumOp<T>& op, Part* out, const Exec& ex) {
   const auto tw = static_cast<std::size_t>(cb.tile_w);
   // The sample of block b (per-sample blocks), or b.
   auto col_sample = [&](Index b) { return cb.per_sample > 0 ? b / cb.bps : b; };
-  // Folds block b's column sums (rows of them) into the per-column folders of tile group g;
-  // `last` finishes them into the slots.
-  auto merge_into = [&](Index g, Folder* fold, Index b, const double* p1, const double* p2,
-                        const double* sh, Index rows) {
+  // Columns [j0, j0 + jw) of tile group g: every block in block order, each column's blocks
+  // folded into its own folder, then written to its slot. Columns never mix, so how a group's
+  // columns are split into ranges changes no result.
+  auto columns = [&](Index g, Index j0, Index jw, double* buf, Folder* fold) {
     const Index c0 = (g % cb.tiles) * cb.tile_w;
-    const Index ct = std::min(cb.tile_w, n.L - c0);
-    for (Index j = 0; j < ct; ++j) {
-      fold[j].add(col_sample(b),
-                  mom ? block_moments(sh[j], p1[j], p2[j], rows) : Part{p1[j], p2[j], rows});
+    const Index ct = std::min(jw, std::min(cb.tile_w, n.L - c0) - j0);
+    if (ct <= 0)
+      return;
+    double *p1 = buf, *p2 = buf + jw, *sh = buf + 2 * jw;
+    for (Index j = 0; j < ct; ++j) fold[j] = Folder{mom, {}, {}};
+    for (Index b = 0; b < cb.count; ++b) {
+      const Index rows = col_block(n, cb, op, g / cb.tiles, g % cb.tiles, b, j0, jw, p1, p2, sh);
+      for (Index j = 0; j < ct; ++j) {
+        fold[j].add(col_sample(b),
+                    mom ? block_moments(sh[j], p1[j], p2[j], rows) : Part{p1[j], p2[j], rows});
+      }
     }
-    if (b + 1 == cb.count) {
-      const Index s = slot_of_group(n, g / cb.tiles) + c0;
-      for (Index j = 0; j < ct; ++j) out[s + j] = fold[j].done();
-    }
+    const Index s = slot_of_group(n, g / cb.tiles) + c0 + j0;
+    for (Index j = 0; j < ct; ++j) out[s + j] = fold[j].done();
   };
   auto groups = [&](Index first, Index last) {
     std::vector<double> buf(3 * tw);
-    std::vector<Folder> fold(tw, Folder{mom, {}, {}});
-    for (Index g = first; g < last; ++g) {
-      for (Index b = 0; b < cb.count; ++b) {
-        const Index rows = col_block(n, cb, op, g / cb.tiles, g % cb.tiles, b, buf.data(),
-                                     buf.data() + tw, buf.data() + 2 * tw);
-        merge_into(g, fold.data(), b, buf.data(), buf.data() + tw, buf.data() + 2 * tw, rows);
-      }
-    }
+    std::vector<Folder> fold(tw);
+    for (Index g = first; g < last; ++g) columns(g, 0, cb.tile_w, buf.data(), fold.data());
   };
   if (!parallel || cb.count == 1 || G >= Index{4} * ex.threads) {
     if (!parallel) {
@@ -482,23 +494,52 @@ void reduce(const Plan& p, const SumOp<T>& op, Part* out, const Exec& ex) {
     }
     return;
   }
+  // Few groups of many columns (BatchNorm1d (N, C), channels-last with C >= 128): column
+  // ranges side by side, each thread folding its own columns through every block. (Blocks
+  // side by side, below, leave a serial merge of blocks x columns partials: BatchNorm1d
+  // (256, 1024) ran slower on 2 threads than on 1.)
+  const Index chunks = (cb.tile_w + kColumnChunk - 1) / kColumnChunk;
+  if (chunks >= 2) {
+    const Index want = items_for(ex, G * chunks);
+    const Index per = std::max<Index>(1, (G * chunks) / want);  // chunks per item
+    const Index cw = per * kColumnChunk;
+    const Index ipg = (chunks + per - 1) / per;  // items per group
+    run_ranges(ex, G * ipg, items_for(ex, G * ipg), [&](Index first, Index last) {
+      std::vector<double> buf(3 * static_cast<std::size_t>(cw));
+      std::vector<Folder> fold(static_cast<std::size_t>(cw));
+      for (Index it = first; it < last; ++it)
+        columns(it / ipg, (it % ipg) * cw, cw, buf.data(), fold.data());
+    });
+    return;
+  }
+  // Few columns: blocks side by side, their partials merged in block order after.
   std::vector<double> part(static_cast<std::size_t>(G * cb.count) * 3 * tw);
   std::vector<Index> rows(static_cast<std::size_t>(G * cb.count));
   run_ranges(ex, G * cb.count, items_for(ex, G * cb.count), [&](Index first, Index last) {
     for (Index it = first; it < last; ++it) {
       double* buf = part.data() + static_cast<std::size_t>(it) * 3 * tw;
       const Index g = it / cb.count;
-      rows[static_cast<std::size_t>(it)] = col_block(n, cb, op, g / cb.tiles, g % cb.tiles,
-                                                     it % cb.count, buf, buf + tw, buf + 2 * tw);
+      rows[static_cast<std::size_t>(it)] =
+          col_block(n, cb, op, g / cb.tiles, g % cb.tiles, it % cb.count, 0, cb.tile_w, buf,
+                    buf + tw, buf + 2 * tw);
     }
   });
   std::vector<Folder> fold(tw, Folder{mom, {}, {}});
   for (Index g = 0; g < G; ++g) {
+    const Index c0 = (g % cb.tiles) * cb.tile_w;
+    const Index ct = std::min(cb.tile_w, n.L - c0);
     for (Index b = 0; b < cb.count; ++b) {
       const std::size_t it = static_cast<std::size_t>(g * cb.count + b);
-      const double* buf = part.data() + it * 3 * tw;
-      merge_into(g, fold.data(), b, buf, buf + tw, buf + 2 * tw, rows[it]);
+      const double* p1 = part.data() + it * 3 * tw;
+      const double *p2 = p1 + tw, *sh = p1 + 2 * tw;
+      for (Index j = 0; j < ct; ++j) {
+        fold[static_cast<std::size_t>(j)].add(
+            col_sample(b),
+            mom ? block_moments(sh[j], p1[j], p2[j], rows[it]) : Part{p1[j], p2[j], rows[it]});
+      }
     }
+    const Index s = slot_of_group(n, g / cb.tiles) + c0;
+    for (Index j = 0; j < ct; ++j) out[s + j] = fold[static_cast<std::size_t>(j)].done();
   }
 }
 
