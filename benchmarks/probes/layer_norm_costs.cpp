@@ -4,14 +4,14 @@
 // the minimum is the machine's cost, the mean is the neighbours'). See
 // benchmarks/results/2026-11-30-profiles.md.
 // Build: scripts/bench.sh (target probe_layer_norm_costs).
-#include <normkit/normkit.hpp>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <random>
 #include <vector>
+
+#include <normkit/normkit.hpp>
 
 namespace {
 
@@ -22,7 +22,8 @@ double best_us(F&& f, int reps = 300) {
     const auto t0 = std::chrono::steady_clock::now();
     f();
     b = std::min(
-        b, std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+        b,
+        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
   }
   return b;
 }
@@ -43,9 +44,10 @@ void run(long rows, long n) {
   const double ln = best_us([&] { normkit::layer_norm(x, y, opt); });
   const double cp = best_us([&] { std::memcpy(ys.data(), xs.data(), xs.size() * sizeof(float)); });
   const double e = static_cast<double>(xs.size());
-  std::printf("%5ld x %5ld (%6.2f MB): layer_norm %7.1f us (%.3f ns/element) | memcpy %7.1f us "
-              "(%.3f ns/element) | ratio %.2f\n",
-              rows, n, e * 4e-6, ln, 1e3 * ln / e, cp, 1e3 * cp / e, ln / cp);
+  std::printf(
+      "%5ld x %5ld (%6.2f MB): layer_norm %7.1f us (%.3f ns/element) | memcpy %7.1f us "
+      "(%.3f ns/element) | ratio %.2f\n",
+      rows, n, e * 4e-6, ln, 1e3 * ln / e, cp, 1e3 * cp / e, ln / cp);
 }
 
 }  // namespace

@@ -4,13 +4,13 @@
 // briefly, then sleeps, and waking it costs tens of microseconds on a VM.
 // Build: scripts/bench.sh (target probe_pool_wake); run: build/bench/benchmarks/probe_pool_wake
 #define EIGEN_USE_THREADS
-#include <unsupported/Eigen/CXX11/Tensor>
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <vector>
+
+#include <unsupported/Eigen/CXX11/Tensor>
 
 int main() {
   using clk = std::chrono::steady_clock;
