@@ -461,6 +461,14 @@ void reduce(const Plan& p, const SumOp<T>& op, Part* out, const Exec& ex) {
   const auto tw = static_cast<std::size_t>(cb.tile_w);
   // The sample of block b (per-sample blocks), or b.
   auto col_sample = [&](Index b) { return cb.per_sample > 0 ? b / cb.bps : b; };
+  // Block b's sums of ct columns (p1, p2; shifts sh) into the columns' folders.
+  auto fold_block = [&](Folder* fold, Index ct, Index b, const double* p1, const double* p2,
+                        const double* sh, Index rows) {
+    for (Index j = 0; j < ct; ++j) {
+      fold[j].add(col_sample(b),
+                  mom ? block_moments(sh[j], p1[j], p2[j], rows) : Part{p1[j], p2[j], rows});
+    }
+  };
   // Columns [j0, j0 + jw) of tile group g: every block in block order, each column's blocks
   // folded into its own folder, then written to its slot. Columns never mix, so how a group's
   // columns are split into ranges changes no result.
@@ -473,10 +481,7 @@ void reduce(const Plan& p, const SumOp<T>& op, Part* out, const Exec& ex) {
     for (Index j = 0; j < ct; ++j) fold[j] = Folder{mom, {}, {}};
     for (Index b = 0; b < cb.count; ++b) {
       const Index rows = col_block(n, cb, op, g / cb.tiles, g % cb.tiles, b, j0, jw, p1, p2, sh);
-      for (Index j = 0; j < ct; ++j) {
-        fold[j].add(col_sample(b),
-                    mom ? block_moments(sh[j], p1[j], p2[j], rows) : Part{p1[j], p2[j], rows});
-      }
+      fold_block(fold, ct, b, p1, p2, sh, rows);
     }
     const Index s = slot_of_group(n, g / cb.tiles) + c0 + j0;
     for (Index j = 0; j < ct; ++j) out[s + j] = fold[j].done();
@@ -531,12 +536,7 @@ void reduce(const Plan& p, const SumOp<T>& op, Part* out, const Exec& ex) {
     for (Index b = 0; b < cb.count; ++b) {
       const std::size_t it = static_cast<std::size_t>(g * cb.count + b);
       const double* p1 = part.data() + it * 3 * tw;
-      const double *p2 = p1 + tw, *sh = p1 + 2 * tw;
-      for (Index j = 0; j < ct; ++j) {
-        fold[static_cast<std::size_t>(j)].add(
-            col_sample(b),
-            mom ? block_moments(sh[j], p1[j], p2[j], rows[it]) : Part{p1[j], p2[j], rows[it]});
-      }
+      fold_block(fold.data(), ct, b, p1, p1 + tw, p1 + 2 * tw, rows[it]);
     }
     const Index s = slot_of_group(n, g / cb.tiles) + c0;
     for (Index j = 0; j < ct; ++j) out[s + j] = fold[static_cast<std::size_t>(j)].done();
