@@ -89,6 +89,16 @@ TEST_P(ThreadingTest, BitwiseIdenticalForAnyThreadCount) {
                 Eigen::Tensor<float, 3, Eigen::RowMajor>(
                     dyf.reshape(Eigen::array<Eigen::Index, 3>{1, 4, 30000})),
                 "BatchNorm1d fused vs two-pass");
+  // Rows batched (the row-batch path of fused_slots: 16 rows of 500 per batch) on 1 to 3
+  // threads, the two-pass path on 8 (10 rows are too few to fuse on 8 threads): same bits.
+  // In double, where a statistic that differs in its last bits shows in the output.
+  Eigen::Tensor<double, 2, Eigen::RowMajor> xr(10, 500), dyr(10, 500);
+  fill(xr, 13, 20.0f);
+  fill(dyr, 14);
+  check_threads(normkit::LayerNorm<double>(normkit::LayerNormOptions({500})), xr, dyr,
+                "LayerNorm row batches vs two-pass");
+  check_threads(normkit::RMSNorm<double>(normkit::RMSNormOptions({500})), xr, dyr,
+                "RMSNorm row batches vs two-pass");
   // Many channels of short runs (the channel-block path of fused_slots; 3 threads cut the
   // 64 channels into ranges that are not multiples of its 16-channel blocks).
   Eigen::Tensor<float, 4, Eigen::RowMajor> xc(64, 64, 4, 4), dyc(64, 64, 4, 4);
