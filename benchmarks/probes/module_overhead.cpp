@@ -81,104 +81,87 @@ int rounds_for(Eigen::Index n) {
   return static_cast<int>(std::clamp<Eigen::Index>(Eigen::Index{4000000000} / (n * 8), 100, 20000));
 }
 
+/// x, y, dy, dx of one case, and its module's reused gradients.
+template <int R>
+struct Data {
+  using T = Eigen::Tensor<float, R, Eigen::RowMajor>;
+  T x, y, dy, dx;
+  normkit::Gradients<float, R, Eigen::RowMajor, float> g;
+  normkit::SavedStats saved;
+  explicit Data(const Eigen::array<Eigen::Index, R>& dims) : x(dims), y(dims), dy(dims), dx(dims) {
+    fill(x, 1, 0.5f);
+    fill(dy, 2, 0.0f);
+  }
+};
+
+/// The three modes of one case: free_fwd(train) against the module's forward (training,
+/// then evaluation), then free_bwd against the module's backward(x, dy, g), each after a
+/// training forward.
+template <class Module, int R, class Fwd, class Bwd>
+void modes(const char* name, Module& mod, Data<R>& d, const Fwd& free_fwd, const Bwd& free_bwd) {
+  const int n = rounds_for(d.x.size());
+  mod.set_keep_input(false);
+  for (bool train : {true, false}) {
+    mod.train(train);
+    pair(
+        name, train ? "train" : "eval", [&] { free_fwd(train); }, [&] { mod.forward(d.x, d.y); },
+        n);
+  }
+  free_fwd(true);
+  mod.train(true);
+  mod.forward(d.x, d.y);
+  pair(
+      name, "backward", free_bwd, [&] { mod.backward(d.x, d.dy, d.g); }, n);
+}
+
+Eigen::Tensor<float, 1> constant(Eigen::Index n, float v) {
+  Eigen::Tensor<float, 1> t(n);
+  t.setConstant(v);
+  return t;
+}
+
 /// BatchNorm2d (NCHW) or BatchNorm1d: the free function with running statistics (as
 /// normkit_bench calls it) against the module.
 template <int R, class Module>
 void batch(const char* name, const Eigen::array<Eigen::Index, R>& dims) {
-  using T = Eigen::Tensor<float, R, Eigen::RowMajor>;
-  T x(dims), y(dims), dy(dims), dx(dims);
-  fill(x, 1, 0.5f);
-  fill(dy, 2, 0.0f);
+  Data<R> d(dims);
   const Eigen::Index C = dims[1];
-  Eigen::Tensor<float, 1> w(C), b(C), rm(C), rv(C), gw(C), gb(C);
-  w.setConstant(1.0f);
-  b.setZero();
-  rm.setZero();
-  rv.setConstant(1.0f);
-  normkit::SavedStats saved;
+  Eigen::Tensor<float, 1> w = constant(C, 1), b = constant(C, 0), rm = constant(C, 0),
+                          rv = constant(C, 1), gw(C), gb(C);
   Module mod(C);
-  mod.set_keep_input(false);
-  normkit::Gradients<float, R, Eigen::RowMajor, float> g;
-  const int n = rounds_for(x.size());
-  for (bool train : {true, false}) {
-    normkit::BatchNormFuncOptions<float> o;
-    o.weight(w).bias(b).running_mean(rm).running_var(rv).training(train).momentum(0.1).eps(1e-5);
-    mod.train(train);
-    pair(
-        name, train ? "train" : "eval",
-        [&] { normkit::batch_norm(x, y, o, train ? &saved : nullptr); }, [&] { mod.forward(x, y); },
-        n);
-  }
-  normkit::BatchNormFuncOptions<float> o;
-  o.weight(w).bias(b).running_mean(rm).running_var(rv).training(true);
-  normkit::batch_norm(x, y, o, &saved);
-  mod.train(true);
-  mod.forward(x, y);
-  pair(
-      name, "backward", [&] { normkit::batch_norm_backward(x, dy, dx, saved, w, gw, gb, false); },
-      [&] { mod.backward(x, dy, g); }, n);
+  modes(
+      name, mod, d,
+      [&](bool train) {
+        normkit::BatchNormFuncOptions<float> o;
+        o.weight(w).bias(b).running_mean(rm).running_var(rv).training(train);
+        normkit::batch_norm(d.x, d.y, o, train ? &d.saved : nullptr);
+      },
+      [&] { normkit::batch_norm_backward(d.x, d.dy, d.dx, d.saved, w, gw, gb, false); });
 }
 
 void layer(const char* name, Eigen::Index rows, Eigen::Index cols) {
-  using T = Eigen::Tensor<float, 2, Eigen::RowMajor>;
-  T x(rows, cols), y(rows, cols), dy(rows, cols), dx(rows, cols);
-  fill(x, 1, 0.5f);
-  fill(dy, 2, 0.0f);
-  Eigen::Tensor<float, 1> w(cols), b(cols), gw(cols), gb(cols);
-  w.setConstant(1.0f);
-  b.setZero();
-  normkit::SavedStats saved;
+  Data<2> d({rows, cols});
+  Eigen::Tensor<float, 1> w = constant(cols, 1), b = constant(cols, 0), gw(cols), gb(cols);
   normkit::LayerNorm<float> mod(normkit::LayerNormOptions({cols}));
-  mod.set_keep_input(false);
-  normkit::Gradients<float, 2, Eigen::RowMajor, float> g;
-  const int n = rounds_for(x.size());
   normkit::LayerNormFuncOptions<float> o({cols});
-  o.weight(w).bias(b).eps(1e-5);
-  for (bool train : {true, false}) {
-    mod.train(train);
-    pair(
-        name, train ? "train" : "eval",
-        [&] { normkit::layer_norm(x, y, o, train ? &saved : nullptr); }, [&] { mod.forward(x, y); },
-        n);
-  }
-  normkit::layer_norm(x, y, o, &saved);
-  mod.train(true);
-  mod.forward(x, y);
-  pair(
-      name, "backward", [&] { normkit::layer_norm_backward(x, dy, dx, saved, {cols}, w, gw, gb); },
-      [&] { mod.backward(x, dy, g); }, n);
+  o.weight(w).bias(b);
+  modes(
+      name, mod, d,
+      [&](bool train) { normkit::layer_norm(d.x, d.y, o, train ? &d.saved : nullptr); },
+      [&] { normkit::layer_norm_backward(d.x, d.dy, d.dx, d.saved, {cols}, w, gw, gb); });
 }
 
 void group(const char* name, const Eigen::array<Eigen::Index, 4>& dims, Eigen::Index G) {
-  using T = Eigen::Tensor<float, 4, Eigen::RowMajor>;
-  T x(dims), y(dims), dy(dims), dx(dims);
-  fill(x, 1, 0.5f);
-  fill(dy, 2, 0.0f);
+  Data<4> d(dims);
   const Eigen::Index C = dims[1];
-  Eigen::Tensor<float, 1> w(C), b(C), gw(C), gb(C);
-  w.setConstant(1.0f);
-  b.setZero();
-  normkit::SavedStats saved;
+  Eigen::Tensor<float, 1> w = constant(C, 1), b = constant(C, 0), gw(C), gb(C);
   normkit::GroupNorm<float> mod(normkit::GroupNormOptions(G, C));
-  mod.set_keep_input(false);
-  normkit::Gradients<float, 4, Eigen::RowMajor, float> g;
-  const int n = rounds_for(x.size());
   normkit::GroupNormFuncOptions<float> o(G);
-  o.weight(w).bias(b).eps(1e-5);
-  for (bool train : {true, false}) {
-    mod.train(train);
-    pair(
-        name, train ? "train" : "eval",
-        [&] { normkit::group_norm(x, y, o, train ? &saved : nullptr); }, [&] { mod.forward(x, y); },
-        n);
-  }
-  normkit::group_norm(x, y, o, &saved);
-  mod.train(true);
-  mod.forward(x, y);
-  pair(
-      name, "backward",
-      [&] { normkit::group_norm_backward(x, dy, dx, saved, G, w, gw, gb, false); },
-      [&] { mod.backward(x, dy, g); }, n);
+  o.weight(w).bias(b);
+  modes(
+      name, mod, d,
+      [&](bool train) { normkit::group_norm(d.x, d.y, o, train ? &d.saved : nullptr); },
+      [&] { normkit::group_norm_backward(d.x, d.dy, d.dx, d.saved, G, w, gw, gb, false); });
 }
 
 }  // namespace
