@@ -13,7 +13,7 @@ shift || true
 build=build/bench
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DNORMKIT_BUILD_TESTS=OFF \
   -DNORMKIT_BUILD_EXAMPLES=OFF -DNORMKIT_BUILD_BENCHMARKS=ON -DNORMKIT_BENCH_NATIVE=OFF >/dev/null
-cmake --build "$build" --target normkit_bench bench_sync_bn probe_pool_wake probe_layer_norm_costs probe_module_overhead probe_layer_norm_vs_onednn -j "$(nproc)"
+cmake --build "$build" --target normkit_bench bench_sync_bn probe_pool_wake probe_layer_norm_costs probe_module_overhead probe_layer_norm_vs_onednn probe_nhwc_backward_vs_torch -j "$(nproc)"
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1 | tr -cs 'A-Za-z0-9' '-' | sed 's/-$//')
 day=$(date +%Y-%m-%d)
 mkdir -p benchmarks/results
