@@ -22,34 +22,9 @@
 
 #include <normkit/normkit.hpp>
 
+#include "rounds.hpp"
+
 namespace {
-
-double us(const std::function<void()>& f) {
-  const auto t0 = std::chrono::steady_clock::now();
-  f();
-  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-/// Round-robin over the callables, `rounds` times (the starting one rotating); medians.
-std::vector<double> rounds_of(const std::vector<std::function<void()>>& fs, int rounds) {
-  const std::size_t k = fs.size();
-  std::vector<std::vector<double>> t(k);
-  for (const auto& f : fs) f();
-  for (int r = 0; r < rounds; ++r) {
-    for (std::size_t i = 0; i < k; ++i) {
-      const std::size_t j = (i + static_cast<std::size_t>(r)) % k;
-      t[j].push_back(us(fs[j]));
-    }
-  }
-  std::vector<double> m;
-  for (auto& v : t) m.push_back(median(v));
-  return m;
-}
 
 void run(long rows, long n, int rounds) {
   const auto count = static_cast<std::size_t>(rows * n);
@@ -100,7 +75,8 @@ void run(long rows, long n, int rounds) {
       [&] { onednn(in_place, in_place); },
   };
   std::memcpy(xi.data(), xs.data(), count * sizeof(float));
-  const std::vector<double> m = rounds_of(fs, rounds);
+  std::vector<double> m;
+  for (const auto& t : probe::rotating_rounds(fs, rounds)) m.push_back(probe::median(t));
   std::printf(
       "| %ld x %ld | %.4g MB | %.1f us | %.1f us | **%.2f** | %.1f us | %.1f us | %.1f us | %.2f "
       "|\n",

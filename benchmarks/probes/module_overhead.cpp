@@ -25,20 +25,9 @@
 
 #include <normkit/normkit.hpp>
 
+#include "rounds.hpp"
+
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double us(const std::function<void()>& f) {
-  const auto t0 = Clock::now();
-  f();
-  return std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 /// Paired timing of free (a) and module (b): `rounds` rounds, order alternating.
 void pair(const char* name,
@@ -46,27 +35,12 @@ void pair(const char* name,
           const std::function<void()>& a,
           const std::function<void()>& b,
           int rounds) {
-  a();
-  b();
-  std::vector<double> ta, tb, r;
-  for (int i = 0; i < rounds; ++i) {
-    double x, y;
-    if (i % 2 == 0) {
-      x = us(a);
-      y = us(b);
-    } else {
-      y = us(b);
-      x = us(a);
-    }
-    ta.push_back(x);
-    tb.push_back(y);
-    r.push_back(y / x);
-  }
-  const double ma = median(ta), mb = median(tb);
-  const double na = *std::min_element(ta.begin(), ta.end());
-  const double nb = *std::min_element(tb.begin(), tb.end());
+  const auto t = probe::rotating_rounds({a, b}, rounds);
+  std::vector<double> r;
+  for (std::size_t i = 0; i < t[0].size(); ++i) r.push_back(t[1][i] / t[0][i]);
+  const double ma = probe::median(t[0]), mb = probe::median(t[1]);
   std::printf("| %s | %s | %.1f us | %.1f us | %.3f | %.3f | %.3f |\n", name, mode, ma, mb, mb / ma,
-              nb / na, median(r));
+              probe::minimum(t[1]) / probe::minimum(t[0]), probe::median(r));
 }
 
 template <class T>

@@ -21,20 +21,7 @@
 
 #include <normkit/normkit.hpp>
 
-namespace {
-
-double us(const std::function<void()>& f) {
-  const auto t0 = std::chrono::steady_clock::now();
-  f();
-  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-}  // namespace
+#include "rounds.hpp"
 
 int main() {
   at::set_num_threads(1);
@@ -75,22 +62,15 @@ int main() {
       [&] { normkit::batch_norm_backward(x, dy, dx2, saved, w, gw, gb, true); },
   };
   const char* names[] = {"normkit (dx)", "libtorch (allocates dx)", "normkit (second dx buffer)"};
-  for (const auto& f : fs) f();
-  std::vector<std::vector<double>> t(fs.size());
-  for (int r = 0; r < 60; ++r) {
-    for (std::size_t i = 0; i < fs.size(); ++i) {
-      const std::size_t j = (i + static_cast<std::size_t>(r)) % fs.size();
-      t[j].push_back(us(fs[j]));
-    }
-  }
+  const auto t = probe::rotating_rounds(fs, 60);
   std::printf(
       "normkit ISA path: %s; libtorch %s, 1 thread; bn2d-nhwc backward; medians of 60 rotating "
       "rounds\n\n",
       normkit::isa_name(normkit::isa()), TORCH_VERSION);
   std::printf("| call | median | min | speed-up vs libtorch |\n|---|---|---|---|\n");
-  const double lt = median(t[1]);
+  const double lt = probe::median(t[1]);
   for (std::size_t i = 0; i < fs.size(); ++i) {
-    std::printf("| %s | %.0f us | %.0f us | %.2f |\n", names[i], median(t[i]),
-                *std::min_element(t[i].begin(), t[i].end()), lt / median(t[i]));
+    std::printf("| %s | %.0f us | %.0f us | %.2f |\n", names[i], probe::median(t[i]),
+                probe::minimum(t[i]), lt / probe::median(t[i]));
   }
 }
