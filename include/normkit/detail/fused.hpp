@@ -116,14 +116,13 @@ void fused_slots(const Plan& ps,
   // apply) ran serially and cost ~55 ns per row besides its elements (perf: a quarter of a
   // (256, 768) LayerNorm); batched, the finishes of neighbouring rows overlap. The batch
   // stays within L1 (kRowBatchElements), so the apply still reads cached data.
-  const bool one_run = ns.R == 1 && na.R == 1 && ns.ro.n == 0 && na.ro.n == 0;
-  const bool channel_blocks = bl.count == 1 && ns.R > 1 && ns.L <= kShortRunElements &&
-                              ns.ko.n == 1 && ns.ro.n == 1 && na.ko.n == 1 && na.ro.n == 1 &&
-                              ns.ko.ax[0]->stride == ns.L && na.ko.ax[0]->stride == na.L &&
-                              na.L == ns.L;
+  // Both take slots kb at a time along the one key axis, each slot in one block.
+  const bool slot_blocks = bl.count == 1 && ns.ko.n == 1 && na.ko.n == 1 && na.L == ns.L;
+  const bool channel_blocks = slot_blocks && ns.R > 1 && ns.L <= kShortRunElements &&
+                              ns.ro.n == 1 && na.ro.n == 1 && ns.ko.ax[0]->stride == ns.L &&
+                              na.ko.ax[0]->stride == na.L;
   const Index row_batch = std::min(kRowBatch, kRowBatchElements / std::max<Index>(1, ns.L));
-  const bool row_batches =
-      bl.count == 1 && one_run && row_batch >= 2 && ns.ko.n == 1 && na.ko.n == 1 && na.L == ns.L;
+  const bool row_batches = slot_blocks && ns.ro.n == 0 && na.ro.n == 0 && row_batch >= 2;
   auto groups = [&](Index first, Index last) {
     Odometer ks = ns.ko, ka = na.ko;
     ks.seek(first);
