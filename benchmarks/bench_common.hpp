@@ -89,15 +89,38 @@ std::string bench_name(const Case& c, const char* mode, int threads, const char*
 /// process), and the plain counters model_bytes and B used by tools/bench_report.py.
 void set_counters(benchmark::State& state, const Case& c, Mode m, int threads);
 
-/// Time of one memcpy of `bytes` bytes split over `threads` threads (the floor probe, best
-/// of several batches, measured once per (bytes, threads) and cached).
-double memcpy_seconds(std::size_t bytes, int threads);
+/// Time of one memcpy of the case's B bytes, the shared x into the shared y, split over
+/// `threads` threads (the floor probe, best of several batches, measured once per (case,
+/// threads) and cached).
+double memcpy_seconds(const Case& c, int threads);
 
 /// SkipWithError that also makes main() return non-zero (so the ctest smoke run fails).
 void fail(benchmark::State& state, const std::string& what);
 
 /// Deterministic pseudo-random fill with values in [-2, 2) (+ offset).
 void fill_random(float* p, std::size_t n, std::uint32_t seed, float offset = 0.0f);
+
+/// float -> bfloat16 bits, rounded to nearest even (finite values: fill_random's range); the
+/// rounding of Eigen::bfloat16, ATen's .to(kBFloat16) and oneDNN's reorder alike.
+std::uint16_t to_bf16_bits(float f);
+
+/// The activation-sized buffers of a case. Every implementation of the case (normkit's free
+/// function and module, libtorch, oneDNN) and its floor probes read the same x and dy, and
+/// normkit and oneDNN write the same y and dx (libtorch allocates its outputs: its API).
+/// Why: on the machines measured, writing into one heap buffer ran up to 1.2-1.3x slower than
+/// writing into another of the same size (benchmarks/README.md, "Shared buffers"), so
+/// separately allocated tensors made every cross-library ratio partly a placement lottery.
+///   x: fill_random(seed 1, offset 0.5); dy and residual: fill_random(seed 2);
+///   y, dx, h: zeros (touched once).
+/// Stored in the case's dtype (float32, or bfloat16 bits rounded once from the same floats),
+/// 2 MiB aligned; made on first use and kept for the process, so that interleaved
+/// repetitions see the same placement too.
+enum class Buf { x, dy, residual, y, dx, h };
+void* shared_buffer(const Case& c, Buf b);
+template <class T>
+T* shared(const Case& c, Buf b) {
+  return static_cast<T*>(shared_buffer(c, b));
+}
 
 /// Registers a benchmark with the suite's common settings (real time, microseconds).
 template <class F>

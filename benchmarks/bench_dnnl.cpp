@@ -67,27 +67,17 @@ dt data_type(const Case& c) {
   return c.dtype == Dtype::bf16 ? dt::bf16 : dt::f32;
 }
 
-/// float -> bfloat16 bits, round to nearest even (finite values: fill_random's range).
-std::uint16_t to_bf16_bits(float f) {
-  std::uint32_t u = 0;
-  std::memcpy(&u, &f, sizeof u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<std::uint16_t>(u >> 16);
+/// The case's shared buffer (bench_common.hpp) as oneDNN memory: inputs hold the values
+/// normkit and libtorch read, and outputs are the buffers normkit writes.
+memory shared_memory(const Case& c, Buf b, const memory::desc& md, const dnnl::engine& eng) {
+  return memory(md, eng, shared_buffer(c, b));
 }
 
-/// fill_random's values in the desc's data type (f32, or bf16 rounded once from them).
+/// fill_random's values for a float parameter vector.
 memory filled(const memory::desc& md, const dnnl::engine& eng, std::uint32_t seed, float offset) {
   memory mem(md, eng);
-  if (md.data_type() == dt::bf16) {
-    const std::size_t n = md.get_size() / sizeof(std::uint16_t);
-    std::vector<float> f(n);
-    fill_random(f.data(), n, seed, offset);
-    auto* p = static_cast<std::uint16_t*>(mem.get_data_handle());
-    for (std::size_t i = 0; i < n; ++i) p[i] = to_bf16_bits(f[i]);
-  } else {
-    fill_random(static_cast<float*>(mem.get_data_handle()), md.get_size() / sizeof(float), seed,
-                offset);
-  }
+  fill_random(static_cast<float*>(mem.get_data_handle()), md.get_size() / sizeof(float), seed,
+              offset);
   return mem;
 }
 
@@ -126,7 +116,7 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
         dnnl::binary::desc(dnnl::algorithm::binary_add, md, md, md), attr, eng);
     add_prim = dnnl::binary(pd);
     add_args[DNNL_ARG_SRC_0] = a;
-    add_args[DNNL_ARG_SRC_1] = filled(md, eng, 2, 0.0f);
+    add_args[DNNL_ARG_SRC_1] = shared_memory(c, Buf::residual, md, eng);
     add_args[DNNL_ARG_DST] = out;
     impl += " + " + std::string(pd.impl_info_str());
   };
@@ -144,14 +134,13 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
     using fwd = dnnl::batch_normalization_forward;
     const fwd::primitive_desc train_pd(fwd::desc(dnnl::prop_kind::forward_training, md, eps, flags),
                                        eng);
-    memory src = filled(md, eng, 1, 0.5f);
-    args[DNNL_ARG_SRC] = src;
+    args[DNNL_ARG_SRC] = shared_memory(c, Buf::x, md, eng);
     if (affine) {
       args[DNNL_ARG_SCALE] = filled(pmd, eng, 3, 1.0f);
       args[DNNL_ARG_SHIFT] = filled(pmd, eng, 4, 0.0f);
     }
     if (m == Mode::train || m == Mode::backward) {
-      args[DNNL_ARG_DST] = memory(md, eng);
+      args[DNNL_ARG_DST] = shared_memory(c, Buf::y, md, eng);
       args[DNNL_ARG_MEAN] = memory(train_pd.mean_desc(), eng);
       args[DNNL_ARG_VARIANCE] = memory(train_pd.variance_desc(), eng);
       prim = fwd(train_pd);
@@ -160,7 +149,7 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
       const fwd::primitive_desc pd(
           fwd::desc(dnnl::prop_kind::forward_inference, md, eps, flags | nf::use_global_stats),
           eng);
-      args[DNNL_ARG_DST] = memory(md, eng);
+      args[DNNL_ARG_DST] = shared_memory(c, Buf::y, md, eng);
       args[DNNL_ARG_MEAN] = constant(pd.mean_desc(), eng, 0.0f);
       args[DNNL_ARG_VARIANCE] = constant(pd.variance_desc(), eng, 1.0f);
       prim = fwd(pd);
@@ -168,7 +157,7 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
     } else {  // InstanceNorm eval still computes its statistics
       const fwd::primitive_desc pd(fwd::desc(dnnl::prop_kind::forward_inference, md, eps, flags),
                                    eng);
-      args[DNNL_ARG_DST] = memory(md, eng);
+      args[DNNL_ARG_DST] = shared_memory(c, Buf::y, md, eng);
       prim = fwd(pd);
       impl = pd.impl_info_str();
     }
@@ -181,8 +170,8 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
                     eps, flags),
           eng, train_pd);
       args.erase(DNNL_ARG_DST);  // SHIFT stays: 2.6 lists it among the backward's exec args
-      args[DNNL_ARG_DIFF_DST] = filled(md, eng, 2, 0.0f);
-      args[DNNL_ARG_DIFF_SRC] = memory(md, eng);
+      args[DNNL_ARG_DIFF_DST] = shared_memory(c, Buf::dy, md, eng);
+      args[DNNL_ARG_DIFF_SRC] = shared_memory(c, Buf::dx, md, eng);
       if (affine) {
         args[DNNL_ARG_DIFF_SCALE] = memory(pmd, eng);
         args[DNNL_ARG_DIFF_SHIFT] = memory(pmd, eng);
@@ -202,10 +191,11 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
     using fwd = dnnl::layer_normalization_forward;
     const fwd::primitive_desc train_pd(
         fwd::desc(dnnl::prop_kind::forward_training, md, smd, eps, flags), eng);
-    args[DNNL_ARG_SRC] = filled(md, eng, 1, 0.5f);
+    // LayerNorm after the residual add normalizes h (the add writes it), else x.
+    args[DNNL_ARG_SRC] = shared_memory(c, c.epi == Epi::add ? Buf::h : Buf::x, md, eng);
     args[DNNL_ARG_SCALE] = filled(pmd, eng, 3, 1.0f);
     args[DNNL_ARG_SHIFT] = filled(pmd, eng, 4, 0.0f);
-    args[DNNL_ARG_DST] = memory(md, eng);
+    args[DNNL_ARG_DST] = shared_memory(c, Buf::y, md, eng);
     args[DNNL_ARG_MEAN] = memory(smd, eng);
     args[DNNL_ARG_VARIANCE] = memory(smd, eng);
     if (m == Mode::eval) {
@@ -224,18 +214,17 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
       const bwd::primitive_desc pd(bwd::desc(dnnl::prop_kind::backward, md, md, smd, eps, flags),
                                    eng, train_pd);
       args.erase(DNNL_ARG_DST);  // SHIFT stays: 2.6 lists it among the backward's exec args
-      args[DNNL_ARG_DIFF_DST] = filled(md, eng, 2, 0.0f);
-      args[DNNL_ARG_DIFF_SRC] = memory(md, eng);
+      args[DNNL_ARG_DIFF_DST] = shared_memory(c, Buf::dy, md, eng);
+      args[DNNL_ARG_DIFF_SRC] = shared_memory(c, Buf::dx, md, eng);
       args[DNNL_ARG_DIFF_SCALE] = memory(pmd, eng);
       args[DNNL_ARG_DIFF_SHIFT] = memory(pmd, eng);
       prim = bwd(pd);
       impl = pd.impl_info_str();
     }
     if (c.epi == Epi::add) {  // h = x + residual into the norm's src (the kept stream)
-      memory x = filled(md, eng, 1, 0.5f);
       const std::string norm_impl = impl;
       impl.clear();
-      make_add(md, x, args[DNNL_ARG_SRC], false);
+      make_add(md, shared_memory(c, Buf::x, md, eng), args[DNNL_ARG_SRC], false);
       impl = norm_impl + impl;
     }
   } else {

@@ -8,14 +8,19 @@
 //                on an AVX-512 machine --isa=avx2 is a proxy for an AVX2-only CPU.
 // Environment: NORMKIT_BENCH_KEEP_MMAP=1 keeps glibc's default large-allocation policy
 // (see the NB in main).
-#include <atomic>   // std::atomic
-#include <cstdint>  // std::uint32_t, std::int64_t
-#include <cstdio>   // std::fprintf
-#include <cstdlib>  // std::getenv
-#include <cstring>  // std::strcmp, std::strncmp
-#include <fstream>  // std::ifstream
-#include <string>   // std::string
-#include <vector>   // std::vector
+#include <algorithm>  // std::max
+#include <atomic>     // std::atomic
+#include <cstdint>    // std::uint32_t, std::int64_t, std::uint16_t
+#include <cstdio>     // std::fprintf
+#include <cstdlib>    // std::getenv, std::aligned_alloc, std::free
+#include <cstring>    // std::strcmp, std::strncmp, std::memcpy, std::memset
+#include <fstream>    // std::ifstream
+#include <map>        // std::map
+#include <memory>     // std::unique_ptr
+#include <new>        // std::bad_alloc
+#include <string>     // std::string
+#include <utility>    // std::pair
+#include <vector>     // std::vector
 
 #include <malloc.h>  // mallopt (glibc)
 
@@ -178,7 +183,7 @@ void set_counters(benchmark::State& state, const Case& c, Mode m, int threads) {
   const double mb = model_bytes(c, m);
   state.SetBytesProcessed(static_cast<std::int64_t>(mb) *
                           static_cast<std::int64_t>(state.iterations()));
-  const double w = 2.0 * c.bytes() / memcpy_seconds(static_cast<std::size_t>(c.bytes()), threads);
+  const double w = 2.0 * c.bytes() / memcpy_seconds(c, threads);
   const double floor_s = mb / w;
   // (floor_s * iterations / elapsed)^-1 = time per iteration / floor time.
   state.counters["floor_ratio"] = Counter(
@@ -203,6 +208,49 @@ void fill_random(float* p, std::size_t n, std::uint32_t seed, float offset) {
     s ^= s << 5;
     p[i] = offset + static_cast<float>(s >> 8) * (4.0f / 16777216.0f) - 2.0f;
   }
+}
+
+std::uint16_t to_bf16_bits(float f) {
+  std::uint32_t u = 0;
+  std::memcpy(&u, &f, sizeof u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<std::uint16_t>(u >> 16);
+}
+
+void* shared_buffer(const Case& c, Buf b) {
+  struct FreeDeleter {
+    void operator()(void* p) const { std::free(p); }
+  };
+  static std::map<std::pair<std::string, Buf>, std::unique_ptr<void, FreeDeleter>> buffers;
+  auto& slot = buffers[std::make_pair(c.id, b)];
+  if (slot)
+    return slot.get();
+  constexpr std::size_t kAlign = std::size_t{1} << 21;  // 2 MiB: a huge page where THP is on
+  const auto n = static_cast<std::size_t>(c.numel());
+  const auto bytes = static_cast<std::size_t>(c.bytes());
+  slot.reset(std::aligned_alloc(kAlign, std::max(kAlign, (bytes + kAlign - 1) / kAlign * kAlign)));
+  if (!slot)
+    throw std::bad_alloc();
+  void* p = slot.get();
+  if (b == Buf::y || b == Buf::dx || b == Buf::h) {
+    std::memset(p, 0, bytes);
+    return p;
+  }
+  std::vector<float> f;
+  float* dst = static_cast<float*>(p);
+  if (c.dtype == Dtype::bf16) {
+    f.resize(n);
+    dst = f.data();
+  }
+  fill_random(dst, n, b == Buf::x ? 1 : 2, b == Buf::x ? 0.5f : 0.0f);
+  if (c.dtype == Dtype::bf16) {
+    auto* q = static_cast<unsigned char*>(p);
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::uint16_t h = to_bf16_bits(f[i]);
+      std::memcpy(q + 2 * i, &h, sizeof h);
+    }
+  }
+  return p;
 }
 
 }  // namespace nkbench
@@ -257,6 +305,8 @@ int main(int argc, char** argv) {
   const char* dnnl_isa = std::getenv("ONEDNN_MAX_CPU_ISA");
   benchmark::AddCustomContext("ATEN_CPU_CAPABILITY", aten_cap ? aten_cap : "(unset: best)");
   benchmark::AddCustomContext("ONEDNN_MAX_CPU_ISA", dnnl_isa ? dnnl_isa : "(unset: best)");
+  const char* tunables = std::getenv("GLIBC_TUNABLES");
+  benchmark::AddCustomContext("glibc_tunables", tunables ? tunables : "(unset)");
   benchmark::AddCustomContext("floor_model",
                               "eval 2B (BatchNorm) / 3B (norms computing stats), train and "
                               "forward (RMSNorm) 3B, backward 5B; B = elements x dtype size "

@@ -5,12 +5,10 @@
 #include <algorithm>       // std::min, std::max
 #include <array>           // std::array
 #include <chrono>          // std::chrono
-#include <cstdlib>         // std::aligned_alloc, std::free
-#include <cstring>         // std::memcpy, std::memset
+#include <cstring>         // std::memcpy
 #include <exception>       // std::exception
 #include <functional>      // std::function
 #include <map>             // std::map
-#include <memory>          // std::unique_ptr
 #include <stdexcept>       // std::runtime_error
 #include <string>          // std::string
 #include <type_traits>     // std::is_same, std::integral_constant
@@ -24,18 +22,6 @@
 
 namespace nkbench {
 namespace {
-
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
-};
-using Buffer = std::unique_ptr<char, FreeDeleter>;
-
-Buffer aligned_buffer(std::size_t bytes) {
-  const std::size_t n = std::max<std::size_t>(64, (bytes + 63) / 64 * 64);
-  Buffer b(static_cast<char*>(std::aligned_alloc(64, n)));
-  std::memset(b.get(), 1, n);
-  return b;
-}
 
 // NB: below 256 KiB (normkit's 64 Ki-element parallel threshold) the floor probes stay on
 // one thread even in a 2-thread run: splitting a few-KiB copy only measures the hand-off.
@@ -120,15 +106,14 @@ template <class D, int R>
 void run_normkit(benchmark::State& st, const Case& c, Mode m, int threads) {
   constexpr bool kLow = !std::is_same<D, float>::value;
   using T = Eigen::Tensor<D, R, Eigen::RowMajor>;
+  using Map = Eigen::TensorMap<T>;
+  using CMap = Eigen::TensorMap<const T>;
   const auto dims = dims_of<R>(c);
-  T x(dims), y(dims);
-  T dy, dx;
-  fill_as(x.data(), static_cast<std::size_t>(x.size()), 1, 0.5f);
-  if (m == Mode::backward) {
-    dy.resize(dims);
-    dx.resize(dims);
-    fill_as(dy.data(), static_cast<std::size_t>(dy.size()), 2);
-  }
+  const CMap x(shared<const D>(c, Buf::x), dims);
+  Map y(shared<D>(c, Buf::y), dims);
+  const bool bwd = m == Mode::backward;
+  const CMap dy(bwd ? shared<const D>(c, Buf::dy) : nullptr, dims);
+  Map dx(bwd ? shared<D>(c, Buf::dx) : nullptr, dims);
   const bool rowwise = c.kind == Kind::layer || c.kind == Kind::rms;
   const Index P = rowwise ? static_cast<Index>(c.last()) : static_cast<Index>(c.channels());
   Eigen::Tensor<D, 1> w = param_vector<D>(P, 3, 1.0f), b = param_vector<D>(P, 4, 0.0f), gw(P),
@@ -253,12 +238,10 @@ void run_module(benchmark::State& st, const Case& c, Mode m, int threads) {
   constexpr bool kLow = !std::is_same<D, float>::value;
   using T = Eigen::Tensor<D, R, Eigen::RowMajor>;
   const auto dims = dims_of<R>(c);
-  T x(dims), y(dims), dy;
-  fill_as(x.data(), static_cast<std::size_t>(x.size()), 1, 0.5f);
-  if (m == Mode::backward) {
-    dy.resize(dims);
-    fill_as(dy.data(), static_cast<std::size_t>(dy.size()), 2);
-  }
+  const Eigen::TensorMap<const T> x(shared<const D>(c, Buf::x), dims);
+  Eigen::TensorMap<T> y(shared<D>(c, Buf::y), dims);
+  const Eigen::TensorMap<const T> dy(
+      m == Mode::backward ? shared<const D>(c, Buf::dy) : nullptr, dims);
   const bool rowwise = c.kind == Kind::layer || c.kind == Kind::rms;
   const Index P = rowwise ? static_cast<Index>(c.last()) : static_cast<Index>(c.channels());
   with_device(threads, [&](const auto& dev) {
@@ -347,11 +330,11 @@ void run_module(benchmark::State& st, const Case& c, Mode m, int threads) {
 /// separate pass over raw pointers (LayerNorm: the add first, then forward(h)).
 template <int R>
 void run_epilogue(benchmark::State& st, const Case& c, Mode m, int threads, bool fused) {
-  using T = Eigen::Tensor<float, R, Eigen::RowMajor>;
+  using Map = Eigen::TensorMap<Eigen::Tensor<float, R, Eigen::RowMajor>>;
+  using CMap = Eigen::TensorMap<const Eigen::Tensor<float, R, Eigen::RowMajor>>;
   const auto dims = dims_of<R>(c);
-  T x(dims), r(dims), y(dims), h(dims);
-  fill_as(x.data(), static_cast<std::size_t>(x.size()), 1, 0.5f);
-  fill_as(r.data(), static_cast<std::size_t>(r.size()), 2);
+  const CMap x(shared<const float>(c, Buf::x), dims), r(shared<const float>(c, Buf::residual), dims);
+  Map y(shared<float>(c, Buf::y), dims), h(shared<float>(c, Buf::h), dims);
   const Index n = x.size();
   with_device(threads, [&](const auto& dev) {
     auto loop = [&](auto& mod, auto&& call) {
@@ -442,24 +425,26 @@ Eigen::ThreadPool& pool() {
   return p;
 }
 
-double memcpy_seconds(std::size_t bytes, int threads) {
-  static std::map<std::pair<std::size_t, int>, double> cache;
+double memcpy_seconds(const Case& c, int threads) {
+  static std::map<std::pair<std::string, int>, double> cache;
+  const auto bytes = static_cast<std::size_t>(c.bytes());
   const int t = probe_threads(bytes, threads);
-  const auto key = std::make_pair(bytes, t);
+  const auto key = std::make_pair(c.id, t);
   const auto it = cache.find(key);
   if (it != cache.end())
     return it->second;
-  Buffer src = aligned_buffer(bytes), dst = aligned_buffer(bytes);
-  copy_memcpy(src.get(), dst.get(), bytes, t);
+  const char* src = shared<const char>(c, Buf::x);
+  char* dst = shared<char>(c, Buf::y);
+  copy_memcpy(src, dst, bytes, t);
   double t0 = now_s();
-  copy_memcpy(src.get(), dst.get(), bytes, t);
+  copy_memcpy(src, dst, bytes, t);
   const double one = std::max(now_s() - t0, 1e-9);
   const long reps = std::max(1L, static_cast<long>(0.005 / one));  // ~5 ms batches
   double best = 1e30;
   for (int batch = 0; batch < 7; ++batch) {
     t0 = now_s();
     for (long r = 0; r < reps; ++r) {
-      copy_memcpy(src.get(), dst.get(), bytes, t);
+      copy_memcpy(src, dst, bytes, t);
       benchmark::ClobberMemory();
     }
     best = std::min(best, (now_s() - t0) / static_cast<double>(reps));
@@ -475,14 +460,15 @@ void register_floor(const Case& c, int threads) {
         [c, threads, what](benchmark::State& st) {
           const auto bytes = static_cast<std::size_t>(c.bytes());
           const int t = probe_threads(bytes, threads);
-          Buffer src = aligned_buffer(bytes), dst = aligned_buffer(bytes);
+          const char* src = shared<const char>(c, Buf::x);
+          char* dst = shared<char>(c, Buf::y);
           volatile float one = 1.0f;
           const float s = one;
           auto call = [&] {
             if (what == "memcpy") {
-              copy_memcpy(src.get(), dst.get(), bytes, t);
+              copy_memcpy(src, dst, bytes, t);
             } else {
-              copy_stream(src.get(), dst.get(), bytes, t, s);
+              copy_stream(src, dst, bytes, t, s);
             }
           };
           call();
@@ -495,7 +481,7 @@ void register_floor(const Case& c, int threads) {
           st.SetBytesProcessed(static_cast<std::int64_t>(mb) *
                                static_cast<std::int64_t>(st.iterations()));
           st.counters["floor_ratio"] = Counter(
-              memcpy_seconds(bytes, threads),
+              memcpy_seconds(c, threads),
               static_cast<Counter::Flags>(Counter::kIsIterationInvariantRate | Counter::kInvert));
           st.counters["model_bytes"] = Counter(mb);
           st.counters["B"] = Counter(c.bytes());

@@ -17,6 +17,7 @@
 #include <sstream>     // std::istringstream
 #include <string>      // std::string
 #include <tuple>       // std::get
+#include <vector>      // std::vector
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -32,15 +33,28 @@ at::ScalarType scalar_type(const Case& c) {
   return c.dtype == Dtype::bf16 ? at::kBFloat16 : at::kFloat;
 }
 
-/// The case's activation tensor: float values of fill_random, rounded once to the case's
-/// dtype (the same values normkit gets).
-at::Tensor make(const Case& c, std::uint32_t seed, float offset) {
-  auto opts = at::TensorOptions().dtype(at::kFloat);
-  if (c.channels_last)
-    opts = opts.memory_format(at::MemoryFormat::ChannelsLast);
-  at::Tensor t = at::empty(c.shape, opts);
-  fill_random(t.data_ptr<float>(), static_cast<std::size_t>(t.numel()), seed, offset);
-  return c.dtype == Dtype::f32 ? t : t.to(scalar_type(c)).contiguous(t.suggest_memory_format());
+/// The case's shared activation buffer (bench_common.hpp: the x or dy every implementation
+/// reads) as a tensor of the case's dtype, logical shape and layout (channels-last strides
+/// where the case is): no copy, the values normkit and oneDNN get.
+at::Tensor make(const Case& c, Buf b) {
+  std::vector<std::int64_t> strides(c.shape.size());
+  std::int64_t s = 1;
+  if (c.channels_last) {  // storage (N, spatial..., C)
+    strides[1] = s;
+    s *= c.shape[1];
+    for (std::size_t i = c.shape.size() - 1; i >= 2; --i) {
+      strides[i] = s;
+      s *= c.shape[i];
+    }
+    strides[0] = s;
+  } else {
+    for (std::size_t i = c.shape.size(); i-- > 0;) {
+      strides[i] = s;
+      s *= c.shape[i];
+    }
+  }
+  return at::from_blob(shared_buffer(c, b), c.shape, strides,
+                       at::TensorOptions().dtype(scalar_type(c)));
 }
 
 at::Tensor vec(std::int64_t n, std::uint32_t seed, float offset, at::ScalarType type = at::kFloat) {
@@ -65,8 +79,8 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
   const double eps = 1e-5, momentum = 0.1;
   const bool train = m != Mode::eval;
   const bool bwd = m == Mode::backward;
-  at::Tensor x = make(c, 1, 0.5f);
-  at::Tensor dy = bwd ? make(c, 2, 0.0f) : at::Tensor();
+  at::Tensor x = make(c, Buf::x);
+  at::Tensor dy = bwd ? make(c, Buf::dy) : at::Tensor();
   at::Tensor w, b, rm, rv, save1, save2, xv, dyv, yg;
   std::function<at::Tensor()> call;
   // Parameters: the case's dtype for LayerNorm and RMSNorm (all-bfloat16), float for
@@ -89,7 +103,7 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
         };
       } else if (c.epi == Epi::add_relu) {
         // What an eager ResNet block runs: bn, then out += shortcut, relu_ in place.
-        xv = make(c, 2, 0.0f);
+        xv = make(c, Buf::residual);
         call = [&] {
           return at::relu_(at::batch_norm(x, w, b, rm, rv, train, momentum, eps, false).add_(xv));
         };
@@ -137,8 +151,8 @@ void run(benchmark::State& st, const Case& c, Mode m, int threads) {
         };
       } else if (c.epi == Epi::add) {
         // h = x + residual (the residual stream, kept), then layer_norm(h).
-        xv = make(c, 2, 0.0f);
-        yg = at::empty_like(x);
+        xv = make(c, Buf::residual);
+        yg = make(c, Buf::h);
         call = [&, D] {
           at::add_out(yg, x, xv);
           return at::layer_norm(yg, {D}, w, b, eps, false);

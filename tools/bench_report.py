@@ -76,8 +76,13 @@ def run_binary(args):
         cmd.append("--smoke")
     if args.isa:
         cmd.append("--isa=%s" % args.isa)
-    print("running: " + " ".join(cmd), file=sys.stderr)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, universal_newlines=True)
+    env = dict(os.environ)
+    if args.thp:
+        # glibc >= 2.35: malloc madvise(MADV_HUGEPAGE)s its memory, for all three libraries.
+        env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
+    print("running: %s%s" % ("GLIBC_TUNABLES=glibc.malloc.hugetlb=1 " if args.thp else "",
+                             " ".join(cmd)), file=sys.stderr)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, universal_newlines=True, env=env)
     if proc.returncode != 0:
         print("warning: %s exited with %d (some benchmarks reported errors)"
               % (args.binary, proc.returncode), file=sys.stderr)
@@ -182,6 +187,11 @@ def markdown(rows, floor, cases, data, reps):
                "ATEN_CPU_CAPABILITY=%s; oneDNN ONEDNN_MAX_CPU_ISA=%s%s" % (
                    isa, cpu_isa, ctx.get("ATEN_CPU_CAPABILITY", "?"),
                    ctx.get("ONEDNN_MAX_CPU_ISA", "?"), proxy))
+    if "glibc_tunables" in ctx:  # runs since the shared buffers (session 7)
+        out.append("- Memory: %s (GLIBC_TUNABLES: %s); every implementation of a case reads the "
+                   "same input buffers, and normkit and oneDNN write the same outputs" % (
+                       "transparent huge pages" if "hugetlb=1" in ctx["glibc_tunables"]
+                       else "default pages", ctx["glibc_tunables"]))
     out.append("- Date: %s; host: %s; load average at start: %s; repetitions: %d (medians)" % (
         ctx.get("date", "?"), ctx.get("host_name", "?"), ", ".join("%.2f" % x for x in ctx.get("load_avg", [])),
         reps))
@@ -425,6 +435,8 @@ def main():
     ap.add_argument("--no-interleave", dest="interleave", action="store_false",
                     help="run each benchmark's repetitions back to back (default: random interleaving)")
     ap.add_argument("--smoke", action="store_true", help="pass --smoke (shrunken shapes)")
+    ap.add_argument("--thp", action="store_true",
+                    help="run on transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1)")
     ap.add_argument("--isa", default=None, help="pass --isa=LEVEL (normkit and the peers capped alike)")
     ap.add_argument("--markdown", default="-", help="Markdown output file ('-': stdout)")
     ap.add_argument("--svg", default="bench.svg", help="SVG output file ('' to skip)")
