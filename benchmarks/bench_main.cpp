@@ -3,6 +3,7 @@
 //
 // Usage: normkit_bench [--smoke] [--isa=LEVEL] [google-benchmark flags]
 //   --smoke      shrink every case (same family, rank, layout, code paths): the ctest run.
+//   --linger-us=N  normkit::set_helper_linger_us(N) (default 100; 0: helpers do not linger).
 //   --isa=LEVEL  run normkit on LEVEL (avx512, avx2, baseline: normkit::set_isa) and cap the
 //                peers alike (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, unless already set):
 //                on an AVX-512 machine --isa=avx2 is a proxy for an AVX2-only CPU.
@@ -25,6 +26,7 @@
 #include <malloc.h>  // mallopt (glibc)
 
 #include <normkit/isa.hpp>
+#include <normkit/normkit.hpp>
 
 #include "bench_common.hpp"
 
@@ -261,6 +263,8 @@ int main(int argc, char** argv) {
   for (int i = 0; i < argc; ++i) {
     if (i > 0 && std::strcmp(argv[i], "--smoke") == 0) {
       use_smoke_shapes();
+    } else if (i > 0 && std::strncmp(argv[i], "--linger-us=", 12) == 0) {
+      normkit::set_helper_linger_us(std::atoll(argv[i] + 12));
     } else if (i > 0 && std::strncmp(argv[i], "--isa=", 6) == 0) {
       normkit::Isa level = normkit::Isa::baseline;
       if (!normkit::detail::parse_isa(argv[i] + 6, level)) {
@@ -301,6 +305,8 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("shapes", smoke_shapes() ? "smoke" : "suite");
   benchmark::AddCustomContext("normkit_isa", normkit::isa_name(normkit::isa()));
   benchmark::AddCustomContext("normkit_cpu_isa", normkit::isa_name(normkit::cpu_isa()));
+  benchmark::AddCustomContext("normkit_helper_linger_us",
+                              std::to_string(normkit::helper_linger_us()));
   const char* aten_cap = std::getenv("ATEN_CPU_CAPABILITY");
   const char* dnnl_isa = std::getenv("ONEDNN_MAX_CPU_ISA");
   benchmark::AddCustomContext("ATEN_CPU_CAPABILITY", aten_cap ? aten_cap : "(unset: best)");

@@ -2,9 +2,13 @@
 // and 8 threads (fixed work items merged in a fixed order), and eval-mode forward on one
 // module from several threads at once is safe.
 #define EIGEN_USE_THREADS
+#include <atomic>
+#include <chrono>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -166,5 +170,99 @@ TEST_P(ThreadingTest, ConcurrentEvalForwardIsSafeAndIdentical) {
 }
 
 NORMKIT_INSTANTIATE_PER_ISA(ThreadingTest);
+
+// A thread pool that counts the tasks scheduled on it, behind a device normkit accepts (any
+// type with getPool() and numThreads(), like Eigen::ThreadPoolDevice).
+struct CountingPool {
+  explicit CountingPool(int n) : pool(n) {}
+  void Schedule(std::function<void()> f) {
+    scheduled.fetch_add(1);
+    pool.Schedule(std::move(f));
+  }
+  std::atomic<int> scheduled{0};
+  Eigen::ThreadPool pool;
+};
+struct CountingDevice {
+  CountingPool* pool;
+  int threads;
+  CountingPool* getPool() const { return pool; }
+  int numThreads() const { return threads; }
+};
+
+// Restores the process-wide linger setting however a test ends.
+struct LingerGuard {
+  long long saved = normkit::helper_linger_us();
+  ~LingerGuard() { normkit::set_helper_linger_us(saved); }
+};
+
+bool wait_for_waiting(void* pool, int want) {
+  auto* lounge = normkit::detail::exec_impl::lounge_for(pool);
+  if (lounge == nullptr)
+    return false;
+  for (int i = 0; i < 2000; ++i) {
+    if (lounge->waiting.load() == want)
+      return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return false;
+}
+
+TEST(LingeringHelpers, TheNextCallIsOfferedToTheHelperInsteadOfScheduled) {
+  LingerGuard guard;
+  normkit::set_helper_linger_us(5'000'000);  // long enough for any scheduler hiccup
+  CountingPool cp(1);
+  const auto ex = normkit::detail::make_exec(CountingDevice{&cp, 2});
+  const auto caller = std::this_thread::get_id();
+  std::atomic<int> helped{0};
+  auto item = [&](Eigen::Index) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    if (std::this_thread::get_id() != caller)
+      helped.fetch_add(1);
+  };
+  normkit::detail::run_items(ex, 8, item);
+  EXPECT_EQ(cp.scheduled.load(), 1);
+  ASSERT_TRUE(wait_for_waiting(&cp, 1)) << "the helper did not linger";
+  helped = 0;
+  normkit::detail::run_items(ex, 8, item);
+  EXPECT_EQ(cp.scheduled.load(), 1) << "the second call scheduled a task instead of an offer";
+  EXPECT_GT(helped.load(), 0) << "the lingering helper ran none of the second call's items";
+  // Lowering the setting ends the wait; the next call schedules again.
+  normkit::set_helper_linger_us(0);
+  ASSERT_TRUE(wait_for_waiting(&cp, 0)) << "the helper kept lingering after set_helper_linger_us(0)";
+  normkit::detail::run_items(ex, 8, item);
+  EXPECT_EQ(cp.scheduled.load(), 2);
+}
+
+TEST(LingeringHelpers, ConcurrentCallersOnOnePoolKeepTheBits) {
+  LingerGuard guard;
+  Eigen::Tensor<float, 2, Eigen::RowMajor> x(64, 256), dy(64, 256);
+  fill(x, 21, 3.0f);
+  fill(dy, 22);
+  normkit::BatchNorm1d<float> ref_bn(256);
+  const auto y_ref = ref_bn.forward(x);
+  const auto g_ref = ref_bn.backward(dy);
+  for (long long linger : {100LL, 0LL, 2000LL}) {
+    SCOPED_TRACE(linger);
+    normkit::set_helper_linger_us(linger);
+    Eigen::ThreadPool pool(3);
+    Eigen::ThreadPoolDevice dev(&pool, 3);
+    std::atomic<int> mismatches{0};
+    std::vector<std::thread> callers;
+    for (int t = 0; t < 3; ++t) {
+      callers.emplace_back([&] {
+        for (int k = 0; k < 40; ++k) {
+          normkit::BatchNorm1d<float> bn(256);
+          const auto y = bn.forward(x, dev);
+          const auto g = bn.backward(dy, dev);
+          if (!normkit_test::same_bits(y, y_ref) || !normkit_test::same_bits(g.input, g_ref.input) ||
+              !normkit_test::same_bits(g.weight, g_ref.weight))
+            mismatches.fetch_add(1);
+        }
+      });
+    }
+    for (auto& c : callers) c.join();
+    EXPECT_EQ(mismatches.load(), 0);
+  }
+}
 
 }  // namespace

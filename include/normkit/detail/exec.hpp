@@ -7,6 +7,7 @@
 
 #include <algorithm>    // std::min
 #include <atomic>       // std::atomic
+#include <chrono>       // std::chrono::steady_clock
 #include <memory>       // std::shared_ptr, std::make_shared
 #include <thread>       // std::this_thread::yield
 #include <type_traits>  // std::void_t
@@ -19,6 +20,7 @@ namespace process_state {
 // See isa.hpp: process-wide, outside the ABI namespace. Calls on fewer elements run on the
 // calling thread even when a thread pool is given (set_min_parallel_elements()).
 inline std::atomic<long long> min_parallel_elements{Index{1} << 16};
+inline std::atomic<long long> helper_linger_us{100};
 }  // namespace process_state
 }  // namespace normkit
 
@@ -34,6 +36,23 @@ inline Index min_parallel_elements() {
 /// Sets min_parallel_elements() (values below 1 mean 1).
 inline void set_min_parallel_elements(Index n) {
   process_state::min_parallel_elements.store(n < 1 ? 1 : n, std::memory_order_relaxed);
+}
+
+/// How long (microseconds) a pool thread that helped a normkit call keeps watching for the
+/// next call on the same pool before it returns to the pool (default 100). Back-to-back calls
+/// then start their helper at once instead of waking a sleeping thread, which costs 10-60 us
+/// on a VM -- as long as a whole 1 MB call. The price: for up to this long after a call, one
+/// pool thread per helper spins (with `pause`, yielding now and then) instead of running
+/// other tasks of that pool, the way an OpenMP runtime's threads spin after a parallel region
+/// (libtorch's and oneDNN's do). One setting for the whole process. Results never depend
+/// on it.
+inline long long helper_linger_us() {
+  return process_state::helper_linger_us.load(std::memory_order_relaxed);
+}
+/// Sets helper_linger_us(); 0 (or less) sends helpers back to their pool as soon as their
+/// part of a call is done.
+inline void set_helper_linger_us(long long us) {
+  process_state::helper_linger_us.store(us < 0 ? 0 : us, std::memory_order_relaxed);
 }
 
 namespace detail {
@@ -103,6 +122,13 @@ Exec make_exec(const Device& d) {
 // the caller has returned; it then finds every item claimed and touches nothing else.
 // Works from inside a pool thread too (nested calls): unclaimed work never waits for a
 // thread that cannot start.
+// Lingering (helper_linger_us()): a helper whose part is done waits a short while in its
+// pool's lounge, watching a few offer slots; the next call on that pool offers its region
+// there (one heap-held reference per slot) instead of scheduling a task, and a lingering
+// helper takes it with an atomic exchange, so each reference has exactly one owner. An offer
+// nobody took is withdrawn by the caller after its last phase (compare-exchange, so a taken
+// one is never touched); a helper that takes an offer late finds every item claimed, as a
+// late-waking scheduled helper does.
 struct Phase {
   Index items = 0;
   ItemFn fn;
@@ -111,10 +137,15 @@ struct Phase {
 namespace exec_impl {
 
 inline constexpr int kMaxPhases = 4;
+inline constexpr int kOffers = 4;   // offer slots per lounge (helpers one call can pick up)
+inline constexpr int kLounges = 16;  // pools whose helpers can linger (the first 16 used)
+
+struct Lounge;
 
 struct Region {
   Phase phase[kMaxPhases];
   int phases = 0;
+  Lounge* lounge = nullptr;  // where this call's scheduled helpers linger afterwards
   std::atomic<int> current{0};  // published phase; helpers wait for it to move
   std::atomic<Index> next[kMaxPhases] = {};
   std::atomic<Index> done[kMaxPhases] = {};
@@ -148,9 +179,35 @@ inline void wait_until(const std::atomic<Index>& v, Index target) {
   }
 }
 
+using Ticket = std::shared_ptr<Region>;  // a heap-held reference a helper takes over
+
+/// A pool's meeting point for lingering helpers and the calls that want one.
+struct Lounge {
+  std::atomic<void*> pool{nullptr};  // the pool this lounge serves (never changes once set)
+  std::atomic<int> waiting{0};       // helpers lingering here now
+  std::atomic<Ticket*> offer[kOffers] = {};
+};
+// In the ABI namespace on purpose: a Region of one ABI never reaches a helper of another.
+inline Lounge lounges[kLounges];
+
+/// The lounge of `pool`, claimed on first use; nullptr when every lounge serves another pool
+/// (that pool's helpers then simply do not linger).
+inline Lounge* lounge_for(void* pool) {
+  for (Lounge& l : lounges) {
+    void* p = l.pool.load(std::memory_order_acquire);
+    if (p == nullptr) {
+      l.pool.compare_exchange_strong(p, pool, std::memory_order_acq_rel);
+      p = l.pool.load(std::memory_order_acquire);
+    }
+    if (p == pool)
+      return &l;
+  }
+  return nullptr;
+}
+
 inline void helper(void* arg) {
-  std::shared_ptr<Region> hold(std::move(*static_cast<std::shared_ptr<Region>*>(arg)));
-  delete static_cast<std::shared_ptr<Region>*>(arg);
+  std::shared_ptr<Region> hold(std::move(*static_cast<Ticket*>(arg)));
+  delete static_cast<Ticket*>(arg);
   Region& r = *hold;
   for (int p = 0; p < r.phases; ++p) {
     // Wait for the caller to publish phase p (it is running: the wait is short), unless
@@ -166,6 +223,45 @@ inline void helper(void* arg) {
     }
     work(r, p);
   }
+}
+
+/// Waits in l for offers until helper_linger_us() passes without one, running each region
+/// it takes. The setting is read again at every check, so lowering it ends a wait early.
+inline void linger(Lounge& l) {
+  using clock = std::chrono::steady_clock;
+  if (helper_linger_us() <= 0)
+    return;
+  l.waiting.fetch_add(1, std::memory_order_acq_rel);
+  auto last = clock::now();  // the last offer taken (or the start)
+  for (unsigned spin = 1;; ++spin) {
+    for (std::atomic<Ticket*>& o : l.offer) {
+      if (o.load(std::memory_order_relaxed) == nullptr)
+        continue;
+      Ticket* t = o.exchange(nullptr, std::memory_order_acq_rel);
+      if (t == nullptr)
+        continue;
+      l.waiting.fetch_sub(1, std::memory_order_acq_rel);
+      helper(t);
+      l.waiting.fetch_add(1, std::memory_order_acq_rel);
+      last = clock::now();
+    }
+    if (spin % 64 == 0) {
+      if (clock::now() - last >= std::chrono::microseconds(helper_linger_us()))
+        break;
+      std::this_thread::yield();  // a caller sharing this core gets it back
+    } else {
+      pause();
+    }
+  }
+  l.waiting.fetch_sub(1, std::memory_order_acq_rel);
+}
+
+/// The task a call schedules on the pool: its part of the region, then lingering.
+inline void helper_task(void* arg) {
+  Lounge* l = (*static_cast<Ticket*>(arg))->lounge;
+  helper(arg);
+  if (l != nullptr)
+    linger(*l);
 }
 
 }  // namespace exec_impl
@@ -189,11 +285,30 @@ inline void run_region(const Exec& ex,
     }
     return;
   }
+  using exec_impl::Ticket;
   auto region = std::make_shared<exec_impl::Region>();
   for (int p = 0; p < count; ++p) region->phase[p] = phases[p];
   region->phases = count;
-  for (int h = 0; h < helpers; ++h)
-    ex.schedule(ex.pool, &exec_impl::helper, new std::shared_ptr<exec_impl::Region>(region));
+  exec_impl::Lounge* lounge = helper_linger_us() > 0 ? exec_impl::lounge_for(ex.pool) : nullptr;
+  region->lounge = lounge;
+  // Offer the region to helpers lingering from an earlier call, then schedule the rest.
+  Ticket* offered[exec_impl::kOffers] = {};
+  int offers = 0;
+  if (lounge != nullptr) {
+    const int want = std::min(helpers, lounge->waiting.load(std::memory_order_acquire));
+    for (int i = 0; i < exec_impl::kOffers && offers < want; ++i) {
+      Ticket* t = new Ticket(region);
+      Ticket* empty = nullptr;
+      if (lounge->offer[i].compare_exchange_strong(empty, t, std::memory_order_acq_rel)) {
+        offered[i] = t;
+        ++offers;
+      } else {
+        delete t;
+      }
+    }
+  }
+  for (int h = offers; h < helpers; ++h)
+    ex.schedule(ex.pool, &exec_impl::helper_task, new Ticket(region));
   exec_impl::Region& r = *region;
   for (int p = 0; p < count; ++p) {
     exec_impl::work(r, p);
@@ -203,6 +318,13 @@ inline void run_region(const Exec& ex,
         between(ctx, p);
       r.current.store(p + 1, std::memory_order_release);
     }
+  }
+  // Withdraw offers nobody took (a taken one belongs to its helper: the exchange fails).
+  for (int i = 0; i < exec_impl::kOffers; ++i) {
+    Ticket* t = offered[i];
+    if (t != nullptr && lounge->offer[i].compare_exchange_strong(t, nullptr,
+                                                                 std::memory_order_acq_rel))
+      delete offered[i];
   }
 }
 
