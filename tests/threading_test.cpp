@@ -169,6 +169,48 @@ TEST_P(ThreadingTest, ConcurrentEvalForwardIsSafeAndIdentical) {
   for (const auto& o : out) EXPECT_TRUE(normkit_test::same_bits(o, want));
 }
 
+// The apply leaves end a run that is not a multiple of the vector width with its last full
+// vector shifted back over the body when the output shares no storage with the inputs, and
+// with a zero-padded tail when it does (in place). Both must give the same bits.
+template <class S>
+void check_in_place_tails(Eigen::Index plane) {
+  SCOPED_TRACE(plane);
+  using T4 = Eigen::Tensor<S, 4, Eigen::RowMajor>;
+  using T2 = Eigen::Tensor<S, 2, Eigen::RowMajor>;
+  T4 x(3, 5, 1, plane);
+  fill(x, 31, 2.0f);
+  for (bool training : {true, false}) {
+    normkit::BatchNorm2d<S> a(5), c(5);
+    if (!training) {  // non-trivial running statistics first
+      a.forward(x);
+      c.forward(x);
+      a.eval();
+      c.eval();
+    }
+    T4 y(x.dimensions());
+    Eigen::TensorMap<T4> ym(y.data(), y.dimensions());
+    a.forward(x, ym);
+    T4 w = x;  // normalized in its own storage
+    Eigen::TensorMap<T4> wm(w.data(), w.dimensions());
+    c.forward(Eigen::TensorMap<const T4>(w.data(), w.dimensions()), wm);
+    EXPECT_TRUE(normkit_test::same_bits(w, y)) << (training ? "training" : "evaluation");
+  }
+  T2 r(6, plane);  // LayerNorm over rows of `plane` elements
+  fill(r, 33, -1.0f);
+  normkit::LayerNorm<S> ln(normkit::LayerNormOptions({plane})), ln2 = ln;
+  const T2 want = ln.forward(r);
+  Eigen::TensorMap<T2> rm(r.data(), r.dimensions());
+  ln2.forward(Eigen::TensorMap<const T2>(r.data(), r.dimensions()), rm);
+  EXPECT_TRUE(normkit_test::same_bits(r, want)) << "LayerNorm";
+}
+
+TEST_P(ThreadingTest, RunTailsAgreeInPlaceAndOutOfPlace) {
+  for (Eigen::Index plane : {17, 23, 49, 63}) {
+    check_in_place_tails<float>(plane);
+    check_in_place_tails<double>(plane);
+  }
+}
+
 NORMKIT_INSTANTIATE_PER_ISA(ThreadingTest);
 
 // A thread pool that counts the tasks scheduled on it, behind a device normkit accepts (any
