@@ -249,7 +249,7 @@ bool wait_for_waiting(void* pool, int want) {
   return false;
 }
 
-TEST(LingeringHelpers, TheNextCallIsOfferedToTheHelperInsteadOfScheduled) {
+TEST(ThreadLinger, TheNextCallIsOfferedToTheHelperInsteadOfScheduled) {
   LingerGuard guard;
   normkit::set_helper_linger_us(5'000'000);  // long enough for any scheduler hiccup
   CountingPool cp(1);
@@ -275,7 +275,7 @@ TEST(LingeringHelpers, TheNextCallIsOfferedToTheHelperInsteadOfScheduled) {
   EXPECT_EQ(cp.scheduled.load(), 2);
 }
 
-TEST(LingeringHelpers, ConcurrentCallersOnOnePoolKeepTheBits) {
+TEST(ThreadLinger, ConcurrentCallersOnOnePoolKeepTheBits) {
   LingerGuard guard;
   Eigen::Tensor<float, 2, Eigen::RowMajor> x(64, 256), dy(64, 256);
   fill(x, 21, 3.0f);
