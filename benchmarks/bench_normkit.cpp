@@ -240,8 +240,8 @@ void run_module(benchmark::State& st, const Case& c, Mode m, int threads) {
   const auto dims = dims_of<R>(c);
   const Eigen::TensorMap<const T> x(shared<const D>(c, Buf::x), dims);
   Eigen::TensorMap<T> y(shared<D>(c, Buf::y), dims);
-  const Eigen::TensorMap<const T> dy(
-      m == Mode::backward ? shared<const D>(c, Buf::dy) : nullptr, dims);
+  const Eigen::TensorMap<const T> dy(m == Mode::backward ? shared<const D>(c, Buf::dy) : nullptr,
+                                     dims);
   const bool rowwise = c.kind == Kind::layer || c.kind == Kind::rms;
   const Index P = rowwise ? static_cast<Index>(c.last()) : static_cast<Index>(c.channels());
   with_device(threads, [&](const auto& dev) {
@@ -333,7 +333,8 @@ void run_epilogue(benchmark::State& st, const Case& c, Mode m, int threads, bool
   using Map = Eigen::TensorMap<Eigen::Tensor<float, R, Eigen::RowMajor>>;
   using CMap = Eigen::TensorMap<const Eigen::Tensor<float, R, Eigen::RowMajor>>;
   const auto dims = dims_of<R>(c);
-  const CMap x(shared<const float>(c, Buf::x), dims), r(shared<const float>(c, Buf::residual), dims);
+  const CMap x(shared<const float>(c, Buf::x), dims),
+      r(shared<const float>(c, Buf::residual), dims);
   Map y(shared<float>(c, Buf::y), dims), h(shared<float>(c, Buf::h), dims);
   const Index n = x.size();
   with_device(threads, [&](const auto& dev) {

@@ -270,7 +270,8 @@ TEST(ThreadLinger, TheNextCallIsOfferedToTheHelperInsteadOfScheduled) {
   EXPECT_GT(helped.load(), 0) << "the lingering helper ran none of the second call's items";
   // Lowering the setting ends the wait; the next call schedules again.
   normkit::set_helper_linger_us(0);
-  ASSERT_TRUE(wait_for_waiting(&cp, 0)) << "the helper kept lingering after set_helper_linger_us(0)";
+  ASSERT_TRUE(wait_for_waiting(&cp, 0))
+      << "the helper kept lingering after set_helper_linger_us(0)";
   normkit::detail::run_items(ex, 8, item);
   EXPECT_EQ(cp.scheduled.load(), 2);
 }
@@ -296,7 +297,8 @@ TEST(ThreadLinger, ConcurrentCallersOnOnePoolKeepTheBits) {
           normkit::BatchNorm1d<float> bn(256);
           const auto y = bn.forward(x, dev);
           const auto g = bn.backward(dy, dev);
-          if (!normkit_test::same_bits(y, y_ref) || !normkit_test::same_bits(g.input, g_ref.input) ||
+          if (!normkit_test::same_bits(y, y_ref) ||
+              !normkit_test::same_bits(g.input, g_ref.input) ||
               !normkit_test::same_bits(g.weight, g_ref.weight))
             mismatches.fetch_add(1);
         }

@@ -137,7 +137,7 @@ struct Phase {
 namespace exec_impl {
 
 inline constexpr int kMaxPhases = 4;
-inline constexpr int kOffers = 4;   // offer slots per lounge (helpers one call can pick up)
+inline constexpr int kOffers = 4;    // offer slots per lounge (helpers one call can pick up)
 inline constexpr int kLounges = 16;  // pools whose helpers can linger (the first 16 used)
 
 struct Lounge;
@@ -145,7 +145,7 @@ struct Lounge;
 struct Region {
   Phase phase[kMaxPhases];
   int phases = 0;
-  Lounge* lounge = nullptr;  // where this call's scheduled helpers linger afterwards
+  Lounge* lounge = nullptr;     // where this call's scheduled helpers linger afterwards
   std::atomic<int> current{0};  // published phase; helpers wait for it to move
   std::atomic<Index> next[kMaxPhases] = {};
   std::atomic<Index> done[kMaxPhases] = {};
@@ -322,8 +322,8 @@ inline void run_region(const Exec& ex,
   // Withdraw offers nobody took (a taken one belongs to its helper: the exchange fails).
   for (int i = 0; i < exec_impl::kOffers; ++i) {
     Ticket* t = offered[i];
-    if (t != nullptr && lounge->offer[i].compare_exchange_strong(t, nullptr,
-                                                                 std::memory_order_acq_rel))
+    if (t != nullptr &&
+        lounge->offer[i].compare_exchange_strong(t, nullptr, std::memory_order_acq_rel))
       delete offered[i];
   }
 }
