@@ -30,7 +30,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 BUILD="${NORMKIT_FUZZ_BUILD_DIR:-$ROOT/build/fuzz}"
 JOBS="${NORMKIT_FUZZ_JOBS:-2}"
 
-cmake -S "$ROOT" -B "$BUILD" -DCMAKE_CXX_COMPILER="${CXX_FUZZ:-clang++}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+cmake -S "$ROOT" -B "$BUILD" -DCMAKE_CXX_COMPILER="${CXX_FUZZ:-clang++}" -DCMAKE_BUILD_TYPE= \
   -DNORMKIT_BUILD_FUZZERS=ON -DNORMKIT_BUILD_TESTS=ON -DNORMKIT_BUILD_EXAMPLES=OFF -DNORMKIT_BUILD_BENCHMARKS=OFF >/dev/null
 
 # fuzz <target> <fuzzer> <label> <seconds> <work dir> [env...]: one libFuzzer run; sets status=1 on
@@ -59,6 +59,16 @@ fuzz() {
   fi
 }
 
+for target in "${TARGETS[@]}"; do
+  case "$target" in
+    modules | safetensors) ;;
+    *) echo "run_fuzz.sh: unknown target '$target' (modules, safetensors)" >&2; exit 2 ;;
+  esac
+done
+# Every target first, in one build: the two fuzzers compile side by side (each is one
+# translation unit), not one after the other between the runs.
+cmake --build "$BUILD" -j "$JOBS" --target $(printf 'fuzz_%s ' "${TARGETS[@]}")
+
 SUMMARY="$BUILD/fuzz-summary.txt"
 mkdir -p "$BUILD"
 : >"$SUMMARY"
@@ -68,7 +78,6 @@ for target in "${TARGETS[@]}"; do
     safetensors) corpus=corpus_safetensors; opts=(-max_len=8192 -dict="$ROOT/tests/fuzz/safetensors.dict") ;;
     *) echo "run_fuzz.sh: unknown target '$target' (modules, safetensors)" >&2; exit 2 ;;
   esac
-  cmake --build "$BUILD" --target "fuzz_$target" -j "$JOBS"
   FUZZER="$(find "$BUILD" -type f -name "fuzz_$target" -perm -u+x | head -n1)"
   if [ "$PER_ISA" -eq 1 ] && [ "$target" = modules ]; then
     # The fuzzer itself says which levels this CPU supports (normkit::supported_isas()).
