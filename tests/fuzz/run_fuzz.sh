@@ -30,7 +30,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 BUILD="${NORMKIT_FUZZ_BUILD_DIR:-$ROOT/build/fuzz}"
 JOBS="${NORMKIT_FUZZ_JOBS:-2}"
 
-cmake -S "$ROOT" -B "$BUILD" -DCMAKE_CXX_COMPILER="${CXX_FUZZ:-clang++}" -DCMAKE_BUILD_TYPE= \
+# Ninja (when there and the build directory is new) builds the two fuzzers side by side.
+gen=()
+if command -v ninja >/dev/null && [ ! -f "$BUILD/CMakeCache.txt" ]; then
+  gen=(-G Ninja)
+fi
+cmake "${gen[@]}" -S "$ROOT" -B "$BUILD" -DCMAKE_CXX_COMPILER="${CXX_FUZZ:-clang++}" -DCMAKE_BUILD_TYPE= \
   -DNORMKIT_BUILD_FUZZERS=ON -DNORMKIT_BUILD_TESTS=ON -DNORMKIT_BUILD_EXAMPLES=OFF -DNORMKIT_BUILD_BENCHMARKS=OFF >/dev/null
 
 # fuzz <target> <fuzzer> <label> <seconds> <work dir> [env...]: one libFuzzer run; sets status=1 on
