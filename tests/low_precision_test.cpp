@@ -359,6 +359,39 @@ TEST_P(LowPrecision, HalfNear65504DoesNotOverflow) {
   EXPECT_TRUE(std::isinf(static_cast<float>(bn.running_var()(0))));
 }
 
+// bfloat16 values whose squared distances from the shift are beyond float (|x - c| > 1.8e19;
+// the running variance, a tenth of the batch variance, still fits bfloat16).
+// The AVX2 and AVX-512 copies add 16-bit data in float blocks (kernels/leaves.hpp, the NB
+// above mom_run); a run whose float sums overflow is summed again in double, so the results
+// stay the double module's, rounded once. Rows of 256 and 128: several float blocks per run.
+TEST_P(LowPrecision, Bfloat16BeyondFloatSquaresSumInDouble) {
+  using T2 = Eigen::Tensor<float, 2, Eigen::RowMajor>;
+  using T3 = Eigen::Tensor<float, 3, Eigen::RowMajor>;
+  T2 x(4, 256), dy(4, 256);
+  for (Eigen::Index i = 0; i < x.size(); ++i) {
+    x.data()[i] = (i % 3 == 0 ? -1.0f : 1.0f) * 2e19f * (1.0f + 0.01f * static_cast<float>(i % 17));
+    dy.data()[i] = 0.25f * static_cast<float>(i % 7) - 0.5f;
+  }
+  check<bf16>(normkit::LayerNorm<float>(normkit::LayerNormOptions({256})),
+              normkit::LayerNorm<double>(normkit::LayerNormOptions({256})), x, dy,
+              "LayerNorm mixed");
+  check<bf16>(normkit::LayerNorm<bf16>(normkit::LayerNormOptions({256})),
+              normkit::LayerNorm<double>(normkit::LayerNormOptions({256})), x, dy,
+              "LayerNorm bfloat16");
+  check<bf16>(normkit::RMSNorm<bf16>(normkit::RMSNormOptions({256})),
+              normkit::RMSNorm<double>(normkit::RMSNormOptions({256})), x, dy, "RMSNorm bfloat16");
+  T3 x3(4, 2, 128), dy3(4, 2, 128);
+  std::copy(x.data(), x.data() + x.size(), x3.data());
+  std::copy(dy.data(), dy.data() + dy.size(), dy3.data());
+  check<bf16>(normkit::BatchNorm1d<bf16>(2), normkit::BatchNorm1d<double>(2), x3, dy3,
+              "BatchNorm1d bfloat16");
+  check<bf16>(normkit::BatchNorm1d<float>(2), normkit::BatchNorm1d<double>(2), x3, dy3,
+              "BatchNorm1d mixed");
+  check<bf16>(normkit::InstanceNorm1d<float>(normkit::InstanceNormOptions(2).affine(true)),
+              normkit::InstanceNorm1d<double>(normkit::InstanceNormOptions(2).affine(true)), x3,
+              dy3, "InstanceNorm1d mixed");
+}
+
 NORMKIT_INSTANTIATE_PER_ISA(LowPrecision);
 
 // libtorch 1.13's own bfloat16 results (tests/fixtures/bf16.txt): normkit's are at least as

@@ -24,6 +24,53 @@ inline constexpr Index kPrefetchRuns = 4;
 // Row reductions: run r (at x + r*stride) accumulates into st[r*st_step] with shift
 // c[r*c_step]. st_step == 0 keeps one accumulator in registers across the batch.
 
+// NB: 16-bit storage (bfloat16, half) on the AVX2 and AVX-512 copies. The double work per
+// element (widen, subtract, add, multiply-add, for every 8 elements) bound these sums: half
+// the bytes of float took longer than float (bn2d-resnet-bf16 training 3.59 ms vs 2.86 ms).
+// So the terms are formed and added in float, kLowBlock vectors of 16 at a time, and each
+// block's sums are added to the double accumulators, lanes 0-7 into a and 8-15 into b:
+// - a value of T is exact in float; so is x - c for the moments' shift (a value of T) when
+//   the exponents of x and c differ by at most 16 (else it rounds once), and so is its square
+//   or its product with dy when x - c has at most 12 significant bits;
+// - a block adds kLowBlock terms per lane in float: at most kLowBlock - 1 roundings of its
+//   own magnitude, 2^-24 each, before the double sums (against the outputs' 2^-8 or 2^-11);
+// - a shift that is not a value of float (the backward's mean) is rounded to float and the
+//   difference is added back per block in double (x - c = (x - cf) + (cf - c));
+// - a run whose float sums are not finite (|x - c| beyond 1.8e19, bfloat16, or a NaN or
+//   infinity in the data) is summed again in double from the state before it, as the other
+//   types are, so overflow and NaN give exactly what they gave before.
+// The order is fixed by the position in the run: thread counts and fused or two-pass
+// statistics still agree bit for bit.
+inline constexpr Index kLowBlock = 4;
+
+// The AVX2 and AVX-512 copies (and a translation unit's own -mavx2 or wider baseline).
+inline constexpr bool kLowFloatSums = kTwoPairs;
+// Adds a block's float sums (16 lanes each) to the double accumulators.
+NORMKIT_KINLINE void low_flush(const F16& s1, const F16& s2, D8& a1, D8& a2, D8& b1, D8& b2) {
+  alignas(64) float o[32];
+  store(o, s1);
+  store(o + 16, s2);
+  D8 u;
+  load(u, o);
+  a1 += u;
+  load(u, o + 8);
+  b1 += u;
+  load(u, o + 16);
+  a2 += u;
+  load(u, o + 24);
+  b2 += u;
+}
+// True when every lane of the four accumulators is finite.
+NORMKIT_KINLINE bool all_finite(const D8& a1, const D8& a2, const D8& b1, const D8& b2) {
+  D8 t = (a1 + a2) + (b1 + b2);
+  t = t - t;  // 0 where finite, NaN where not
+  alignas(64) double o[8];
+  store(o, t);
+  bool ok = true;
+  for (int k = 0; k < 8; ++k) ok = ok && o[k] == 0.0;
+  return ok;
+}
+
 // Moments: a1 += (x - c), a2 += (x - c)^2 (see MomentsOp NB in reduction.hpp).
 template <class T>
 NORMKIT_KINLINE void mom_run(
@@ -31,6 +78,53 @@ NORMKIT_KINLINE void mom_run(
   D8 cv;
   splat(cv, c);
   Index i = 0;
+  if constexpr (kLowFloatSums && is_low_v<T>) {
+    if (len >= 16 * kLowBlock) {
+      const D8 s_a1 = a1, s_a2 = a2, s_b1 = b1, s_b2 = b2;
+      const float cf = static_cast<float>(c);
+      const double dc = static_cast<double>(cf) - c;  // 0 when c is a value of float
+      const F16 cv16 = splat16(cf);
+      for (; i + 16 * kLowBlock <= len; i += 16 * kLowBlock) {
+        F16 s1 = load16(xp + i) - cv16;
+        F16 s2 = s1 * s1;
+        for (Index k = 1; k < kLowBlock; ++k) {
+          const F16 d = load16(xp + i + 16 * k) - cv16;
+          s1 += d;
+          s2 += d * d;
+        }
+        if (dc != 0.0) {
+          // sum (x - c)^2 = sum (x - cf)^2 + 2 dc sum (x - cf) + n dc^2, per lane
+          D8 u, v, w;
+          alignas(64) float o[16];
+          store(o, s1);
+          const double n = static_cast<double>(kLowBlock);
+          for (int h = 0; h < 2; ++h) {
+            load(u, o + 8 * h);
+            v = u * (2.0 * dc) + n * dc * dc;
+            w = u + n * dc;
+            if (h == 0) {
+              a1 += w;
+              a2 += v;
+            } else {
+              b1 += w;
+              b2 += v;
+            }
+          }
+          F16 z = splat16(0.0f);
+          low_flush(z, s2, a1, a2, b1, b2);
+        } else {
+          low_flush(s1, s2, a1, a2, b1, b2);
+        }
+      }
+      if (!all_finite(a1, a2, b1, b2)) {  // overflow or NaN: the run again, in double
+        a1 = s_a1;
+        a2 = s_a2;
+        b1 = s_b1;
+        b2 = s_b2;
+        i = 0;
+      }
+    }
+  }
   if constexpr (kTwoPairs) {
     for (; i + 16 <= len; i += 16) {
       D8 d, e;
@@ -75,6 +169,41 @@ NORMKIT_KINLINE void grad_run(const T* xp,
   D8 cv;
   splat(cv, c);
   Index i = 0;
+  if constexpr (kLowFloatSums && is_low_v<T>) {  // see the NB above mom_run
+    if (len >= 16 * kLowBlock) {
+      const D8 s_a1 = a1, s_a2 = a2, s_b1 = b1, s_b2 = b2;
+      const float cf = static_cast<float>(c);
+      const double dc = static_cast<double>(cf) - c;
+      const F16 cv16 = splat16(cf);
+      for (; i + 16 * kLowBlock <= len; i += 16 * kLowBlock) {
+        F16 s1 = load16(gp + i);
+        F16 s2 = s1 * (load16(xp + i) - cv16);
+        for (Index k = 1; k < kLowBlock; ++k) {
+          const F16 g = load16(gp + i + 16 * k);
+          s1 += g;
+          s2 += g * (load16(xp + i + 16 * k) - cv16);
+        }
+        if (dc != 0.0) {
+          // sum g (x - c) = sum g (x - cf) + (cf - c) sum g, per lane
+          alignas(64) float o[16];
+          store(o, s1);
+          D8 u;
+          load(u, o);
+          a2 += u * dc;
+          load(u, o + 8);
+          b2 += u * dc;
+        }
+        low_flush(s1, s2, a1, a2, b1, b2);
+      }
+      if (!all_finite(a1, a2, b1, b2)) {  // overflow or NaN: the run again, in double
+        a1 = s_a1;
+        a2 = s_a2;
+        b1 = s_b1;
+        b2 = s_b2;
+        i = 0;
+      }
+    }
+  }
   if constexpr (kTwoPairs) {
     for (; i + 16 <= len; i += 16) {
       D8 g, h, d, e;
