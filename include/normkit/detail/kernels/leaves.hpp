@@ -34,8 +34,9 @@ inline constexpr Index kPrefetchRuns = 4;
 //   or its product with dy when x - c has at most 12 significant bits;
 // - a block adds kLowBlock terms per lane in float: at most kLowBlock - 1 roundings of its
 //   own magnitude, 2^-24 each, before the double sums (against the outputs' 2^-8 or 2^-11);
-// - a shift that is not a value of float (the backward's mean) is rounded to float and the
-//   difference is added back per block in double (x - c = (x - cf) + (cf - c));
+// - the backward's shift (the mean, a double) is rounded to float and the difference is
+//   added back per block in double (x - c = (x - cf) + (cf - c)); a moments shift that is
+//   not a value of float (never, today: it is an element) keeps the run in double;
 // - a run whose float sums are not finite (|x - c| beyond 1.8e19, bfloat16, or a NaN or
 //   infinity in the data) is summed again in double from the state before it, as the other
 //   types are, so overflow and NaN give exactly what they gave before.
@@ -60,16 +61,26 @@ NORMKIT_KINLINE void low_flush(const F16& s1, const F16& s2, D8& a1, D8& a2, D8&
   load(u, o + 24);
   b2 += u;
 }
-// True when every lane of the four accumulators is finite.
-NORMKIT_KINLINE bool all_finite(const D8& a1, const D8& a2, const D8& b1, const D8& b2) {
-  D8 t = (a1 + a2) + (b1 + b2);
-  t = t - t;  // 0 where finite, NaN where not
-  alignas(64) double o[8];
-  store(o, t);
-  bool ok = true;
-  for (int k = 0; k < 8; ++k) ok = ok && o[k] == 0.0;
-  return ok;
-}
+// The accumulators at the start of a run: restored (and true returned) when the run's float
+// sums left any lane non-finite, so that the caller sums the run again in double.
+struct AccSnapshot {
+  D8 a1, a2, b1, b2;
+  NORMKIT_KINLINE bool restore_if_not_finite(D8& x1, D8& x2, D8& y1, D8& y2) const {
+    D8 t = (x1 + x2) + (y1 + y2);
+    t = t - t;  // 0 where finite, NaN where not
+    alignas(64) double o[8];
+    store(o, t);
+    bool ok = true;
+    for (int k = 0; k < 8; ++k) ok = ok && o[k] == 0.0;
+    if (!ok) {
+      x1 = a1;
+      x2 = a2;
+      y1 = b1;
+      y2 = b2;
+    }
+    return !ok;
+  }
+};
 
 // Moments: a1 += (x - c), a2 += (x - c)^2 (see MomentsOp NB in reduction.hpp).
 template <class T>
@@ -79,10 +90,10 @@ NORMKIT_KINLINE void mom_run(
   splat(cv, c);
   Index i = 0;
   if constexpr (kLowFloatSums && is_low_v<T>) {
-    if (len >= 16 * kLowBlock) {
-      const D8 s_a1 = a1, s_a2 = a2, s_b1 = b1, s_b2 = b2;
-      const float cf = static_cast<float>(c);
-      const double dc = static_cast<double>(cf) - c;  // 0 when c is a value of float
+    // (the shift is the block's first element, a value of T; any other shift stays in double)
+    const float cf = static_cast<float>(c);
+    if (len >= 16 * kLowBlock && static_cast<double>(cf) == c) {
+      const AccSnapshot start{a1, a2, b1, b2};
       const F16 cv16 = splat16(cf);
       for (; i + 16 * kLowBlock <= len; i += 16 * kLowBlock) {
         F16 s1 = load16(xp + i) - cv16;
@@ -92,37 +103,10 @@ NORMKIT_KINLINE void mom_run(
           s1 += d;
           s2 += d * d;
         }
-        if (dc != 0.0) {
-          // sum (x - c)^2 = sum (x - cf)^2 + 2 dc sum (x - cf) + n dc^2, per lane
-          D8 u, v, w;
-          alignas(64) float o[16];
-          store(o, s1);
-          const double n = static_cast<double>(kLowBlock);
-          for (int h = 0; h < 2; ++h) {
-            load(u, o + 8 * h);
-            v = u * (2.0 * dc) + n * dc * dc;
-            w = u + n * dc;
-            if (h == 0) {
-              a1 += w;
-              a2 += v;
-            } else {
-              b1 += w;
-              b2 += v;
-            }
-          }
-          F16 z = splat16(0.0f);
-          low_flush(z, s2, a1, a2, b1, b2);
-        } else {
-          low_flush(s1, s2, a1, a2, b1, b2);
-        }
+        low_flush(s1, s2, a1, a2, b1, b2);
       }
-      if (!all_finite(a1, a2, b1, b2)) {  // overflow or NaN: the run again, in double
-        a1 = s_a1;
-        a2 = s_a2;
-        b1 = s_b1;
-        b2 = s_b2;
+      if (start.restore_if_not_finite(a1, a2, b1, b2))  // overflow or NaN: again, in double
         i = 0;
-      }
     }
   }
   if constexpr (kTwoPairs) {
@@ -171,7 +155,7 @@ NORMKIT_KINLINE void grad_run(const T* xp,
   Index i = 0;
   if constexpr (kLowFloatSums && is_low_v<T>) {  // see the NB above mom_run
     if (len >= 16 * kLowBlock) {
-      const D8 s_a1 = a1, s_a2 = a2, s_b1 = b1, s_b2 = b2;
+      const AccSnapshot start{a1, a2, b1, b2};
       const float cf = static_cast<float>(c);
       const double dc = static_cast<double>(cf) - c;
       const F16 cv16 = splat16(cf);
@@ -195,13 +179,8 @@ NORMKIT_KINLINE void grad_run(const T* xp,
         }
         low_flush(s1, s2, a1, a2, b1, b2);
       }
-      if (!all_finite(a1, a2, b1, b2)) {  // overflow or NaN: the run again, in double
-        a1 = s_a1;
-        a2 = s_a2;
-        b1 = s_b1;
-        b2 = s_b2;
+      if (start.restore_if_not_finite(a1, a2, b1, b2))  // overflow or NaN: again, in double
         i = 0;
-      }
     }
   }
   if constexpr (kTwoPairs) {
