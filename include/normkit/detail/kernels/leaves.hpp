@@ -46,16 +46,22 @@ inline constexpr Index kLowBlock = 4;
 
 // The AVX2 and AVX-512 copies (and a translation unit's own -mavx2 or wider baseline).
 inline constexpr bool kLowFloatSums = kTwoPairs;
-// Adds a block's float sums (16 lanes each) to the double accumulators.
-NORMKIT_KINLINE void low_flush(const F16& s1, const F16& s2, D8& a1, D8& a2, D8& b1, D8& b2) {
+// Adds a block's float sums (16 lanes each) to the double accumulators; dc != 0 first adds
+// dc * s1 to the second sums (the backward's shift correction, see the NB above).
+NORMKIT_KINLINE void low_flush(
+    const F16& s1, const F16& s2, double dc, D8& a1, D8& a2, D8& b1, D8& b2) {
   alignas(64) float o[32];
   store(o, s1);
   store(o + 16, s2);
   D8 u;
   load(u, o);
   a1 += u;
+  if (dc != 0.0)
+    a2 += u * dc;
   load(u, o + 8);
   b1 += u;
+  if (dc != 0.0)
+    b2 += u * dc;
   load(u, o + 16);
   a2 += u;
   load(u, o + 24);
@@ -103,7 +109,7 @@ NORMKIT_KINLINE void mom_run(
           s1 += d;
           s2 += d * d;
         }
-        low_flush(s1, s2, a1, a2, b1, b2);
+        low_flush(s1, s2, 0.0, a1, a2, b1, b2);
       }
       if (start.restore_if_not_finite(a1, a2, b1, b2))  // overflow or NaN: again, in double
         i = 0;
@@ -167,17 +173,8 @@ NORMKIT_KINLINE void grad_run(const T* xp,
           s1 += g;
           s2 += g * (load16(xp + i + 16 * k) - cv16);
         }
-        if (dc != 0.0) {
-          // sum g (x - c) = sum g (x - cf) + (cf - c) sum g, per lane
-          alignas(64) float o[16];
-          store(o, s1);
-          D8 u;
-          load(u, o);
-          a2 += u * dc;
-          load(u, o + 8);
-          b2 += u * dc;
-        }
-        low_flush(s1, s2, a1, a2, b1, b2);
+        // sum g (x - c) = sum g (x - cf) + (cf - c) sum g, per lane
+        low_flush(s1, s2, dc, a1, a2, b1, b2);
       }
       if (start.restore_if_not_finite(a1, a2, b1, b2))  // overflow or NaN: again, in double
         i = 0;
