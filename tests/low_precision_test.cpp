@@ -374,6 +374,34 @@ TEST_P(LowPrecision, Bfloat16BackwardSumsKeepTheMeanBeyondFloat) {
   const T4 dy = random_tensor<T4>({2, 3, 7, 15}, 12, 0.0f, 1.0f);
   check<bf16>(normkit::BatchNorm2d<float>(3), normkit::BatchNorm2d<double>(3), x, dy,
               "BatchNorm2d mixed, mean 1e4");
+  // LayerNorm's one-pass backward sums its rows (315 elements) in float blocks too; its
+  // outputs do not depend on the shift correction at 16-bit precision (dweight comes from the
+  // per-position sums), so these guard the float blocks against a mean far from zero.
+  check<bf16>(normkit::LayerNorm<float>(normkit::LayerNormOptions({3, 7, 15})),
+              normkit::LayerNorm<double>(normkit::LayerNormOptions({3, 7, 15})), x, dy,
+              "LayerNorm mixed, mean 1e4");
+  check<bf16>(normkit::LayerNorm<bf16>(normkit::LayerNormOptions({3, 7, 15})),
+              normkit::LayerNorm<double>(normkit::LayerNormOptions({3, 7, 15})), x, dy,
+              "LayerNorm bfloat16, mean 1e4");
+}
+
+// dy * (x - mean) beyond float (|x| near 1e36, |dy| near 1e4): LayerNorm's and RMSNorm's
+// backward row sums of 16-bit data (float blocks) are summed again in double.
+TEST_P(LowPrecision, Bfloat16BackwardProductsBeyondFloatSumInDouble) {
+  using T2 = Eigen::Tensor<float, 2, Eigen::RowMajor>;
+  T2 x(3, 200), dy(3, 200);
+  for (Eigen::Index i = 0; i < x.size(); ++i) {
+    x.data()[i] = (i % 3 == 0 ? -1.0f : 1.0f) * 1e36f * (1.0f + 0.01f * static_cast<float>(i % 17));
+    dy.data()[i] = 1e4f * (0.25f * static_cast<float>(i % 7) - 0.5f);
+  }
+  check<bf16>(normkit::LayerNorm<bf16>(normkit::LayerNormOptions({200})),
+              normkit::LayerNorm<double>(normkit::LayerNormOptions({200})), x, dy,
+              "LayerNorm bfloat16");
+  check<bf16>(normkit::LayerNorm<float>(normkit::LayerNormOptions({200})),
+              normkit::LayerNorm<double>(normkit::LayerNormOptions({200})), x, dy,
+              "LayerNorm mixed");
+  check<bf16>(normkit::RMSNorm<bf16>(normkit::RMSNormOptions({200})),
+              normkit::RMSNorm<double>(normkit::RMSNormOptions({200})), x, dy, "RMSNorm bfloat16");
 }
 
 TEST_P(LowPrecision, Bfloat16BeyondFloatSquaresSumInDouble) {

@@ -804,6 +804,56 @@ struct LnRowSums {
   }
 };
 
+// NB: a row's sums of 16-bit data in float blocks, as grad_run's (see the NB above mom_run):
+// kLowBlock vectors of 16 terms w*dy and w*dy*(x - cf) per block, cf the row's mean rounded
+// to float and the difference added back per block (low_flush); a row whose float sums are
+// not finite is summed again in double. The same steps whether the row is summed on its own
+// or interleaved with the previous row's dx, so thread counts agree bit for bit.
+struct LnLowSums {
+  F16 s1, s2, cv;
+  double dc;
+  Index k;  // vectors in the open block
+  NORMKIT_KINLINE void begin(double c) {
+    const float cf = static_cast<float>(c);
+    cv = splat16(cf);
+    dc = static_cast<double>(cf) - c;
+    k = 0;
+  }
+  template <class T, bool kW>
+  NORMKIT_KINLINE void step(const T* xp, const T* gp, const float* wf, Index j, LnRowSums& S) {
+    F16 g = load16(gp + j);
+    if constexpr (kW)
+      g = g * load16(wf + j);
+    const F16 d = load16(xp + j) - cv;
+    if (k == 0) {
+      s1 = g;
+      s2 = g * d;
+    } else {
+      s1 += g;
+      s2 += g * d;
+    }
+    if (++k == kLowBlock) {
+      low_flush(s1, s2, dc, S.a1, S.a2, S.b1, S.b2);
+      k = 0;
+    }
+  }
+  // The open block flushed, the rest of the row (from j) in double; false when the float
+  // sums were not finite (S is then cleared for a row in double).
+  template <class T, bool kW>
+  NORMKIT_KINLINE bool end(
+      const T* xp, const T* gp, const double* w, double c, Index j, Index n, LnRowSums& S) {
+    if (k != 0)
+      low_flush(s1, s2, dc, S.a1, S.a2, S.b1, S.b2);
+    D8 zero8;
+    zero(zero8);
+    const AccSnapshot start{zero8, zero8, zero8, zero8};
+    if (start.restore_if_not_finite(S.a1, S.a2, S.b1, S.b2))
+      return false;
+    ln_sums_range<T, kW>(xp, gp, w, c, j, n, S.a1, S.a2, S.b1, S.b2, S.t1, S.t2);
+    return true;
+  }
+};
+
 template <class T, bool kW>
 void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* pb) {
   const Index n = A.n;
@@ -841,10 +891,26 @@ void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* 
     std::fill(fg, fg + n, 0.0f);
     std::fill(fb, fb + n, 0.0f);
   }
+  constexpr bool kLow = kLowFloatSums && is_low_v<T>;
+  const bool low = kLow && n >= 16 * kLowBlock;
+  // A whole row's sums into S (cleared).
+  auto row_sums = [&](const T* xp, const T* gp, double c, LnRowSums& S) {
+    S.clear();
+    if constexpr (kLow) {
+      if (low) {
+        LnLowSums L;
+        L.begin(c);
+        Index j = 0;
+        for (; j + 16 <= n; j += 16) L.step<T, kW>(xp, gp, A.gamma_t, j, S);
+        if (L.end<T, kW>(xp, gp, w, c, j, n, S))
+          return;
+        S.clear();
+      }
+    }
+    ln_sums_range<T, kW>(xp, gp, w, c, 0, n, S.a1, S.a2, S.b1, S.b2, S.t1, S.t2);
+  };
   LnRowSums cur, nxt;
-  cur.clear();
-  ln_sums_range<T, kW>(A.x + r0 * n, A.dy + r0 * n, w, A.mean[r0], 0, n, cur.a1, cur.a2, cur.b1,
-                       cur.b2, cur.t1, cur.t2);
+  row_sums(A.x + r0 * n, A.dy + r0 * n, A.mean[r0], cur);
   for (Index t = r0; t < r1; ++t) {
     const T* xp = A.x + t * n;
     const T* gp = A.dy + t * n;
@@ -875,7 +941,20 @@ void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* 
                           ab += g;
                         };
         Index j = 0;
-        if (more) {
+        if (more && low) {
+          // As below, the next row's sums in float blocks (see LnLowSums).
+          LnLowSums L;
+          L.begin(nc);
+          for (; j + 16 <= n; j += 16) {
+            L.step<T, kW>(nxp, ngp, wt, j, nxt);
+            F16 vo, vg = load16(fg + j), vb = load16(fb + j);
+            body(vo, vg, vb, load16(xp + j), load16(gp + j), load16(wt + j));
+            store(op + j, vo);
+            store(fg + j, vg);
+            store(fb + j, vb);
+          }
+          next_done = L.end<T, kW>(nxp, ngp, w, nc, j, n, nxt);  // else summed again below
+        } else if (more) {
           // This row's dx from L1, the next row's sums streaming in.
           D8 ncv;
           splat(ncv, nc);
@@ -922,9 +1001,8 @@ void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* 
         op[j] = from_d<T>(a * g + B * xd + C);
       }
     }
-    if (more && !next_done) {
-      ln_sums_range<T, kW>(nxp, ngp, w, nc, 0, n, nxt.a1, nxt.a2, nxt.b1, nxt.b2, nxt.t1, nxt.t2);
-    }
+    if (more && !next_done)
+      row_sums(nxp, ngp, nc, nxt);
     cur = nxt;
   }
   if constexpr (kFloat) {
