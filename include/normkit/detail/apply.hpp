@@ -9,7 +9,6 @@
 #include <algorithm>  // std::min
 #include <cmath>      // std::exp, std::erf, std::tanh
 #include <cstring>    // std::memcpy
-#include <vector>     // std::vector
 
 #include <normkit/config.hpp>
 #include <normkit/detail/dispatch.hpp>
@@ -17,6 +16,7 @@
 #include <normkit/detail/kernels/types.hpp>
 #include <normkit/detail/plan.hpp>
 #include <normkit/detail/reduction.hpp>
+#include <normkit/detail/scratch.hpp>
 
 NORMKIT_BEGIN_NAMESPACE
 namespace detail {
@@ -215,8 +215,8 @@ struct ApplyOp {
 template <class T>
 void column_tables(ApplyOp<T>& op,
                    Index slots,
-                   std::vector<double>& dstore,
-                   std::vector<float>& fstore) {
+                   SmallBuffer<double>& dstore,
+                   SmallBuffer<float>& fstore) {
   if (op.kind == ApplyKind::ln_affine || op.w != nullptr)
     return;
   const bool grad = op.kind == ApplyKind::gradin;

@@ -193,8 +193,8 @@ void channel_norm_forward(ChannelNormKind kind,
     op.act = act;
     op.epi = epi;  // the caller's table: only forward_fused instantiates the epilogue kernels
   }
-  std::vector<double> dtab;
-  std::vector<float> ftab;
+  SmallBuffer<double> dtab;
+  SmallBuffer<float> ftab;
   // Given statistics (SyncBatchNorm) take the column tables whenever the plan is in column
   // mode, not by size: without them the apply runs in double (ApplyOp::generic), so an
   // element's bits would depend on the size of the shard it is in.
@@ -448,8 +448,8 @@ void channel_norm_dx(const Shape& sh,
   aop.dy = dy;
   aop.y = dx;
   aop.gk = gk.data();
-  std::vector<double> dtab;
-  std::vector<float> ftab;
+  SmallBuffer<double> dtab;
+  SmallBuffer<float> ftab;
   if (p.column_mode())  // whatever the shard's size, as channel_norm_forward's given statistics
     column_tables(aop, C, dtab, ftab);
   apply_plan(p, aop, ex);
@@ -528,8 +528,8 @@ void channel_norm_backward(ChannelNormKind kind,
     reduce(p, rop, sums.data(), ex);
     for (Index s = 0; s < slots; ++s) finish(s, sums[static_cast<std::size_t>(s)]);
     if (dx) {
-      std::vector<double> dtab;
-      std::vector<float> ftab;
+      SmallBuffer<double> dtab;
+      SmallBuffer<float> ftab;
       if (want_tables(p))
         column_tables(aop, slots, dtab, ftab);
       apply_plan(p, aop, ex);

@@ -164,8 +164,8 @@ void group_norm_forward(const Shape& sh,
     for (std::size_t s = 0; s < mean.size(); ++s) rstd[s] = rstd_of(rstd[s], eps, false);
     for (Index n = 0; n < gp.N; ++n)
       for (Index g = 0; g < G; ++g) coefficients(n, g, sslot(n, g));
-    std::vector<double> dtab;
-    std::vector<float> ftab;
+    SmallBuffer<double> dtab;
+    SmallBuffer<float> ftab;
     if (want_tables(gp.apply))
       column_tables(op, NC, dtab, ftab);
     apply_plan(gp.apply, op, ex);
@@ -295,8 +295,8 @@ void group_norm_backward(const Shape& sh,
       for (Index g = 0; g < G; ++g) coefficients(n, g);
     }
     if (dx) {
-      std::vector<double> dtab;
-      std::vector<float> ftab;
+      SmallBuffer<double> dtab;
+      SmallBuffer<float> ftab;
       if (want_tables(gp.apply))
         column_tables(aop, NC, dtab, ftab);
       apply_plan(gp.apply, aop, ex);

@@ -202,8 +202,8 @@ void layer_norm_forward(const Shape& sh,
     std::vector<double> var(rows);
     moments(lp.stats, x, mean.data(), var.data(), ex);
     for (std::size_t s = 0; s < rows; ++s) finish(static_cast<Index>(s), mean[s], var[s]);
-    std::vector<double> dtab;
-    std::vector<float> ftab;
+    SmallBuffer<double> dtab;
+    SmallBuffer<float> ftab;
     if (op.kind == ApplyKind::affine && lp.stats.column_mode())
       column_tables(op, lp.rows, dtab, ftab);
     apply_plan(lp.stats, op, ex);

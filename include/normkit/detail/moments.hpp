@@ -1,41 +1,20 @@
 // normkit/detail/moments.hpp: per-slot mean and variance from the reduction core's shifted
-// sums, rstd, and small scratch buffers.
+// sums, and rstd.
 // SPDX-License-Identifier: MIT
 #ifndef NORMKIT_DETAIL_MOMENTS_HPP_
 #define NORMKIT_DETAIL_MOMENTS_HPP_
 // IWYU pragma: private, include <normkit/normkit.hpp>
 
 #include <cmath>   // std::sqrt, std::isinf, std::isfinite
-#include <vector>  // std::vector
 
 #include <normkit/config.hpp>
 #include <normkit/detail/exec.hpp>
 #include <normkit/detail/plan.hpp>
 #include <normkit/detail/reduction.hpp>
+#include <normkit/detail/scratch.hpp>
 
 NORMKIT_BEGIN_NAMESPACE
 namespace detail {
-
-/// Scratch of n elements: on the stack when small (per-call cost matters for tiny
-/// tensors: a heap allocation costs about as much as normalizing 100 floats), else on the heap.
-template <class T, std::size_t kLocal = 192>
-class SmallBuffer {
- public:
-  explicit SmallBuffer(Index n) {
-    if (static_cast<std::size_t>(n) > kLocal) {
-      heap_.resize(static_cast<std::size_t>(n));
-      ptr_ = heap_.data();
-    }
-  }
-  SmallBuffer(const SmallBuffer&) = delete;
-  SmallBuffer& operator=(const SmallBuffer&) = delete;
-  T* data() { return ptr_; }
-
- private:
-  T local_[kLocal];
-  std::vector<T> heap_;
-  T* ptr_ = local_;
-};
 
 /// Biased variance of a moments reduction (M2 / n; 0 for no elements).
 NORMKIT_ALWAYS_INLINE double variance(const Part& p) {
