@@ -5,7 +5,7 @@
 #define NORMKIT_DETAIL_MOMENTS_HPP_
 // IWYU pragma: private, include <normkit/normkit.hpp>
 
-#include <cmath>   // std::sqrt, std::isinf, std::isfinite
+#include <cmath>  // std::sqrt, std::isinf, std::isfinite
 
 #include <normkit/config.hpp>
 #include <normkit/detail/exec.hpp>
