@@ -5,29 +5,17 @@
 // checked for the same bits. Run once per ISA path: NORMKIT_ISA=avx2 probe_bfloat16_costs.
 // Build: scripts/bench.sh (target probe_bfloat16_costs).
 #include <algorithm>
-#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <random>
 
 #include <normkit/normkit.hpp>
 
+#include "rounds.hpp"
+
 namespace {
 
 using B = Eigen::bfloat16;
-
-template <class F>
-double best_us(F&& f, int reps = 400) {
-  double b = 1e30;
-  for (int i = 0; i < reps; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    f();
-    b = std::min(
-        b,
-        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return b;
-}
 
 template <class T>
 void fill(T& t, std::mt19937& g, float scale, float offset) {
@@ -62,13 +50,13 @@ int main() {
   const auto eval =
       normkit::BatchNormFuncOptions<float>().weight(w).bias(b).running_mean(rm).running_var(rv);
   const auto train = normkit::BatchNormFuncOptions<float>().weight(w).bias(b).training(true);
-  const double bn_eval = best_us([&] { normkit::batch_norm(x, y, eval); });
-  const double bn_train = best_us([&] { normkit::batch_norm(x, y, train); });
-  const double bnf_eval = best_us([&] { normkit::batch_norm(xf, yf, eval); });
+  const double bn_eval = probe::best_us([&] { normkit::batch_norm(x, y, eval); }, 400);
+  const double bn_train = probe::best_us([&] { normkit::batch_norm(x, y, train); }, 400);
+  const double bnf_eval = probe::best_us([&] { normkit::batch_norm(xf, yf, eval); }, 400);
   normkit::BatchNorm2d<B> bn(C);
   bn.forward(x);
   auto bg = bn.backward(dy);
-  const double bn_bwd = best_us([&] { bg = bn.backward(dy); });
+  const double bn_bwd = probe::best_us([&] { bg = bn.backward(dy); }, 400);
 
   // LayerNorm (256, 768), all bfloat16, with weight and bias.
   Eigen::Tensor<B, 2, Eigen::RowMajor> lx(256, 768), ldy(256, 768);
@@ -77,9 +65,9 @@ int main() {
   normkit::LayerNorm<B> ln(normkit::LayerNormOptions({768}));
   ln.set_keep_input(false);
   auto ly = ln.forward(lx);
-  const double ln_fwd = best_us([&] { ly = ln.forward(lx); });
+  const double ln_fwd = probe::best_us([&] { ly = ln.forward(lx); }, 400);
   auto lg = ln.backward(lx, ldy);
-  const double ln_bwd = best_us([&] { lg = ln.backward(lx, ldy); });
+  const double ln_bwd = probe::best_us([&] { lg = ln.backward(lx, ldy); }, 400);
 
   std::uint64_t h = hash(y, 0);
   h = hash(bg.input, h);

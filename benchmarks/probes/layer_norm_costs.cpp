@@ -5,7 +5,6 @@
 // benchmarks/results/2026-11-30-profiles.md.
 // Build: scripts/bench.sh (target probe_layer_norm_costs).
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -13,20 +12,9 @@
 
 #include <normkit/normkit.hpp>
 
-namespace {
+#include "rounds.hpp"
 
-template <class F>
-double best_us(F&& f, int reps = 300) {
-  double b = 1e30;
-  for (int i = 0; i < reps; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    f();
-    b = std::min(
-        b,
-        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return b;
-}
+namespace {
 
 void run(long rows, long n) {
   using Map = Eigen::TensorMap<Eigen::Tensor<float, 2, Eigen::RowMajor>>;
@@ -41,8 +29,9 @@ void run(long rows, long n) {
     b(i) = 0.1f * d(g);
   }
   const auto opt = normkit::LayerNormFuncOptions<float>({n}).weight(w).bias(b);
-  const double ln = best_us([&] { normkit::layer_norm(x, y, opt); });
-  const double cp = best_us([&] { std::memcpy(ys.data(), xs.data(), xs.size() * sizeof(float)); });
+  const double ln = probe::best_us([&] { normkit::layer_norm(x, y, opt); }, 300);
+  const double cp =
+      probe::best_us([&] { std::memcpy(ys.data(), xs.data(), xs.size() * sizeof(float)); }, 300);
   const double e = static_cast<double>(xs.size());
   std::printf(
       "%5ld x %5ld (%6.2f MB): layer_norm %7.1f us (%.3f ns/element) | memcpy %7.1f us "
