@@ -67,17 +67,22 @@ NORMKIT_KINLINE void low_flush(
   load(u, o + 24);
   b2 += u;
 }
+// Whether every lane of four accumulators is finite.
+NORMKIT_KINLINE bool all_finite(const D8& x1, const D8& x2, const D8& y1, const D8& y2) {
+  D8 t = (x1 + x2) + (y1 + y2);
+  t = t - t;  // 0 where finite, NaN where not
+  alignas(64) double o[8];
+  store(o, t);
+  bool ok = true;
+  for (int k = 0; k < 8; ++k) ok = ok && o[k] == 0.0;
+  return ok;
+}
 // The accumulators at the start of a run: restored (and true returned) when the run's float
 // sums left any lane non-finite, so that the caller sums the run again in double.
 struct AccSnapshot {
   D8 a1, a2, b1, b2;
   NORMKIT_KINLINE bool restore_if_not_finite(D8& x1, D8& x2, D8& y1, D8& y2) const {
-    D8 t = (x1 + x2) + (y1 + y2);
-    t = t - t;  // 0 where finite, NaN where not
-    alignas(64) double o[8];
-    store(o, t);
-    bool ok = true;
-    for (int k = 0; k < 8; ++k) ok = ok && o[k] == 0.0;
+    const bool ok = all_finite(x1, x2, y1, y2);
     if (!ok) {
       x1 = a1;
       x2 = a2;
@@ -144,6 +149,42 @@ NORMKIT_KINLINE void mom_run(
   }
 }
 
+// Backward sums of 16-bit data in float blocks (see the NB above mom_run): per block,
+// kLowBlock vectors of terms g and g * (x - cf), then low_flush into the double sums with the
+// shift correction dc = cf - c. One 16-lane step at a time, so that LayerNorm's backward can
+// interleave a row's sums with the previous row's dx; grad_run steps over whole blocks only.
+struct LowGradSums {
+  F16 s1, s2, cv;
+  double dc;
+  Index k;  // vectors in the open block
+  NORMKIT_KINLINE void begin(double c) {
+    const float cf = static_cast<float>(c);
+    cv = splat16(cf);
+    dc = static_cast<double>(cf) - c;
+    k = 0;
+  }
+  NORMKIT_KINLINE void step(const F16& g, const F16& x, D8& a1, D8& a2, D8& b1, D8& b2) {
+    const F16 d = x - cv;
+    if (k == 0) {
+      s1 = g;
+      s2 = g * d;
+    } else {
+      s1 += g;
+      s2 += g * d;
+    }
+    if (++k == kLowBlock) {  // sum g (x - c) = sum g (x - cf) + (cf - c) sum g, per lane
+      low_flush(s1, s2, dc, a1, a2, b1, b2);
+      k = 0;
+    }
+  }
+  // Flushes a block left open by a run that is not a whole number of blocks.
+  NORMKIT_KINLINE void close(D8& a1, D8& a2, D8& b1, D8& b2) {
+    if (k != 0)
+      low_flush(s1, s2, dc, a1, a2, b1, b2);
+    k = 0;
+  }
+};
+
 // Backward sums: a1 += dy, a2 += dy * (x - c).
 template <class T>
 NORMKIT_KINLINE void grad_run(const T* xp,
@@ -162,20 +203,10 @@ NORMKIT_KINLINE void grad_run(const T* xp,
   if constexpr (kLowFloatSums && is_low_v<T>) {  // see the NB above mom_run
     if (len >= 16 * kLowBlock) {
       const AccSnapshot start{a1, a2, b1, b2};
-      const float cf = static_cast<float>(c);
-      const double dc = static_cast<double>(cf) - c;
-      const F16 cv16 = splat16(cf);
-      for (; i + 16 * kLowBlock <= len; i += 16 * kLowBlock) {
-        F16 s1 = load16(gp + i);
-        F16 s2 = s1 * (load16(xp + i) - cv16);
-        for (Index k = 1; k < kLowBlock; ++k) {
-          const F16 g = load16(gp + i + 16 * k);
-          s1 += g;
-          s2 += g * (load16(xp + i + 16 * k) - cv16);
-        }
-        // sum g (x - c) = sum g (x - cf) + (cf - c) sum g, per lane
-        low_flush(s1, s2, dc, a1, a2, b1, b2);
-      }
+      LowGradSums L;
+      L.begin(c);
+      const Index blocks_end = len - len % (16 * kLowBlock);
+      for (; i < blocks_end; i += 16) L.step(load16(gp + i), load16(xp + i), a1, a2, b1, b2);
       if (start.restore_if_not_finite(a1, a2, b1, b2))  // overflow or NaN: again, in double
         i = 0;
     }
@@ -804,56 +835,6 @@ struct LnRowSums {
   }
 };
 
-// NB: a row's sums of 16-bit data in float blocks, as grad_run's (see the NB above mom_run):
-// kLowBlock vectors of 16 terms w*dy and w*dy*(x - cf) per block, cf the row's mean rounded
-// to float and the difference added back per block (low_flush); a row whose float sums are
-// not finite is summed again in double. The same steps whether the row is summed on its own
-// or interleaved with the previous row's dx, so thread counts agree bit for bit.
-struct LnLowSums {
-  F16 s1, s2, cv;
-  double dc;
-  Index k;  // vectors in the open block
-  NORMKIT_KINLINE void begin(double c) {
-    const float cf = static_cast<float>(c);
-    cv = splat16(cf);
-    dc = static_cast<double>(cf) - c;
-    k = 0;
-  }
-  template <class T, bool kW>
-  NORMKIT_KINLINE void step(const T* xp, const T* gp, const float* wf, Index j, LnRowSums& S) {
-    F16 g = load16(gp + j);
-    if constexpr (kW)
-      g = g * load16(wf + j);
-    const F16 d = load16(xp + j) - cv;
-    if (k == 0) {
-      s1 = g;
-      s2 = g * d;
-    } else {
-      s1 += g;
-      s2 += g * d;
-    }
-    if (++k == kLowBlock) {
-      low_flush(s1, s2, dc, S.a1, S.a2, S.b1, S.b2);
-      k = 0;
-    }
-  }
-  // The open block flushed, the rest of the row (from j) in double; false when the float
-  // sums were not finite (S is then cleared for a row in double).
-  template <class T, bool kW>
-  NORMKIT_KINLINE bool end(
-      const T* xp, const T* gp, const double* w, double c, Index j, Index n, LnRowSums& S) {
-    if (k != 0)
-      low_flush(s1, s2, dc, S.a1, S.a2, S.b1, S.b2);
-    D8 zero8;
-    zero(zero8);
-    const AccSnapshot start{zero8, zero8, zero8, zero8};
-    if (start.restore_if_not_finite(S.a1, S.a2, S.b1, S.b2))
-      return false;
-    ln_sums_range<T, kW>(xp, gp, w, c, j, n, S.a1, S.a2, S.b1, S.b2, S.t1, S.t2);
-    return true;
-  }
-};
-
 template <class T, bool kW>
 void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* pb) {
   const Index n = A.n;
@@ -891,18 +872,41 @@ void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* 
     std::fill(fg, fg + n, 0.0f);
     std::fill(fb, fb + n, 0.0f);
   }
+  // Row sums of 16-bit data in float blocks (LowGradSums, terms gamma * dy), the same steps
+  // whether a row is summed on its own or interleaved with the previous row's dx, so thread
+  // counts agree bit for bit; a row whose float sums are not finite is summed in double.
   constexpr bool kLow = kLowFloatSums && is_low_v<T>;
   const bool low = kLow && n >= 16 * kLowBlock;
+  auto low_step = [&](LowGradSums& L, const T* xp, const T* gp, Index j, LnRowSums& S)
+                      NORMKIT_KLAMBDA {
+                        if constexpr (kLow) {
+                          F16 g = load16(gp + j);
+                          if constexpr (kW)
+                            g = g * load16(A.gamma_t + j);
+                          L.step(g, load16(xp + j), S.a1, S.a2, S.b1, S.b2);
+                        } else {
+                          (void)L, (void)xp, (void)gp, (void)j, (void)S;
+                        }
+                      };
+  // The open block closed, then the row's rest (from j) in double; false (S to be summed
+  // again) when the float sums were not finite.
+  auto low_end = [&](LowGradSums& L, const T* xp, const T* gp, double c, Index j, LnRowSums& S) {
+    L.close(S.a1, S.a2, S.b1, S.b2);
+    if (!all_finite(S.a1, S.a2, S.b1, S.b2))
+      return false;
+    ln_sums_range<T, kW>(xp, gp, w, c, j, n, S.a1, S.a2, S.b1, S.b2, S.t1, S.t2);
+    return true;
+  };
   // A whole row's sums into S (cleared).
   auto row_sums = [&](const T* xp, const T* gp, double c, LnRowSums& S) {
     S.clear();
     if constexpr (kLow) {
       if (low) {
-        LnLowSums L;
+        LowGradSums L;
         L.begin(c);
         Index j = 0;
-        for (; j + 16 <= n; j += 16) L.step<T, kW>(xp, gp, A.gamma_t, j, S);
-        if (L.end<T, kW>(xp, gp, w, c, j, n, S))
+        for (; j + 16 <= n; j += 16) low_step(L, xp, gp, j, S);
+        if (low_end(L, xp, gp, c, j, S))
           return;
         S.clear();
       }
@@ -942,18 +946,18 @@ void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* 
                         };
         Index j = 0;
         if (more && low) {
-          // As below, the next row's sums in float blocks (see LnLowSums).
-          LnLowSums L;
+          // As below, the next row's sums in float blocks (see low_step).
+          LowGradSums L;
           L.begin(nc);
           for (; j + 16 <= n; j += 16) {
-            L.step<T, kW>(nxp, ngp, wt, j, nxt);
+            low_step(L, nxp, ngp, j, nxt);
             F16 vo, vg = load16(fg + j), vb = load16(fb + j);
             body(vo, vg, vb, load16(xp + j), load16(gp + j), load16(wt + j));
             store(op + j, vo);
             store(fg + j, vg);
             store(fb + j, vb);
           }
-          next_done = L.end<T, kW>(nxp, ngp, w, nc, j, n, nxt);  // else summed again below
+          next_done = low_end(L, nxp, ngp, nc, j, nxt);  // else summed again below
         } else if (more) {
           // This row's dx from L1, the next row's sums streaming in.
           D8 ncv;
