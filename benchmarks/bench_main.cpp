@@ -307,6 +307,11 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("normkit_cpu_isa", normkit::isa_name(normkit::cpu_isa()));
   benchmark::AddCustomContext("normkit_helper_linger_us",
                               std::to_string(normkit::helper_linger_us()));
+  // (NORMKIT_STREAMING_STORE_BYTES sets it; default: the last-level cache the OS reports)
+  const std::size_t stream_bytes = normkit::streaming_store_bytes();
+  benchmark::AddCustomContext("normkit_streaming_store_bytes", stream_bytes == normkit::kNeverStream
+                                                                   ? std::string("never")
+                                                                   : std::to_string(stream_bytes));
   const char* aten_cap = std::getenv("ATEN_CPU_CAPABILITY");
   const char* dnnl_isa = std::getenv("ONEDNN_MAX_CPU_ISA");
   benchmark::AddCustomContext("ATEN_CPU_CAPABILITY", aten_cap ? aten_cap : "(unset: best)");

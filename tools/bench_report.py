@@ -192,6 +192,11 @@ def markdown(rows, floor, cases, data, reps):
                    "same input buffers, and normkit and oneDNN write the same outputs" % (
                        "transparent huge pages" if "hugetlb=1" in ctx["glibc_tunables"]
                        else "default pages", ctx["glibc_tunables"]))
+    if "normkit_streaming_store_bytes" in ctx:  # runs since session 10
+        sb = ctx["normkit_streaming_store_bytes"]
+        out.append("- normkit streaming stores for outputs of at least %s (streaming_store_bytes(): "
+                   "the last-level cache the OS reports unless NORMKIT_STREAMING_STORE_BYTES is set)"
+                   % (sb if sb == "never" else "%.1f MB" % (int(sb) / 1e6)))
     out.append("- Date: %s; host: %s; load average at start: %s; repetitions: %d (medians)" % (
         ctx.get("date", "?"), ctx.get("host_name", "?"), ", ".join("%.2f" % x for x in ctx.get("load_avg", [])),
         reps))

@@ -7,8 +7,16 @@
 // IWYU pragma: private, include <normkit/normkit.hpp>
 
 #include <algorithm>  // std::min
+#include <atomic>     // std::atomic
 #include <cmath>      // std::exp, std::erf, std::tanh
-#include <cstring>    // std::memcpy
+#include <cstddef>    // std::size_t
+#include <cstdio>     // std::fprintf
+#include <cstdlib>    // std::getenv, std::strtoull
+#include <cstring>    // std::memcpy, std::strcmp
+#include <limits>     // std::numeric_limits
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>  // sysconf
+#endif
 
 #include <normkit/config.hpp>
 #include <normkit/detail/dispatch.hpp>
@@ -18,7 +26,84 @@
 #include <normkit/detail/reduction.hpp>
 #include <normkit/detail/scratch.hpp>
 
+namespace normkit {
+namespace process_state {
+// See isa.hpp: process-wide, outside the ABI namespace. 0: not chosen yet (the setting's
+// value is stored plus one, so that "stream every output" is 1).
+inline std::atomic<unsigned long long> streaming_store_bytes{0};
+}  // namespace process_state
+}  // namespace normkit
+
 NORMKIT_BEGIN_NAMESPACE
+
+/// "Never stream" for set_streaming_store_bytes().
+inline constexpr std::size_t kNeverStream = std::numeric_limits<std::size_t>::max();
+
+namespace detail {
+
+/// The initial streaming_store_bytes(): NORMKIT_STREAMING_STORE_BYTES (a byte count, with
+/// an optional K, M or G suffix, or "never"), else the last-level cache size the OS
+/// reports, else never.
+inline std::size_t initial_streaming_store_bytes() {
+  const char* env = std::getenv("NORMKIT_STREAMING_STORE_BYTES");
+  if (env != nullptr && *env != 0) {
+    if (std::strcmp(env, "never") == 0)
+      return kNeverStream;
+    char* end = nullptr;
+    unsigned long long v = std::strtoull(env, &end, 10);
+    const char u = end ? *end : '\0';
+    const int shift = u == 'K' || u == 'k'   ? 10
+                      : u == 'M' || u == 'm' ? 20
+                      : u == 'G' || u == 'g' ? 30
+                                             : 0;
+    if (end != env && (shift == 0 ? u == 0 : end[1] == 0) && v <= (kNeverStream >> shift))
+      return static_cast<std::size_t>(v << shift);
+    std::fprintf(stderr,
+                 "normkit: NORMKIT_STREAMING_STORE_BYTES=%s not recognized (a byte count such as "
+                 "64M, or never); using the last-level cache size\n",
+                 env);
+  }
+  long llc = -1;
+#if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+  llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  if (llc <= 0)
+    llc = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+  return llc > 0 ? static_cast<std::size_t>(llc) : kNeverStream;
+}
+
+}  // namespace detail
+
+/// Outputs (y of a forward, dx of a backward) of at least this many bytes are written with
+/// streaming (non-temporal) stores, which go around the caches: an output larger than the
+/// last-level cache would not stay there for its reader anyway, and a normal store first
+/// reads every line it writes (one more pass over memory). Default: the last-level cache
+/// size the OS reports (sysconf; never where it reports none), or the environment variable
+/// NORMKIT_STREAMING_STORE_BYTES (a byte count with an optional K, M or G suffix, or
+/// "never"). Streaming changes no result bit, only where y is when the call returns. One
+/// setting for the whole process. Streamed: float outputs on x86-64 (every ISA level) and
+/// aarch64 (Clang), bfloat16 and half outputs on the AVX2 and AVX-512 levels; runs shorter
+/// than 64 elements and in-place outputs are stored normally.
+inline std::size_t streaming_store_bytes() {
+  unsigned long long v = process_state::streaming_store_bytes.load(std::memory_order_relaxed);
+  if (v == 0) {
+    // Deterministic, so threads racing here store the same value.
+    const std::size_t b = detail::initial_streaming_store_bytes();
+    unsigned long long expected = 0;
+    process_state::streaming_store_bytes.compare_exchange_strong(
+        expected, b == kNeverStream ? b : static_cast<unsigned long long>(b) + 1,
+        std::memory_order_relaxed);
+    v = process_state::streaming_store_bytes.load(std::memory_order_relaxed);
+  }
+  return v == kNeverStream ? kNeverStream : static_cast<std::size_t>(v - 1);
+}
+/// Sets streaming_store_bytes(): 0 streams every output, kNeverStream none.
+inline void set_streaming_store_bytes(std::size_t bytes) {
+  process_state::streaming_store_bytes.store(
+      bytes == kNeverStream ? bytes : static_cast<unsigned long long>(bytes) + 1,
+      std::memory_order_relaxed);
+}
+
 namespace detail {
 
 /// A double mean as float hi + lo, for a float-speed, double-accurate x - mean.
@@ -110,6 +195,15 @@ struct ApplyOp {
   const T* res = nullptr;
   int act = 0;
   const EpiLeaves<T>* epi = nullptr;
+  // Streaming stores for y (see streaming_store_bytes()): set by streaming_for().
+  int stream = 0;
+
+  /// This op, streaming its output when `numel` elements of T reach streaming_store_bytes().
+  ApplyOp streaming_for(Index numel) const {
+    ApplyOp o = *this;
+    o.stream = static_cast<std::size_t>(numel) * sizeof(T) >= streaming_store_bytes() ? 1 : 0;
+    return o;
+  }
 
   /// count runs of len elements, stride apart: run r's first element at off + r*stride,
   /// slot slot + r*slot_step (column mode: that row's first slot; the slots of a row are
@@ -128,12 +222,13 @@ struct ApplyOp {
       epilogue(column, off, len, count, stride, slot, slot_step, aux, aux_outer, aux_inner);
     } else if (!column) {
       if (kind == ApplyKind::affine) {
-        leaf->affine_rows(x + off, y + off, len, count, stride, ak + slot, slot_step);
+        leaf->affine_rows(x + off, y + off, len, count, stride, ak + slot, slot_step, stream);
       } else if (kind == ApplyKind::ln_affine && aux_inner == 1 && aux_outer == 0) {
         ln_leaf->ln_affine_rows(x + off, y + off, len, count, stride, ak + slot, slot_step,
-                                gamma + aux, beta + aux);
+                                gamma + aux, beta + aux, stream);
       } else if (kind == ApplyKind::gradin && w == nullptr) {
-        leaf->gradin_rows(x + off, dy + off, y + off, len, count, stride, gk + slot, slot_step);
+        leaf->gradin_rows(x + off, dy + off, y + off, len, count, stride, gk + slot, slot_step,
+                          stream);
       } else {
         for (Index r = 0; r < count; ++r)
           generic(false, off + r * stride, len, slot + r * slot_step, aux + r * aux_outer,
@@ -144,9 +239,9 @@ struct ApplyOp {
       for (int i = 0; i < 5; ++i) k.f[i] = tables.f[i] ? tables.f[i] + slot : nullptr;
       for (int i = 0; i < 4; ++i) k.d[i] = tables.d[i] ? tables.d[i] + slot : nullptr;
       if (kind == ApplyKind::affine) {
-        leaf->affine_cols(x + off, y + off, stride, count, len, k);
+        leaf->affine_cols(x + off, y + off, stride, count, len, k, stream);
       } else {
-        leaf->gradin_cols(x + off, dy + off, y + off, stride, count, len, k);
+        leaf->gradin_cols(x + off, dy + off, y + off, stride, count, len, k, stream);
       }
     } else {
       for (Index r = 0; r < count; ++r)
@@ -172,12 +267,13 @@ struct ApplyOp {
                 Index aux_inner) const {
     const T* r = res ? res + off : nullptr;
     if (!column) {
-      epi->affine_rows_epi(x + off, r, y + off, len, count, stride, ak + slot, slot_step, act);
+      epi->affine_rows_epi(x + off, r, y + off, len, count, stride, ak + slot, slot_step, act,
+                           stream);
     } else if (tables_ready && slot_step == 0) {
       ColTables k = tables;
       for (int i = 0; i < 5; ++i) k.f[i] = tables.f[i] ? tables.f[i] + slot : nullptr;
       for (int i = 0; i < 4; ++i) k.d[i] = tables.d[i] ? tables.d[i] + slot : nullptr;
-      epi->affine_cols_epi(x + off, r, y + off, stride, count, len, k, act);
+      epi->affine_cols_epi(x + off, r, y + off, stride, count, len, k, act, stream);
     } else {
       for (Index q = 0; q < count; ++q)
         generic(true, off + q * stride, len, slot + q * slot_step, aux + q * aux_outer, aux_inner);
@@ -276,9 +372,10 @@ inline constexpr Index kApplyCutAlign = 16;
 /// Runs `op` over every element of the plan. Column-mode tables must already be set
 /// (column_tables()) for the leaf path.
 template <class T>
-void apply_plan(const Plan& p, const ApplyOp<T>& op, const Exec& ex) {
+void apply_plan(const Plan& p, const ApplyOp<T>& op_in, const Exec& ex) {
   if (p.numel == 0)
     return;
+  const ApplyOp<T> op = op_in.streaming_for(p.numel);
   Odometer outer;
   for (int i = 0; i + 1 < p.rank; ++i) outer.add(p.axes[static_cast<std::size_t>(i)]);
   const LoopAxis& inner = p.inner();

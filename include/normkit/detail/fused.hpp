@@ -94,8 +94,9 @@ void fused_slots(const Plan& ps,
                  const Plan& pa,
                  const SumOp<T>& rop,
                  const SlotHooks& hooks,
-                 const ApplyOp<T>& apply,
+                 const ApplyOp<T>& apply_in,
                  const Exec& ex) {
+  const ApplyOp<T> apply = apply_in.streaming_for(pa.numel);
   auto finish = [&](Index s, const Part& part) { hooks.finish(hooks.ctx, s, part); };
   const bool mom = rop.moments();
   const Nest ns = split(ps);

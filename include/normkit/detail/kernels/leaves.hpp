@@ -457,13 +457,52 @@ NORMKIT_KINLINE bool apart(const Y* y, const P* x, Index len) {
   return ye <= xb || xe <= yb;
 }
 
+// NB: streaming stores (nt: the call's output is at least streaming_store_bytes(), see
+// apply.hpp). A run of at least kStreamMin elements of a kStreamable type that shares no
+// byte with an input stores its aligned vectors (64 bytes of float, 32 of bfloat16 or half)
+// with stream(): the run's first vector, followed by one that starts at the first boundary, and the
+// last one shifted back (as above) cover the unaligned ends with normal stores. Every element is
+// still computed by the same vector instructions from the same inputs, so streaming changes no bit;
+// the leaf calls stream_fence() before it returns.
+inline constexpr Index kStreamMin = 64;
+
+// A vector of results to p: streamed when s (then kStreamable<Y> and p is vector-aligned).
+template <class Y>
+NORMKIT_KINLINE void put16(Y* p, const F16& r, bool s) {
+  if constexpr (kStreamable<Y>) {
+    if (s) {
+      stream(p, r);
+      return;
+    }
+  } else {
+    (void)s;
+  }
+  store(p, r);
+}
+
 template <class Y, class F, class... P>
-NORMKIT_KINLINE void fmap(Index len, Y* y, const F& f, const P*... in) {
-  Index j = 0;
-  for (; j + 16 <= len; j += 16) {
+NORMKIT_KINLINE void fmap(Index len, Y* y, bool nt, const F& f, const P*... in) {
+  Index j = 0, step = 16;  // the first step: to the first vector boundary when streaming
+  bool s = false, s0 = false;
+  if constexpr (kStreamable<Y>) {
+    constexpr std::uintptr_t kVB = 16 * sizeof(Y);  // a vector's bytes: 64, or 32 (16-bit)
+    const auto mis = reinterpret_cast<std::uintptr_t>(y) % kVB;
+    if (nt && len >= kStreamMin && mis % sizeof(Y) == 0 && (apart(y, in, len) && ...)) {
+      s = true;
+      s0 = mis == 0;
+      if (mis != 0)
+        step = static_cast<Index>((kVB - mis) / sizeof(Y));
+    }
+  } else {
+    (void)nt;
+  }
+  // NB: one loop for every vector, streamed or not, the unaligned first one included. A
+  // separate copy of the arithmetic for the first vector was contracted into FMAs
+  // differently by GCC (the backward apply's dx differed in the last bit, AVX-512 copy).
+  for (; j + 16 <= len; j += step, step = 16) {
     F16 r;
     f(r, load16(in + j)...);
-    store(y + j, r);
+    put16(y + j, r, s && (j != 0 || s0));
   }
   if (j < len && len >= 16 && (apart(y, in, len) && ...)) {
     const Index k = len - 16;
@@ -478,6 +517,12 @@ NORMKIT_KINLINE void fmap(Index len, Y* y, const F& f, const P*... in) {
     store(o, r);
     for (Index k = 0; k < rest; ++k) y[j + k] = from_f<Y>(o[k]);
   }
+}
+
+// Orders a leaf's streaming stores (see fmap) before the leaf returns.
+NORMKIT_KINLINE void end_stream(int nt) {
+  if (kStream && nt)
+    stream_fence();
 }
 
 template <class P>
@@ -522,8 +567,14 @@ NORMKIT_KINLINE void dmap(Index len, T* y, const F& f, const P*... in) {
 // Forward apply, rows: run r uses coefficients k[r*k_step] (AffineCoef: y = (x - m)*a + b).
 
 template <class T>
-void affine_rows(
-    const T* x, T* y, Index len, Index count, Index stride, const AffineCoef* k, Index k_step) {
+void affine_rows(const T* x,
+                 T* y,
+                 Index len,
+                 Index count,
+                 Index stride,
+                 const AffineCoef* k,
+                 Index k_step,
+                 int nt) {
   for (Index r = 0; r < count; ++r) {
     const AffineCoef& q = k[r * k_step];
     const T* xp = x + r * stride;
@@ -532,8 +583,8 @@ void affine_rows(
       if (q.use_float) {
         const float hi = q.hi, lo = q.lo, a = q.af, b = q.bf;
         fmap(
-            len, yp, [&](auto& o, const auto& v) NORMKIT_KLAMBDA { o = ((v - hi) - lo) * a + b; },
-            xp);
+            len, yp, nt,
+            [&](auto& o, const auto& v) NORMKIT_KLAMBDA { o = ((v - hi) - lo) * a + b; }, xp);
         continue;
       }
     }
@@ -541,6 +592,7 @@ void affine_rows(
     dmap(
         len, yp, [&](auto& o, const auto& v) NORMKIT_KLAMBDA { o = (v - m) * a + b; }, xp);
   }
+  end_stream(nt);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -555,7 +607,8 @@ void affine_rows_epi_impl(const T* x,
                           Index count,
                           Index stride,
                           const AffineCoef* k,
-                          Index k_step) {
+                          Index k_step,
+                          int nt) {
   for (Index r = 0; r < count; ++r) {
     const AffineCoef& q = k[r * k_step];
     const T* xp = x + r * stride;
@@ -566,7 +619,7 @@ void affine_rows_epi_impl(const T* x,
         const float hi = q.hi, lo = q.lo, a = q.af, b = q.bf;
         if constexpr (kRes) {
           fmap(
-              len, yp,
+              len, yp, nt,
               [&](auto& o, const auto& v, const auto& rv) NORMKIT_KLAMBDA {
                 auto z = ((v - hi) - lo) * a + b + rv;
                 activate<kAct>(z);
@@ -575,7 +628,7 @@ void affine_rows_epi_impl(const T* x,
               xp, rp);
         } else {
           fmap(
-              len, yp,
+              len, yp, nt,
               [&](auto& o, const auto& v) NORMKIT_KLAMBDA {
                 auto z = ((v - hi) - lo) * a + b;
                 activate<kAct>(z);
@@ -619,13 +672,14 @@ void affine_rows_epi(const T* x,
                      Index stride,
                      const AffineCoef* k,
                      Index k_step,
-                     int act) {
-#define NORMKIT_EPI_CASE(A)                                                        \
-  case A:                                                                          \
-    if (res)                                                                       \
-      affine_rows_epi_impl<T, A, true>(x, res, y, len, count, stride, k, k_step);  \
-    else                                                                           \
-      affine_rows_epi_impl<T, A, false>(x, res, y, len, count, stride, k, k_step); \
+                     int act,
+                     int nt) {
+#define NORMKIT_EPI_CASE(A)                                                            \
+  case A:                                                                              \
+    if (res)                                                                           \
+      affine_rows_epi_impl<T, A, true>(x, res, y, len, count, stride, k, k_step, nt);  \
+    else                                                                               \
+      affine_rows_epi_impl<T, A, false>(x, res, y, len, count, stride, k, k_step, nt); \
     break;
   switch (act) {
     NORMKIT_EPI_CASE(0)
@@ -637,6 +691,7 @@ void affine_rows_epi(const T* x,
       break;
   }
 #undef NORMKIT_EPI_CASE
+  end_stream(nt);
 }
 
 /// LayerNorm's elementwise affine: y = (x - m) * r * gamma[j] + beta[j] (AffineCoef.a = r).
@@ -649,7 +704,8 @@ void ln_affine_rows(const T* x,
                     const AffineCoef* k,
                     Index k_step,
                     const compute_t<T>* gamma,
-                    const compute_t<T>* beta) {
+                    const compute_t<T>* beta,
+                    int nt) {
   for (Index r = 0; r < count; ++r) {
     const AffineCoef& q = k[r * k_step];
     const T* xp = x + r * stride;
@@ -658,7 +714,7 @@ void ln_affine_rows(const T* x,
       if (q.use_float) {
         const float hi = q.hi, lo = q.lo, a = q.af;
         fmap(
-            len, yp,
+            len, yp, nt,
             [&](auto& o, const auto& v, const auto& g, const auto& b)
                 NORMKIT_KLAMBDA { o = ((v - hi) - lo) * a * g + b; },
             xp, gamma, beta);
@@ -672,18 +728,20 @@ void ln_affine_rows(const T* x,
             NORMKIT_KLAMBDA { o = (v - m) * a * g + b; },
         xp, gamma, beta);
   }
+  end_stream(nt);
 }
 
 /// Forward apply, columns: row k at x + k*row_stride; column j uses the tables' entry j.
 template <class T>
-void affine_cols(const T* x, T* y, Index row_stride, Index rows, Index len, const ColTables& k) {
+void affine_cols(
+    const T* x, T* y, Index row_stride, Index rows, Index len, const ColTables& k, int nt) {
   for (Index r = 0; r < rows; ++r) {
     const T* xp = x + r * row_stride;
     T* yp = y + r * row_stride;
     if constexpr (is_floatlike_v<T>) {
       if (k.use_float) {
         fmap(
-            len, yp,
+            len, yp, nt,
             [](auto& o, const auto& v, const auto& h, const auto& l, const auto& a, const auto& b)
                 NORMKIT_KLAMBDA { o = ((v - h) - l) * a + b; },
             xp, k.f[0], k.f[1], k.f[2], k.f[3]);
@@ -696,6 +754,7 @@ void affine_cols(const T* x, T* y, Index row_stride, Index rows, Index len, cons
             NORMKIT_KLAMBDA { o = (v - m) * a + b; },
         xp, k.d[0], k.d[1], k.d[2]);
   }
+  end_stream(nt);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -709,7 +768,8 @@ void gradin_rows(const T* x,
                  Index count,
                  Index stride,
                  const GradCoef* k,
-                 Index k_step) {
+                 Index k_step,
+                 int nt) {
   for (Index r = 0; r < count; ++r) {
     const GradCoef& q = k[r * k_step];
     const T* xp = x + r * stride;
@@ -719,7 +779,7 @@ void gradin_rows(const T* x,
       if (q.use_float) {
         const float hi = q.hi, lo = q.lo, a = q.af, b = q.bf, c = q.cf;
         fmap(
-            len, op,
+            len, op, nt,
             [&](auto& o, const auto& g, const auto& v)
                 NORMKIT_KLAMBDA { o = a * g + b * ((v - hi) - lo) + c; },
             gp, xp);
@@ -732,11 +792,18 @@ void gradin_rows(const T* x,
         [&](auto& o, const auto& g, const auto& v) NORMKIT_KLAMBDA { o = a * g + b * (v - m) + c; },
         gp, xp);
   }
+  end_stream(nt);
 }
 
 template <class T>
-void gradin_cols(
-    const T* x, const T* dy, T* dx, Index row_stride, Index rows, Index len, const ColTables& k) {
+void gradin_cols(const T* x,
+                 const T* dy,
+                 T* dx,
+                 Index row_stride,
+                 Index rows,
+                 Index len,
+                 const ColTables& k,
+                 int nt) {
   for (Index r = 0; r < rows; ++r) {
     const T* xp = x + r * row_stride;
     const T* gp = dy + r * row_stride;
@@ -744,7 +811,7 @@ void gradin_cols(
     if constexpr (is_floatlike_v<T>) {
       if (k.use_float) {
         fmap(
-            len, op,
+            len, op, nt,
             [](auto& o, const auto& g, const auto& v, const auto& h, const auto& l, const auto& a,
                const auto& b, const auto& c) NORMKIT_KLAMBDA { o = a * g + b * ((v - h) - l) + c; },
             gp, xp, k.f[0], k.f[1], k.f[2], k.f[3], k.f[4]);
@@ -757,6 +824,7 @@ void gradin_cols(
            const auto& c) NORMKIT_KLAMBDA { o = a * g + b * (v - m) + c; },
         gp, xp, k.d[0], k.d[1], k.d[2], k.d[3]);
   }
+  end_stream(nt);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -919,6 +987,11 @@ void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* 
     const T* xp = A.x + t * n;
     const T* gp = A.dy + t * n;
     T* op = A.dx + t * n;
+    // dx streamed (see fmap) when the call asks for it and the row starts on a vector
+    // boundary and shares no byte with x or dy (put16 streams where kStreamable<T>).
+    const bool nt = A.stream && n >= kStreamMin &&
+                    reinterpret_cast<std::uintptr_t>(op) % (16 * sizeof(T)) == 0 &&
+                    apart(op, xp, n) && apart(op, gp, n);
     double s1, s2;
     cur.finish(s1, s2);
     const double mu = A.mean[t], r = A.rstd[t];
@@ -953,7 +1026,7 @@ void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* 
             low_step(L, nxp, ngp, j, nxt);
             F16 vo, vg = load16(fg + j), vb = load16(fb + j);
             body(vo, vg, vb, load16(xp + j), load16(gp + j), load16(wt + j));
-            store(op + j, vo);
+            put16(op + j, vo, nt);
             store(fg + j, vg);
             store(fb + j, vb);
           }
@@ -967,7 +1040,7 @@ void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* 
             ln_sums_step8<T, kW>(nxp, ngp, w, ncv, j + 8, nxt.b1, nxt.b2);
             F16 vo, vg = load16(fg + j), vb = load16(fb + j);
             body(vo, vg, vb, load16(xp + j), load16(gp + j), load16(wt + j));
-            store(op + j, vo);
+            put16(op + j, vo, nt);
             store(fg + j, vg);
             store(fb + j, vb);
           }
@@ -978,7 +1051,7 @@ void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* 
           for (; j + 16 <= n; j += 16) {
             F16 vo, vg = load16(fg + j), vb = load16(fb + j);
             body(vo, vg, vb, load16(xp + j), load16(gp + j), load16(wt + j));
-            store(op + j, vo);
+            put16(op + j, vo, nt);
             store(fg + j, vg);
             store(fb + j, vb);
           }
@@ -1013,6 +1086,7 @@ void ln_bwd_impl(const LnBwdArgs<T>& A, Index r0, Index r1, double* pg, double* 
     if (pending)
       flush();
   }
+  end_stream(A.stream);
 }
 
 /// LayerNorm's one-pass backward over rows [r0, r1) into the block's per-position sums pg
@@ -1034,8 +1108,14 @@ inline constexpr Leaves<T> kLeaves = {
 };
 /// Column-mode fused epilogue: row k at x + k*row_stride, column j with the tables' entry j.
 template <class T, int kAct, bool kRes>
-void affine_cols_epi_impl(
-    const T* x, const T* res, T* y, Index row_stride, Index rows, Index len, const ColTables& k) {
+void affine_cols_epi_impl(const T* x,
+                          const T* res,
+                          T* y,
+                          Index row_stride,
+                          Index rows,
+                          Index len,
+                          const ColTables& k,
+                          int nt) {
   for (Index r = 0; r < rows; ++r) {
     const T* xp = x + r * row_stride;
     const T* rp = kRes ? res + r * row_stride : nullptr;
@@ -1050,9 +1130,9 @@ void affine_cols_epi_impl(
           o = z;
         };
         if constexpr (kRes)
-          fmap(len, yp, f, xp, k.f[0], k.f[1], k.f[2], k.f[3], rp);
+          fmap(len, yp, nt, f, xp, k.f[0], k.f[1], k.f[2], k.f[3], rp);
         else
-          fmap(len, yp, f, xp, k.f[0], k.f[1], k.f[2], k.f[3]);
+          fmap(len, yp, nt, f, xp, k.f[0], k.f[1], k.f[2], k.f[3]);
         continue;
       }
     }
@@ -1078,13 +1158,14 @@ void affine_cols_epi(const T* x,
                      Index rows,
                      Index len,
                      const ColTables& k,
-                     int act) {
-#define NORMKIT_EPI_CASE(A)                                                   \
-  case A:                                                                     \
-    if (res)                                                                  \
-      affine_cols_epi_impl<T, A, true>(x, res, y, row_stride, rows, len, k);  \
-    else                                                                      \
-      affine_cols_epi_impl<T, A, false>(x, res, y, row_stride, rows, len, k); \
+                     int act,
+                     int nt) {
+#define NORMKIT_EPI_CASE(A)                                                       \
+  case A:                                                                         \
+    if (res)                                                                      \
+      affine_cols_epi_impl<T, A, true>(x, res, y, row_stride, rows, len, k, nt);  \
+    else                                                                          \
+      affine_cols_epi_impl<T, A, false>(x, res, y, row_stride, rows, len, k, nt); \
     break;
   switch (act) {
     NORMKIT_EPI_CASE(0)
@@ -1096,6 +1177,7 @@ void affine_cols_epi(const T* x,
       break;
   }
 #undef NORMKIT_EPI_CASE
+  end_stream(nt);
 }
 
 /// This ISA's fused-epilogue leaves for T.

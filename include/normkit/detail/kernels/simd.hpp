@@ -510,6 +510,62 @@ NORMKIT_KINLINE D8 load8d(const T* p) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Streaming (non-temporal) stores of 16 floats to a 64-byte-aligned address: written
+// around the caches, without the read-for-ownership a normal store of a line not in cache
+// costs (leaves.hpp: fmap). stream_fence() orders them before what the thread stores next
+// (x86: they are weakly ordered, and a release store does not order them); each leaf that
+// streamed calls it before it returns. Other targets and compilers store normally.
+#if (NORMKIT_SIMD >= 1 || (NORMKIT_SIMD == 0 && defined(__clang__))) && \
+    (defined(__x86_64__) || defined(__i386__) || defined(__aarch64__))
+inline constexpr bool kStream = true;
+#else
+inline constexpr bool kStream = false;
+#endif
+NORMKIT_KINLINE void stream(float* p, const F16& a) {
+#if defined(__clang__) && NORMKIT_SIMD >= 0
+  for (int k = 0; k < kFK; ++k)
+    __builtin_nontemporal_store(a.v[k], reinterpret_cast<fvec*>(p + Index{k} * kFW));
+#elif NORMKIT_SIMD == 3
+  __builtin_ia32_movntps512(p, a.v[0]);
+#elif NORMKIT_SIMD == 2
+  for (int k = 0; k < kFK; ++k) __builtin_ia32_movntps256(p + Index{k} * kFW, a.v[k]);
+#elif NORMKIT_SIMD == 1
+  for (int k = 0; k < kFK; ++k) __builtin_ia32_movntps(p + Index{k} * kFW, a.v[k]);
+#else
+  store(p, a);
+#endif
+}
+// 16 bfloat16 or half values (32 bytes) to a 32-byte-aligned address: narrowed as store()
+// narrows them, then one 256-bit streaming store. AVX2 and AVX-512 copies only.
+inline constexpr bool kStreamLow = kStream && NORMKIT_SIMD >= 2;
+template <class Y>
+NORMKIT_KINLINE void stream(Y* p, const F16& a) {
+#if NORMKIT_SIMD >= 2
+  typedef long long q4 __attribute__((vector_size(32)));
+  alignas(32) Y t[16];
+  store(t, a);
+  q4 v;
+  std::memcpy(&v, t, sizeof v);
+#if defined(__clang__)
+  __builtin_nontemporal_store(v, reinterpret_cast<q4*>(p));
+#else
+  __builtin_ia32_movntdq256(reinterpret_cast<q4*>(p), v);
+#endif
+#else
+  store(p, a);
+#endif
+}
+/// Whether outputs of type Y can be streamed (see stream()).
+template <class Y>
+inline constexpr bool kStreamable = (kStream && std::is_same<Y, float>::value) ||
+                                    (kStreamLow && is_low_v<Y>);
+NORMKIT_KINLINE void stream_fence() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_sfence();
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
 // Activations of the fused epilogues (kernels/leaves.hpp: affine_rows_epi). Float lanes use
 // vector polynomials (exp as Cephes' expf, erf as Abramowitz & Stegun 7.1.26 -- ATen's
 // vectorized erf -- about 1e-7 absolute); double lanes and scalars use <cmath>.

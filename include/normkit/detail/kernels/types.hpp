@@ -83,7 +83,8 @@ struct LnBwdArgs {
   const compute_t<T>* gamma_t;  // per position in float (float path; ones without weight)
   Index n;
   int want_dg;
-  int rms;  // RMSNorm: no mean term (the mean is 0 and dx has no -r * mean(g) part)
+  int rms;     // RMSNorm: no mean term (the mean is 0 and dx has no -r * mean(g) part)
+  int stream;  // dx written with streaming stores (see apply.hpp: streaming_store_bytes())
 };
 
 /// The leaf kernels of one ISA copy for scalar type T (detail/kernels/leaves.hpp documents
@@ -117,10 +118,17 @@ struct Leaves {
                     const double* c,
                     double* s1,
                     double* s2);
-  void (*affine_rows)(
-      const T* x, T* y, Index len, Index count, Index stride, const AffineCoef* k, Index k_step);
+  // The apply leaves' last argument, nt: stream the output (see apply.hpp).
+  void (*affine_rows)(const T* x,
+                      T* y,
+                      Index len,
+                      Index count,
+                      Index stride,
+                      const AffineCoef* k,
+                      Index k_step,
+                      int nt);
   void (*affine_cols)(
-      const T* x, T* y, Index row_stride, Index rows, Index len, const ColTables& k);
+      const T* x, T* y, Index row_stride, Index rows, Index len, const ColTables& k, int nt);
   void (*gradin_rows)(const T* x,
                       const T* dy,
                       T* dx,
@@ -128,9 +136,16 @@ struct Leaves {
                       Index count,
                       Index stride,
                       const GradCoef* k,
-                      Index k_step);
-  void (*gradin_cols)(
-      const T* x, const T* dy, T* dx, Index row_stride, Index rows, Index len, const ColTables& k);
+                      Index k_step,
+                      int nt);
+  void (*gradin_cols)(const T* x,
+                      const T* dy,
+                      T* dx,
+                      Index row_stride,
+                      Index rows,
+                      Index len,
+                      const ColTables& k,
+                      int nt);
 };
 
 /// The leaves only LayerNorm uses (a table of their own, so that a program using BatchNorm
@@ -145,7 +160,8 @@ struct LnLeaves {
                          const AffineCoef* k,
                          Index k_step,
                          const compute_t<T>* gamma,
-                         const compute_t<T>* beta);
+                         const compute_t<T>* beta,
+                         int nt);
   void (*ln_bwd_rows)(const LnBwdArgs<T>& a, Index r0, Index r1, double* pg, double* pb);
 };
 
@@ -161,7 +177,8 @@ struct EpiLeaves {
                           Index stride,
                           const AffineCoef* k,
                           Index k_step,
-                          int act);
+                          int act,
+                          int nt);
   void (*affine_cols_epi)(const T* x,
                           const T* res,
                           T* y,
@@ -169,7 +186,8 @@ struct EpiLeaves {
                           Index rows,
                           Index len,
                           const ColTables& k,
-                          int act);
+                          int act,
+                          int nt);
 };
 
 }  // namespace detail
