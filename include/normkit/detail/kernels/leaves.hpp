@@ -459,11 +459,11 @@ NORMKIT_KINLINE bool apart(const Y* y, const P* x, Index len) {
 
 // NB: streaming stores (nt: the call's output is at least streaming_store_bytes(), see
 // apply.hpp). A run of at least kStreamMin elements of a kStreamable type that shares no
-// byte with an input stores its aligned vectors (64 bytes of float, 32 of bfloat16 or half)
-// with stream(): the run's first vector, followed by one that starts at the first boundary, and the
-// last one shifted back (as above) cover the unaligned ends with normal stores. Every element is
-// still computed by the same vector instructions from the same inputs, so streaming changes no bit;
-// the leaf calls stream_fence() before it returns.
+// byte with an input stores its aligned vectors (64 bytes of float, 32 of bfloat16 or
+// half) with stream(). The unaligned ends take normal stores: the run's first vector, the
+// next one starting at the first boundary, and the last one shifted back (as above). Every
+// element is still computed by the same vector instructions from the same inputs, so
+// streaming changes no bit; the leaf calls stream_fence() before it returns.
 inline constexpr Index kStreamMin = 64;
 
 // A vector of results to p: streamed when s (then kStreamable<Y> and p is vector-aligned).
