@@ -106,6 +106,13 @@ inline void set_streaming_store_bytes(std::size_t bytes) {
 
 namespace detail {
 
+/// Whether a call writing `numel` elements of T streams them (streaming_store_bytes()): the
+/// one rule for every apply and LayerNorm's one-pass backward.
+template <class T>
+int streams_output(Index numel) {
+  return static_cast<std::size_t>(numel) * sizeof(T) >= streaming_store_bytes() ? 1 : 0;
+}
+
 /// A double mean as float hi + lo, for a float-speed, double-accurate x - mean.
 ///
 /// NB: for float input the apply runs in float (16 lanes, no conversions: the conversions
@@ -201,7 +208,7 @@ struct ApplyOp {
   /// This op, streaming its output when `numel` elements of T reach streaming_store_bytes().
   ApplyOp streaming_for(Index numel) const {
     ApplyOp o = *this;
-    o.stream = static_cast<std::size_t>(numel) * sizeof(T) >= streaming_store_bytes() ? 1 : 0;
+    o.stream = streams_output<T>(numel);
     return o;
   }
 

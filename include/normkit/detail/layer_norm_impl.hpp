@@ -339,18 +339,17 @@ void layer_norm_backward(const Shape& sh,
     std::vector<C> ones, wbuf;
     if (!w)
       ones.assign(n, C(1));
-    const LnBwdArgs<T> args{
-        x,
-        dy,
-        dx,
-        mean.data(),
-        rstd.data(),
-        w ? gamma.data() : nullptr,
-        w ? as_compute<C>(w, wbuf) : ones.data(),
-        lp.n,
-        gw ? 1 : 0,
-        rms ? 1 : 0,
-        static_cast<std::size_t>(lp.stats.numel) * sizeof(T) >= streaming_store_bytes() ? 1 : 0};
+    const LnBwdArgs<T> args{x,
+                            dy,
+                            dx,
+                            mean.data(),
+                            rstd.data(),
+                            w ? gamma.data() : nullptr,
+                            w ? as_compute<C>(w, wbuf) : ones.data(),
+                            lp.n,
+                            gw ? 1 : 0,
+                            rms ? 1 : 0,
+                            streams_output<T>(lp.stats.numel)};
     const LnLeaves<T>& L = ln_leaves<T>();
     const Index rpb = std::max(Index{1}, kLnRowBlock / lp.n);
     const Index blocks = (lp.rows + rpb - 1) / rpb;

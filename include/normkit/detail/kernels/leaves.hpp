@@ -485,13 +485,15 @@ NORMKIT_KINLINE void fmap(Index len, Y* y, bool nt, const F& f, const P*... in) 
   Index j = 0, step = 16;  // the first step: to the first vector boundary when streaming
   bool s = false, s0 = false;
   if constexpr (kStreamable<Y>) {
-    constexpr std::uintptr_t kVB = 16 * sizeof(Y);  // a vector's bytes: 64, or 32 (16-bit)
-    const auto mis = reinterpret_cast<std::uintptr_t>(y) % kVB;
-    if (nt && len >= kStreamMin && mis % sizeof(Y) == 0 && (apart(y, in, len) && ...)) {
-      s = true;
-      s0 = mis == 0;
-      if (mis != 0)
-        step = static_cast<Index>((kVB - mis) / sizeof(Y));
+    if (nt && len >= kStreamMin) {  // (a call that does not stream pays this test only)
+      constexpr std::uintptr_t kVB = 16 * sizeof(Y);  // a vector's bytes: 64, or 32 (16-bit)
+      const auto mis = reinterpret_cast<std::uintptr_t>(y) % kVB;
+      if (mis % sizeof(Y) == 0 && (apart(y, in, len) && ...)) {
+        s = true;
+        s0 = mis == 0;
+        if (mis != 0)
+          step = static_cast<Index>((kVB - mis) / sizeof(Y));
+      }
     }
   } else {
     (void)nt;
